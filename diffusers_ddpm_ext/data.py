@@ -1,0 +1,846 @@
+"""Training data: the built-in digits, image folders, `datasets` datasets, transforms and a resumable loader.
+
+Everything here is written with PIL, numpy and torch (no torchvision, which has no CPU build on the
+target machine).
+
+Sources (one factory, :func:`load_training_dataset`):
+
+* **built-in digits** (both names ``None``): scikit-learn's ``load_digits`` (1,797 images, 8x8, 17 grey
+  levels 0..16, labels 0..9), split once with a fixed seed into 1,497 training and 300 held-out images
+  (:data:`DIGITS_HELDOUT_SIZE`). Upsampling to the model's ``sample_size`` uses nearest neighbour with
+  an integer factor, so the 17 levels survive exactly (bits/dim uses ``num_levels=17``); a non-integer
+  factor falls back to bilinear with a warning (the levels are then no longer exact).
+* ``dataset_name``: a Hub id or a local path, loaded with ``datasets.load_dataset`` (a folder written by
+  ``Dataset.save_to_disk`` goes through ``datasets.load_from_disk``).
+* ``train_data_dir``: a folder of images scanned by this module. If every image lies inside a first-level
+  subfolder, the subfolder names (sorted) are the class labels.
+
+Bad data is found **before** training: every image is opened once (``PIL.Image.verify`` + decode +
+size/mode checks). Problems are reported together in one :class:`BadImageError` naming each file, or,
+with ``skip_bad_images=True``, skipped with one counted warning such as
+``skipped 3 of 120 images: 1 corrupt, 1 empty, 1 too small (first: /data/x.png)``.
+
+Image-mode policy (:func:`convert_image_mode`):
+
+* converted: ``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX`` and the alpha
+  modes ``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa`` (and palette images with a transparency entry):
+  transparent pixels are composited over **black** before conversion to ``L`` / ``RGB``.
+* rejected: the high-bit-depth and float modes ``I;16*``, ``I`` and ``F``. PIL's conversion to 8 bits
+  clips them at 255 instead of rescaling, which would silently destroy the data; convert them to 8 bits
+  yourself with the scaling you intend.
+
+Minimum image size (:func:`min_image_size`): an image whose shorter side is below
+``max(min(8, resolution), resolution // 4)`` pixels is "too small" (upsampling it more than 4x, or from
+fewer than 8 pixels, invents the detail the model would learn).
+
+Data order (:class:`ResumableBatchSampler`, :func:`make_dataloader`): the order of an epoch depends only on
+``(seed, epoch)``, the random augmentation of a sample only on ``(seed, epoch, position)`` (the sampler
+hands each index together with its own augmentation seed to the dataset), so the stream is the same for
+any ``num_workers`` and can be resumed at an exact ``(epoch, batch)`` position. Sharding across processes
+is done by the sampler itself (``num_replicas``/``rank``); see :func:`make_dataloader` for how the
+training script uses it with Accelerate.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DIGITS_NUM_LEVELS = 17
+"""Grey levels of scikit-learn's digits (values 0..16); pass as ``num_levels`` to bits/dim."""
+DIGITS_NUM_CLASSES = 10
+DIGITS_SIZE = 8
+DIGITS_HELDOUT_SIZE = 300
+"""Held-out digits (the remaining 1,497 are the training split)."""
+DIGITS_SPLIT_SEED = 0
+"""Seed of the fixed train/held-out permutation; independent of the training seed on purpose, so the
+held-out set never changes between runs."""
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+CONVERTIBLE_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "LA", "La", "PA", "RGBA", "RGBa")
+REJECTED_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_CHANNEL_MODES = {1: "L", 3: "RGB"}
+
+
+class BadImageError(ValueError):
+    """An image cannot be used for training; the message names the file (or row) and the reason."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Built-in digits
+# ----------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images.astype(np.int64), digits.target.astype(np.int64)  # (1797, 8, 8) in 0..16, (1797,)
+
+
+def load_digits_split(split: str = "train", split_seed: int = DIGITS_SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Integer digits of one split.
+
+    Args:
+        split: ``"train"`` (1,497 images), ``"heldout"`` (300 images) or ``"all"`` (1,797).
+        split_seed: seed of the fixed permutation that defines the split.
+
+    Returns:
+        ``(levels, labels)``: int64 arrays of shape ``(N, 8, 8)`` with values 0..16 and ``(N,)`` with 0..9.
+    """
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be one of 'train', 'heldout', 'all', got {split!r}")
+    levels, labels = (a.copy() for a in _sklearn_digits())
+    if split == "all":
+        return levels, labels
+    order = np.random.default_rng(split_seed).permutation(len(labels))
+    idx = order[:DIGITS_HELDOUT_SIZE] if split == "heldout" else order[DIGITS_HELDOUT_SIZE:]
+    idx = np.sort(idx)  # keep sklearn's order inside a split; the loader shuffles anyway
+    return levels[idx], labels[idx]
+
+
+def digits_to_tensor(levels: Union[np.ndarray, torch.Tensor], resolution: int = 8, in_channels: int = 1) -> torch.Tensor:
+    """Map digit levels 0..16 to ``[-1, 1]`` and resize to ``resolution``.
+
+    An integer upsampling factor uses nearest neighbour (each pixel becomes a ``f x f`` block), which keeps
+    exactly the 17 values ``-1 + 2k/16``. Any other size falls back to bilinear (antialiased when
+    shrinking) with a warning, because the grey levels are then no longer exact.
+
+    Args:
+        levels: ``(N, 8, 8)`` integers 0..16.
+        resolution: output side length.
+        in_channels: 1 (grey) or 3 (grey repeated to RGB).
+
+    Returns:
+        ``(N, in_channels, resolution, resolution)`` float32 in ``[-1, 1]``.
+    """
+    _check_channels(in_channels)
+    _check_resolution(resolution)
+    x = torch.as_tensor(np.asarray(levels), dtype=torch.float32)
+    if x.ndim != 3:
+        raise ValueError(f"levels must have shape (N, H, W), got {tuple(x.shape)}")
+    x = (x / (DIGITS_NUM_LEVELS - 1) * 2 - 1).unsqueeze(1)  # (N, 1, 8, 8)
+    size = x.shape[-1]
+    if resolution % size == 0:
+        factor = resolution // size
+        x = x.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)  # (N, 1, R, R)
+    else:
+        warnings.warn(
+            f"digits resized from {size} to {resolution} px with bilinear interpolation (not an integer factor): "
+            f"the {DIGITS_NUM_LEVELS} grey levels are no longer exact, so bits/dim with num_levels="
+            f"{DIGITS_NUM_LEVELS} is approximate; use a multiple of {size} for sample_size.",
+            stacklevel=2,
+        )
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=resolution < size)
+        x = x.clamp(-1, 1)
+    return x.repeat(1, in_channels, 1, 1).contiguous()  # (N, C, R, R)
+
+
+def load_digits_tensors(
+    split: str = "heldout", resolution: int = 8, in_channels: int = 1, split_seed: int = DIGITS_SPLIT_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits of one split as model inputs; the held-out split is what bits/dim and sample quality use.
+
+    Returns:
+        ``(images, labels)``: ``(N, C, R, R)`` float32 in ``[-1, 1]`` and ``(N,)`` int64.
+    """
+    levels, labels = load_digits_split(split, split_seed)
+    return digits_to_tensor(levels, resolution, in_channels), torch.from_numpy(labels)
+
+
+def load_heldout_digits(resolution: int = 8, in_channels: int = 1, split_seed: int = DIGITS_SPLIT_SEED):
+    """The 300 held-out digits, ``(images (300, C, R, R) in [-1, 1], labels (300,))``."""
+    return load_digits_tensors("heldout", resolution, in_channels, split_seed)
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """Digits as a map-style dataset of ``{"pixel_values": (C, R, R), "class_labels": ()}`` dicts.
+
+    Args:
+        split: ``"train"``, ``"heldout"`` or ``"all"``.
+        resolution: side length (a multiple of 8 keeps the grey levels exact).
+        in_channels: 1 or 3.
+        random_flip: horizontal flip with probability 1/2 (off by default: a mirrored digit is another
+            glyph).
+        split_seed: see :data:`DIGITS_SPLIT_SEED`.
+    """
+
+    def __init__(self, split="train", resolution=8, in_channels=1, random_flip=False, split_seed=DIGITS_SPLIT_SEED):
+        self.images, self.labels = load_digits_tensors(split, resolution, in_channels, split_seed)
+        self.random_flip = random_flip
+        self.num_classes = DIGITS_NUM_CLASSES
+        self.class_names = [str(i) for i in range(DIGITS_NUM_CLASSES)]
+        self.num_levels = DIGITS_NUM_LEVELS
+        self.scan_report = ScanReport(total=len(self.labels))
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        index, generator = _resolve_key(key)
+        x = self.images[index]  # (C, R, R)
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            x = x.flip(-1)
+        return {"pixel_values": x, "class_labels": self.labels[index]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transforms
+# ----------------------------------------------------------------------------------------------------
+
+
+def convert_image_mode(image: Image.Image, in_channels: int) -> Image.Image:
+    """Convert ``image`` to ``"L"`` (1 channel) or ``"RGB"`` (3 channels); see the module doc for the policy.
+
+    Raises:
+        BadImageError: for a rejected or unknown mode.
+    """
+    target = _check_channels(in_channels)
+    mode = image.mode
+    if mode in REJECTED_MODES or mode not in CONVERTIBLE_MODES:
+        raise BadImageError(
+            f"unsupported image mode {mode!r}: 16/32-bit and float modes {list(REJECTED_MODES)} would be clipped to "
+            f"8 bits by PIL; convertible modes are {list(CONVERTIBLE_MODES)}"
+        )
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        # Transparent pixels carry arbitrary colours; composite over black so they become background.
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return image if image.mode == target else image.convert(target)
+
+
+def resize_shorter_side(image: Image.Image, size: int, resample=Image.BILINEAR) -> Image.Image:
+    """Resize so the shorter side is ``size``, keeping the aspect ratio (torchvision ``Resize(size)`` on PIL)."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short == size:
+        return image
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return image.resize((new_w, new_h), resample)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Crop the central ``size x size`` window (same rounding as torchvision ``CenterCrop``)."""
+    w, h = image.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def random_crop(image: Image.Image, size: int, generator: Optional[torch.Generator] = None) -> Image.Image:
+    """Crop a ``size x size`` window at a position drawn from ``generator``."""
+    w, h = image.size
+    top = int(torch.randint(0, h - size + 1, (), generator=generator))
+    left = int(torch.randint(0, w - size + 1, (), generator=generator))
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit ``L``/``RGB`` image to a ``(C, H, W)`` float32 tensor in ``[-1, 1]`` (ToTensor + Normalize(0.5, 0.5))."""
+    a = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return torch.from_numpy(a.transpose(2, 0, 1).copy()) * 2 - 1  # (C, H, W)
+
+
+@dataclass
+class ImageTransform:
+    """The training transform of ``train_unconditional.py`` without torchvision.
+
+    ``mode conversion -> resize shorter side (bilinear) -> center or random crop -> random horizontal flip
+    -> tensor in [-1, 1]``. A plain dataclass, so it pickles into DataLoader workers; randomness comes only
+    from the ``generator`` passed per call (crop position first, then the flip).
+
+    Args:
+        resolution: output side length.
+        in_channels: 1 (``"L"``) or 3 (``"RGB"``).
+        center_crop: center crop if True, random crop otherwise.
+        random_flip: flip left-right with probability 1/2.
+    """
+
+    resolution: int
+    in_channels: int = 3
+    center_crop: bool = False
+    random_flip: bool = False
+
+    def __post_init__(self):
+        _check_resolution(self.resolution)
+        _check_channels(self.in_channels)
+
+    def __call__(self, image: Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        image = convert_image_mode(image, self.in_channels)
+        image = resize_shorter_side(image, self.resolution)
+        if self.center_crop:
+            image = center_crop(image, self.resolution)
+        else:
+            image = random_crop(image, self.resolution, generator)
+        x = to_tensor(image)  # (C, R, R)
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            x = x.flip(-1)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation of image files
+# ----------------------------------------------------------------------------------------------------
+
+
+def min_image_size(resolution: int) -> int:
+    """Smallest accepted shorter side: ``max(min(8, resolution), resolution // 4)``."""
+    return max(min(8, resolution), resolution // 4)
+
+
+@dataclass
+class ScanReport:
+    """Outcome of the up-front scan: ``total`` images seen and ``bad`` = list of ``(name, kind, detail)``."""
+
+    total: int = 0
+    bad: list = field(default_factory=list)
+
+    KINDS = ("corrupt", "empty", "unsupported_mode", "too_small")
+
+    @property
+    def counts(self) -> dict:
+        """``{kind: count}`` in the fixed order of :attr:`KINDS`."""
+        c = Counter(kind for _, kind, _ in self.bad)
+        return {kind: c[kind] for kind in self.KINDS if c[kind]}
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in self.counts.items())
+        first = f" (first: {self.bad[0][0]})" if self.bad else ""
+        return f"{len(self.bad)} of {self.total} images: {parts}{first}" if self.bad else f"0 of {self.total} images"
+
+
+def check_image(
+    source: Union[str, bytes], resolution: int, in_channels: int, min_size: Optional[int] = None
+) -> Optional[tuple[str, str]]:
+    """Open one image fully and check it; ``None`` if usable, else ``(kind, detail)``.
+
+    ``kind`` is one of ``"empty"``, ``"corrupt"``, ``"unsupported_mode"``, ``"too_small"``.
+
+    Args:
+        source: a file path or the encoded bytes.
+        resolution: training resolution (sets the minimum size).
+        in_channels: 1 or 3 (the conversion is tried).
+        min_size: override of :func:`min_image_size`.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) == 0:
+            return "empty", "0 bytes"
+        opener = lambda: Image.open(io.BytesIO(source))  # noqa: E731
+    else:
+        try:
+            if os.path.getsize(source) == 0:
+                return "empty", "0 bytes"
+        except OSError as e:
+            return "corrupt", f"{type(e).__name__}: {e}"
+        opener = lambda: Image.open(source)  # noqa: E731
+    try:
+        with opener() as im:
+            im.verify()  # checksums / structure, without decoding
+        with opener() as im:
+            im.load()  # decoding catches truncated data that verify() does not see
+            size, mode = im.size, im.mode
+            convert_image_mode(im, in_channels)
+    except BadImageError as e:
+        return "unsupported_mode", str(e)
+    except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, ...)
+        return "corrupt", f"{type(e).__name__}: {e}"
+    min_size = min_image_size(resolution) if min_size is None else min_size
+    if min(size) < min_size:
+        return "too_small", f"{size[0]}x{size[1]} px, minimum shorter side is {min_size} px"
+    return None
+
+
+def _finish_scan(report: ScanReport, where: str, skip_bad_images: bool) -> None:
+    if not report.bad:
+        return
+    if skip_bad_images:
+        msg = f"skipped {report.summary()} in {where}"
+        warnings.warn(msg, stacklevel=3)
+        logger.warning(msg)
+        return
+    lines = [f"  {name}: {kind.replace('_', ' ')} ({detail})" for name, kind, detail in report.bad[:20]]
+    more = f"\n  ... and {len(report.bad) - 20} more" if len(report.bad) > 20 else ""
+    raise BadImageError(
+        f"{len(report.bad)} of {report.total} images in {where} cannot be used ({report.summary()}):\n"
+        + "\n".join(lines)
+        + more
+        + "\nFix or remove them, or pass skip_bad_images=True (--skip_bad_images) to skip them."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------
+
+
+def scan_image_folder(root: str) -> tuple[list[str], Optional[list[int]], Optional[list[str]]]:
+    """List the images under ``root`` (recursive, sorted, hidden files and other extensions ignored).
+
+    Returns:
+        ``(paths, labels, class_names)``; labels are the first-level subfolder indices when every image is
+        inside one, otherwise ``labels`` and ``class_names`` are ``None``.
+    """
+    if not os.path.isdir(root):
+        raise ValueError(f"train_data_dir {root!r} is not a directory")
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(dirpath, name))
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
+    rel = [os.path.relpath(p, root).split(os.sep) for p in paths]
+    if all(len(r) > 1 for r in rel):
+        class_names = sorted({r[0] for r in rel})
+        lookup = {c: i for i, c in enumerate(class_names)}
+        return paths, [lookup[r[0]] for r in rel], class_names
+    return paths, None, None
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images of a folder (optionally class subfolders) as ``{"pixel_values", "class_labels"?}`` dicts.
+
+    Args:
+        root: the folder.
+        transform: an :class:`ImageTransform`.
+        skip_bad_images: skip unusable files with a counted warning instead of raising.
+        validate: open every file up front (recommended; costs one decode per image).
+        min_size: override of :func:`min_image_size`.
+    """
+
+    def __init__(self, root, transform: ImageTransform, skip_bad_images=False, validate=True, min_size=None):
+        paths, labels, self.class_names = scan_image_folder(root)
+        self.transform = transform
+        self.scan_report = ScanReport(total=len(paths))
+        keep = list(range(len(paths)))
+        if validate:
+            for i, p in enumerate(paths):
+                problem = check_image(p, transform.resolution, transform.in_channels, min_size)
+                if problem is not None:
+                    self.scan_report.bad.append((p, *problem))
+            _finish_scan(self.scan_report, root, skip_bad_images)
+            bad = {b[0] for b in self.scan_report.bad}
+            keep = [i for i in keep if paths[i] not in bad]
+            if not keep:
+                raise BadImageError(f"no usable images left in {root!r} ({self.scan_report.summary()})")
+        self.paths = [paths[i] for i in keep]
+        self.labels = None if labels is None else [labels[i] for i in keep]
+        self.num_classes = None if self.class_names is None else len(self.class_names)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        index, generator = _resolve_key(key)
+        path = self.paths[index]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                x = self.transform(im, generator)
+        except Exception as e:
+            raise BadImageError(f"cannot read training image {path}: {type(e).__name__}: {e}") from e
+        item = {"pixel_values": x}
+        if self.labels is not None:
+            item["class_labels"] = torch.tensor(self.labels[index], dtype=torch.long)
+        return item
+
+
+def _is_saved_to_disk(path: str) -> bool:
+    return os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+    )
+
+
+def load_hf_dataset(dataset_name: str, split: str = "train", cache_dir: Optional[str] = None):
+    """Load one split of a Hub dataset or a local dataset folder with ``datasets``.
+
+    A local folder written by ``save_to_disk`` is read with ``datasets.load_from_disk`` (``load_dataset``
+    refuses it); anything else goes through ``datasets.load_dataset(dataset_name, split=split)``, the code
+    path of ``train_unconditional.py`` (honours ``HF_DATASETS_OFFLINE``).
+    """
+    import datasets
+
+    if _is_saved_to_disk(dataset_name):
+        ds = datasets.load_from_disk(dataset_name)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"split {split!r} not in the saved dataset {dataset_name!r}; available: {list(ds)}")
+            ds = ds[split]
+        return ds
+    try:
+        return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
+    except Exception as e:
+        raise ValueError(f"could not load dataset {dataset_name!r} (split {split!r}): {type(e).__name__}: {e}") from e
+
+
+def resolve_image_column(features, image_column: Optional[str] = None) -> str:
+    """Pick the image column: the given name, else ``"image"``, ``"img"`` or the first ``datasets.Image``
+    feature. Raises a ValueError listing the available columns."""
+    import datasets
+
+    columns = list(features)
+    if image_column is not None:
+        if image_column not in features:
+            raise ValueError(f"image_column {image_column!r} not found in the dataset; available columns: {columns}")
+        if not isinstance(features[image_column], datasets.Image):
+            raise ValueError(
+                f"image_column {image_column!r} has feature {features[image_column]!r}, expected datasets.Image; "
+                f"available columns: {columns}"
+            )
+        return image_column
+    for name in ("image", "img"):
+        if name in features and isinstance(features[name], datasets.Image):
+            return name
+    for name, feat in features.items():
+        if isinstance(feat, datasets.Image):
+            return name
+    raise ValueError(f"no image column found (looked for 'image', 'img' or any datasets.Image feature); "
+                     f"available columns: {columns}; pass image_column=...")
+
+
+class HFImageDataset(torch.utils.data.Dataset):
+    """A ``datasets.Dataset`` with an image column (and optional class column) as training dicts.
+
+    Args:
+        ds: the ``datasets.Dataset``.
+        transform: an :class:`ImageTransform`.
+        image_column: see :func:`resolve_image_column`.
+        class_column: optional integer / ``ClassLabel`` / string column of labels (strings are mapped to
+            sorted indices).
+        skip_bad_images: skip unusable rows with a counted warning instead of raising.
+        validate: check every image up front.
+        min_size: override of :func:`min_image_size`.
+    """
+
+    def __init__(self, ds, transform: ImageTransform, image_column=None, class_column=None,
+                 skip_bad_images=False, validate=True, min_size=None, name="dataset"):
+        import datasets
+
+        self.image_column = resolve_image_column(ds.features, image_column)
+        self.class_column = class_column
+        self.class_names = None
+        self.num_classes = None
+        labels = None
+        if class_column is not None:
+            if class_column not in ds.features:
+                raise ValueError(f"class_column {class_column!r} not found in the dataset; "
+                                 f"available columns: {list(ds.features)}")
+            feat = ds.features[class_column]
+            raw = ds[class_column]
+            if isinstance(feat, datasets.ClassLabel):
+                self.class_names, labels = list(feat.names), [int(v) for v in raw]
+            elif isinstance(feat, datasets.Value) and feat.dtype.startswith(("int", "uint")):
+                labels = [int(v) for v in raw]
+                if min(labels) < 0:
+                    raise ValueError(f"class_column {class_column!r} has negative labels (min {min(labels)})")
+                self.class_names = [str(i) for i in range(max(labels) + 1)]
+            elif isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string"):
+                self.class_names = sorted(set(raw))
+                lookup = {c: i for i, c in enumerate(self.class_names)}
+                labels = [lookup[v] for v in raw]
+            else:
+                raise ValueError(f"class_column {class_column!r} has feature {feat!r}; expected ClassLabel, an integer "
+                                 f"or a string Value")
+            self.num_classes = len(self.class_names)
+        self.transform = transform
+        self.ds = ds
+        self.scan_report = ScanReport(total=len(ds))
+        keep = list(range(len(ds)))
+        if validate:
+            raw_images = ds.select_columns([self.image_column]).cast_column(self.image_column, datasets.Image(decode=False))
+            bad_rows = set()
+            for i, row in enumerate(raw_images):
+                cell = row[self.image_column]
+                where = f"row {i}" + (f" ({cell['path']})" if cell and cell.get("path") else "")
+                if cell is None or (cell.get("bytes") is None and not cell.get("path")):
+                    self.scan_report.bad.append((where, "empty", "no image"))
+                    bad_rows.add(i)
+                    continue
+                src = cell["bytes"] if cell.get("bytes") is not None else cell["path"]
+                problem = check_image(src, transform.resolution, transform.in_channels, min_size)
+                if problem is not None:
+                    self.scan_report.bad.append((where, *problem))
+                    bad_rows.add(i)
+            _finish_scan(self.scan_report, name, skip_bad_images)
+            keep = [i for i in keep if i not in bad_rows]
+            if not keep:
+                raise BadImageError(f"no usable images left in {name} ({self.scan_report.summary()})")
+        self.indices = keep
+        self.labels = None if labels is None else [labels[i] for i in keep]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        index, generator = _resolve_key(key)
+        row = self.indices[index]
+        try:
+            x = self.transform(self.ds[row][self.image_column], generator)
+        except Exception as e:
+            raise BadImageError(f"cannot read training image in row {row}: {type(e).__name__}: {e}") from e
+        item = {"pixel_values": x}
+        if self.labels is not None:
+            item["class_labels"] = torch.tensor(self.labels[index], dtype=torch.long)
+        return item
+
+
+def load_training_dataset(
+    dataset_name: Optional[str] = None,
+    train_data_dir: Optional[str] = None,
+    image_column: Optional[str] = None,
+    class_column: Optional[str] = None,
+    resolution: int = 16,
+    in_channels: int = 1,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    skip_bad_images: bool = False,
+    cache_dir: Optional[str] = None,
+    split: str = "train",
+    validate: bool = True,
+    min_size: Optional[int] = None,
+) -> torch.utils.data.Dataset:
+    """The one factory the training script calls.
+
+    Args:
+        dataset_name: Hub id or local path for ``datasets`` (``--dataset_name``).
+        train_data_dir: a folder of images, class subfolders give labels (``--train_data_dir``).
+        image_column: image column of a ``datasets`` dataset (auto-detected when ``None``).
+        class_column: label column of a ``datasets`` dataset (optional).
+        resolution: side length of the training images (the model's ``sample_size``).
+        in_channels: 1 (grey) or 3 (RGB), the model's ``in_channels``.
+        center_crop: center crop instead of random crop.
+        random_flip: random horizontal flip.
+        skip_bad_images: skip unusable images with a counted warning instead of failing up front.
+        cache_dir: ``datasets`` cache folder.
+        split: dataset split; for the built-in digits ``"train"`` or ``"heldout"``.
+        validate: open every image before training (see the module doc).
+        min_size: override of :func:`min_image_size`.
+
+    Returns:
+        A map-style dataset of ``{"pixel_values": (C, R, R) float32 in [-1, 1], "class_labels": int64}``
+        (``class_labels`` only when labels exist), with attributes ``num_classes``, ``class_names`` and
+        ``scan_report``. With both names ``None``: the built-in digits (:class:`DigitsDataset`).
+    """
+    if dataset_name is not None and train_data_dir is not None:
+        raise ValueError("give either dataset_name or train_data_dir, not both")
+    _check_resolution(resolution)
+    _check_channels(in_channels)
+    if dataset_name is None and train_data_dir is None:
+        if image_column is not None or class_column is not None:
+            raise ValueError("image_column/class_column apply to dataset_name only; the built-in digits have "
+                             "fixed images and labels")
+        return DigitsDataset(split, resolution, in_channels, random_flip=random_flip)
+    transform = ImageTransform(resolution, in_channels, center_crop=center_crop, random_flip=random_flip)
+    if train_data_dir is not None:
+        if image_column is not None or class_column is not None:
+            raise ValueError("image_column/class_column apply to dataset_name only; with train_data_dir the "
+                             "labels come from class subfolders")
+        return ImageFolderDataset(train_data_dir, transform, skip_bad_images, validate, min_size)
+    ds = load_hf_dataset(dataset_name, split, cache_dir)
+    return HFImageDataset(ds, transform, image_column, class_column, skip_bad_images, validate, min_size,
+                          name=f"dataset {dataset_name!r} (split {split!r})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resumable, seeded data order
+# ----------------------------------------------------------------------------------------------------
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # SeedSequence mixes (seed, epoch) so neighbouring seeds/epochs give unrelated streams.
+    state = int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0]) & ((1 << 63) - 1)
+    return torch.Generator().manual_seed(state)
+
+
+def _resolve_key(key) -> tuple[int, torch.Generator]:
+    # The sampler passes (index, augmentation_seed); plain integer indexing seeds by the index itself.
+    if isinstance(key, (tuple, list)):
+        index, sample_seed = int(key[0]), int(key[1])
+    else:
+        index = int(key)
+        sample_seed = index
+    return index, torch.Generator().manual_seed(sample_seed)
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Batches of ``(index, augmentation_seed)`` whose order depends only on ``(seed, epoch)``.
+
+    Each epoch draws a permutation (and one augmentation seed per position) from a generator seeded with
+    ``(seed, epoch)``. The epoch is cut into *global* batches of ``batch_size * num_replicas`` positions and
+    rank ``r`` takes the ``r``-th contiguous slice of each, so global batch ``b`` is the same samples for any
+    number of workers, and ``skip`` of ``k`` batches reproduces the tail of an uninterrupted epoch exactly.
+
+    With ``drop_last=False`` the last global batch is padded by wrapping around the permutation to a multiple
+    of ``num_replicas`` and split evenly, so every rank runs the same number of steps.
+
+    Args:
+        num_samples: dataset length.
+        batch_size: per-process batch size.
+        seed: data seed.
+        shuffle: permute each epoch (otherwise ``0..N-1``; augmentation seeds still depend on the epoch).
+        drop_last: drop the last incomplete global batch.
+        num_replicas: number of processes (``accelerator.num_processes``).
+        rank: this process (``accelerator.process_index``).
+    """
+
+    def __init__(self, num_samples, batch_size, seed=0, shuffle=True, drop_last=False, num_replicas=1, rank=0):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        self.num_samples, self.batch_size, self.seed = int(num_samples), int(batch_size), int(seed)
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.epoch = 0
+        self._skip = 0
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"drop_last with {num_samples} samples leaves no batch of {batch_size} x "
+                             f"{num_replicas} processes")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per epoch on each process (independent of any pending skip)."""
+        global_batch = self.batch_size * self.num_replicas
+        if self.drop_last:
+            return self.num_samples // global_batch
+        return math.ceil(self.num_samples / global_batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (Accelerate's ``DataLoaderShard`` also calls this); keeps a pending skip."""
+        self.epoch = int(epoch)
+
+    def skip(self, num_batches: int) -> None:
+        """Start the next iteration at batch ``num_batches`` of the current epoch (one-shot)."""
+        if not 0 <= num_batches <= self.batches_per_epoch:
+            raise ValueError(f"num_batches must be in [0, {self.batches_per_epoch}], got {num_batches}")
+        self._skip = int(num_batches)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"data seed mismatch: checkpoint has {state['seed']}, sampler has {self.seed}")
+        self.epoch = int(state["epoch"])
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self._skip
+
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """All batches of ``epoch`` for this rank (no skip)."""
+        g = _epoch_generator(self.seed, epoch)
+        n = self.num_samples
+        perm = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        seeds = torch.randint(0, 2**62, (n,), generator=g)
+        global_batch = self.batch_size * self.num_replicas
+        batches = []
+        for b in range(self.batches_per_epoch):
+            start = b * global_batch
+            stop = min(start + global_batch, n)
+            width = stop - start
+            if width < global_batch:  # last, partial global batch: pad to a multiple of num_replicas
+                width = math.ceil(width / self.num_replicas) * self.num_replicas
+            per_rank = width // self.num_replicas
+            pos = [(start + self.rank * per_rank + j) % n for j in range(per_rank)]
+            batches.append([(int(perm[p]), int(seeds[p])) for p in pos])
+        return batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        skip, self._skip = self._skip, 0
+        yield from self.epoch_batches(self.epoch)[skip:]
+
+
+def resume_position(batches_done: int, batches_per_epoch: int) -> tuple[int, int]:
+    """``(epoch, batch_in_epoch)`` after ``batches_done`` per-process batches (count micro-batches, i.e.
+    ``global_step * gradient_accumulation_steps`` when resuming at an optimizer step)."""
+    return divmod(int(batches_done), int(batches_per_epoch))
+
+
+def make_dataloader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader driven by a :class:`ResumableBatchSampler` (reach it as ``loader.batch_sampler``).
+
+    How the training script uses it with Accelerate (the sampler shards; the loader is **not** passed to
+    ``accelerator.prepare``, batches are moved with ``.to(accelerator.device)``)::
+
+        loader = make_dataloader(ds, args.train_batch_size, seed=args.seed,
+                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+        sampler = loader.batch_sampler
+        first_epoch, skip = resume_position(resumed_micro_batches, sampler.batches_per_epoch)
+        for epoch in range(first_epoch, num_epochs):
+            sampler.set_epoch(epoch)
+            if epoch == first_epoch:
+                sampler.skip(skip)          # exact data position after --resume_from_checkpoint
+            for batch in loader: ...
+
+    Passing the loader through ``accelerator.prepare`` also works on one process (the sampler is kept; call
+    ``loader.set_epoch(epoch)`` each epoch since Accelerate sets the sampler's epoch from its own counter),
+    but with several processes Accelerate would shard whole batches again: use ``num_replicas``/``rank``.
+
+    Args:
+        dataset: a map-style dataset of this module (accepts ``(index, seed)`` keys).
+        batch_size: per-process batch size.
+        seed: data seed (order and augmentations).
+        shuffle: shuffle each epoch.
+        drop_last: drop the last incomplete global batch.
+        num_workers: DataLoader workers; the stream does not depend on it.
+        num_replicas: number of processes.
+        rank: this process.
+        pin_memory: DataLoader ``pin_memory``.
+        persistent_workers: DataLoader ``persistent_workers`` (needs ``num_workers > 0``).
+    """
+    sampler = ResumableBatchSampler(len(dataset), batch_size, seed, shuffle, drop_last, num_replicas, rank)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_channels(in_channels) -> str:
+    if in_channels not in _CHANNEL_MODES:
+        raise ValueError(f"in_channels must be 1 (grey, 'L') or 3 (RGB), got {in_channels!r}")
+    return _CHANNEL_MODES[in_channels]
+
+
+def _check_resolution(resolution) -> None:
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
+        raise ValueError(f"resolution must be a positive int (square images), got {resolution!r}")
