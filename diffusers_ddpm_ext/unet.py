@@ -1,0 +1,1015 @@
+"""A from-scratch DDPM-style UNet for diffusers: `DDPMUNet2DModel`.
+
+One configurable network covers the DDPM CIFAR-10 UNet (Ho et al. 2020), the improved-diffusion UNet
+(Nichol & Dhariwal 2021, "IDM": FiLM scale-shift norm, zero-initialised residual outputs, multi-head
+attention, learned variance), labml's annotated DDPM, smalldiffusion's `Unet` and diffusers' own
+DDPM-layout `UNet2DModel`, to which it converts both ways with equal outputs
+(`DDPMUNet2DModel.from_unet2d` / `DDPMUNet2DModel.to_unet2d`).
+
+This module is self-contained (torch, numpy, diffusers and the standard library only) because it is
+copied into Hub repositories as remote code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+
+__all__ = ["DDPMUNet2DModel", "DDPMUNet2DOutput", "UNET_PRESETS"]
+
+_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "mish": F.mish}
+_TIME_SCALE_SHIFT = ("default", "scale_shift")
+_DOWNSAMPLE_TYPES = ("conv", "avg_pool")
+_UPSAMPLE_TYPES = ("conv", "nearest", "conv_transpose")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}`={value!r} is not supported; allowed: {list(allowed)}.")
+
+
+def _as_hw(sample_size) -> tuple[int, int] | None:
+    """`sample_size` (int, (H, W) or None) as (H, W)."""
+    if sample_size is None:
+        return None
+    if isinstance(sample_size, int):
+        return (sample_size, sample_size)
+    pair = isinstance(sample_size, (list, tuple)) and len(sample_size) == 2
+    if pair and all(isinstance(s, int) for s in sample_size):
+        return (int(sample_size[0]), int(sample_size[1]))
+    raise ValueError(f"`sample_size`={sample_size!r} must be an int, an (H, W) pair of ints, or None.")
+
+
+def sinusoidal_timestep_embedding(
+    timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0
+) -> torch.Tensor:
+    """Transformer sinusoids of the timestep (Ho et al. 2020 sec. 4; Vaswani et al. 2017 sec. 3.5).
+
+    Frequencies are `max_period ** (-i / (half - freq_shift))`, i < half = dim // 2, computed in float32 in
+    the same operation order as diffusers' `get_timestep_embedding`, so embeddings match it bit for bit.
+    `freq_shift=1, flip_sin_to_cos=False` is the DDPM/TF layout [sin, cos]; `freq_shift=0,
+    flip_sin_to_cos=True` is IDM's [cos, sin].
+
+    Args:
+        timesteps: (B,) tensor, integer or fractional.
+        dim: embedding width; an odd width gets one zero column at the end.
+        flip_sin_to_cos: put the cosines first.
+        freq_shift: the shift in the frequency denominator.
+        max_period: the longest period.
+
+    Returns:
+        (B, dim) float32 tensor.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    args = timesteps[:, None].float() * freqs[None, :]  # (B, half)
+    parts = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
+    emb = torch.cat(parts, dim=-1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class DDPMTimestepMLP(nn.Module):
+    """Linear -> activation -> Linear on the sinusoidal embedding (DDPM's two dense layers)."""
+
+    def __init__(self, in_dim: int, out_dim: int, act_fn: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+        self.act = _ACTIVATIONS[act_fn]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class DDPMResBlock(nn.Module):
+    """Pre-activation residual block with time injection.
+
+    norm1 -> act -> conv1 -> (+ time | FiLM) -> norm2 -> act -> dropout -> conv2, plus a 1x1 shortcut when
+    the channel count changes. `scale_shift` is IDM's FiLM: norm2(h) * (1 + scale) + shift.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        groups: int,
+        eps: float,
+        act_fn: str,
+        dropout: float,
+        time_scale_shift: str,
+        output_scale_factor: float = 1.0,
+    ):
+        super().__init__()
+        self.scale_shift = time_scale_shift == "scale_shift"
+        self.output_scale_factor = output_scale_factor
+        self.act = _ACTIVATIONS[act_fn]
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if self.scale_shift else 1))
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, H, W); temb: (B, T), already passed through the block activation (done once per
+        model call). Returns (B, C_out, H, W)."""
+        h = self.conv1(self.act(self.norm1(x)))
+        t = self.time_emb_proj(temb)[:, :, None, None]  # (B, C_out or 2*C_out, 1, 1)
+        if self.scale_shift:
+            scale, shift = t.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + t)
+        h = self.conv2(self.dropout(self.act(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        out = skip + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class DDPMAttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions with a residual connection.
+
+    GroupNorm -> fused QKV projection -> `F.scaled_dot_product_attention` -> output projection, added to the
+    input (then divided by `rescale_output_factor`, as diffusers' mid block does).
+    """
+
+    def __init__(
+        self, channels: int, num_heads: int, norm_groups: int | None, eps: float, rescale_output_factor: float = 1.0
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.rescale_output_factor = rescale_output_factor
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=eps) if norm_groups else None
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        h = x if self.norm is None else self.norm(x)
+        h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
+        qkv = self.qkv(h).unflatten(-1, (3, self.num_heads, c // self.num_heads))  # (B, HW, 3, heads, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, d)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
+        a = self.proj_out(a.transpose(1, 2).reshape(b, hgt * wid, c))  # (B, HW, C)
+        out = a.transpose(1, 2).reshape(b, c, hgt, wid) + x
+        if self.rescale_output_factor != 1.0:
+            out = out / self.rescale_output_factor
+        return out
+
+
+class DDPMDownsample(nn.Module):
+    """Halve H and W: 3x3 stride-2 conv (padding 1, or DDPM/TF-"SAME" asymmetric pad (0,1,0,1) when
+    `padding=0`), or 2x2 average pooling (no parameters)."""
+
+    def __init__(self, channels: int, kind: str, padding: int):
+        super().__init__()
+        self.kind = kind
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding) if kind == "conv" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.avg_pool2d(x, kernel_size=2, stride=2)
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class DDPMUpsample(nn.Module):
+    """Double H and W: nearest + 3x3 conv ("conv"), nearest only, or ConvTranspose2d(4, 2, 1)."""
+
+    def __init__(self, channels: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        if kind == "conv":
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        elif kind == "conv_transpose":
+            self.conv = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1)
+        else:
+            self.conv = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv_transpose":
+            return self.conv(x)
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+class _CheckpointedBlock(nn.Module):
+    """Runs sub-modules through diffusers' `_gradient_checkpointing_func` when checkpointing is enabled."""
+
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    def _run(self, module: nn.Module, *args):
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(module, *args)
+        return module(*args)
+
+
+class DDPMDownLevel(_CheckpointedBlock):
+    """One encoder resolution: `layers_per_block` res blocks (each optionally followed by attention), then an
+    optional downsample. Every res/attn output and the downsample output become skip connections."""
+
+    def __init__(self, resnets: list, attentions: list, downsample: nn.Module | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+        self.downsample = downsample
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            h = self._run(resnet, h, temb)
+            if len(self.attentions):
+                h = self._run(self.attentions[i], h)
+            skips.append(h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+            skips.append(h)
+        return h, skips
+
+
+class DDPMMidBlock(_CheckpointedBlock):
+    """Res -> (Attn) -> Res at the lowest resolution."""
+
+    def __init__(self, resnets: list, attention: nn.Module | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attention = attention
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self._run(self.resnets[0], h, temb)
+        if self.attention is not None:
+            h = self._run(self.attention, h)
+        return self._run(self.resnets[1], h, temb)
+
+
+class DDPMUpLevel(_CheckpointedBlock):
+    """One decoder resolution: `layers_per_block + 1` res blocks, each fed the concatenation of the running
+    features and one popped skip, optionally followed by attention; then an optional upsample."""
+
+    def __init__(self, resnets: list, attentions: list, upsample: nn.Module | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+        self.upsample = upsample
+
+    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C_h + C_skip, H, W)
+            h = self._run(resnet, h, temb)
+            if len(self.attentions):
+                h = self._run(self.attentions[i], h)
+        if self.upsample is not None:
+            h = self.upsample(h)
+        return h
+
+
+@dataclass
+class DDPMUNet2DOutput(BaseOutput):
+    """Output of [`DDPMUNet2DModel`].
+
+    Args:
+        sample (`torch.Tensor` of shape `(batch_size, out_channels, height, width)`):
+            The network output. With learned variance (`out_channels == 2 * in_channels`) the first
+            `in_channels` channels are the epsilon / x0 / v prediction and the rest the variance values (IDM).
+    """
+
+    sample: torch.Tensor
+
+
+class DDPMUNet2DModel(ModelMixin, ConfigMixin):
+    r"""A DDPM / improved-diffusion style UNet that plugs into diffusers pipelines.
+
+    Layout (as DDPM and diffusers' `UNet2DModel`): `conv_in`; per level `layers_per_block` res blocks
+    (+ attention where the level's resolution is in `attention_resolutions`) and a downsample except on the
+    last level; a Res-(Attn)-Res middle; per level `layers_per_block + 1` res blocks fed concatenated skips
+    (+ attention) and an upsample except on the first level; GroupNorm -> activation -> `conv_out`.
+
+    Args:
+        sample_size (`int` or `(int, int)`, *optional*, defaults to 32):
+            Height and width the model is built for (read by `DDPMPipeline`); also the base for
+            `attention_resolutions`. Both must be divisible by `2 ** (len(block_out_channels) - 1)`.
+        in_channels (`int`, defaults to 3): Channels of the input sample.
+        out_channels (`int`, *optional*): Output channels; `2 * in_channels` for learned variance
+            (first half: eps / x0 / v, second half: variance values, as IDM). Defaults to `in_channels`.
+        center_input_sample (`bool`, defaults to `False`): Map the input from [0, 1] to [-1, 1] first.
+        block_out_channels (`tuple[int]`, defaults to `(128, 256, 256, 256)`): Channels of each level.
+        layers_per_block (`int`, defaults to 2): Res blocks per encoder level (decoder levels get one more).
+        flip_sin_to_cos (`bool`, defaults to `True`): Timestep sinusoids as [cos, sin] (IDM, diffusers) rather
+            than [sin, cos] (DDPM).
+        freq_shift (`float`, defaults to 0): Shift in the sinusoid frequency denominator `half - freq_shift`
+            (DDPM uses 1).
+        time_embedding_dim (`int`, *optional*): Width of the time embedding MLP; defaults to
+            `4 * block_out_channels[0]`. The sinusoid width is `block_out_channels[0]`.
+        time_embedding_act_fn (`str`, defaults to `"silu"`): Activation inside the time MLP; one of
+            `silu`, `swish`, `relu`, `gelu`, `mish` (seed 000's SimpleUNet uses `relu`).
+        act_fn (`str`, defaults to `"silu"`): Activation in the res blocks, on the time embedding before each
+            block's projection, and before `conv_out`. Same choices.
+        resnet_skip_time_act (`bool`, defaults to `False`): Feed the raw time embedding (no activation) to the
+            res blocks' projections (seed 000).
+        resnet_time_scale_shift (`str`, defaults to `"default"`): `"default"` adds the projected time embedding
+            before `norm2`; `"scale_shift"` is IDM's FiLM `norm2(h) * (1 + scale) + shift`.
+        norm_num_groups (`int`, defaults to 32): GroupNorm groups; must divide every level's channels.
+        norm_eps (`float`, defaults to 1e-5): GroupNorm epsilon (DDPM and smalldiffusion use 1e-6).
+        dropout (`float`, defaults to 0.0): Dropout before each res block's second conv.
+        attention_resolutions (`tuple[int]`, defaults to `(16,)`): Resolutions (feature-map height) at which a
+            level gets self-attention after each res block, in encoder and decoder. Level `i` has height
+            `sample_size[0] // 2**i`; a value no level has is an error. Empty for no level attention.
+        add_attention (`bool`, defaults to `True`): Attention between the two middle res blocks.
+        attention_head_dim (`int`, *optional*): Channels per attention head (diffusers semantics). If neither
+            this nor `num_attention_heads` is given, every attention layer has a single head.
+        num_attention_heads (`int`, *optional*): Heads per attention layer instead (IDM `num_heads`; IDM's
+            CIFAR-10 model uses 4). Mutually exclusive with `attention_head_dim`.
+        mid_attention_norm (`bool`, defaults to `True`): GroupNorm before the middle attention. diffusers'
+            `UNet2DModel` drops it in `scale_shift` layouts; conversion sets this accordingly.
+        attn_norm_num_groups (`int`, *optional*): Groups of the middle attention's GroupNorm; defaults to
+            `norm_num_groups`.
+        mid_block_scale_factor (`float`, defaults to 1.0): Middle res/attn outputs are divided by this.
+        downsample_type (`str`, defaults to `"conv"`): `"conv"` (3x3 stride-2 conv) or `"avg_pool"`.
+        downsample_padding (`int`, defaults to 1): For `"conv"`: 1 pads symmetrically; 0 pads (0, 1, 0, 1)
+            first (DDPM / TF "SAME", smalldiffusion), as `UNet2DModel`'s `downsample_padding=0`.
+        upsample_type (`str`, defaults to `"conv"`): `"conv"` (nearest x2 + 3x3 conv, as `UNet2DModel`),
+            `"nearest"` (no conv) or `"conv_transpose"` (ConvTranspose2d(4, 2, 1); seeds 000/002).
+        zero_init_residual (`bool`, defaults to `False`): Zero-initialise each res block's `conv2`, each
+            attention output projection and `conv_out` (IDM `zero_module`), so every block starts as identity.
+        num_class_embeds (`int`, *optional*): Number of classes for class conditioning. The embedding table has
+            one more row: index `num_class_embeds` is the null class (see `null_class_label`) used for
+            classifier-free guidance and when `class_labels` is None.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DDPMResBlock", "DDPMAttentionBlock", "DDPMDownLevel", "DDPMMidBlock", "DDPMUpLevel"]
+    _skip_layerwise_casting_patterns = ["norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = 32,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        center_input_sample: bool = False,
+        block_out_channels: tuple[int, ...] = (128, 256, 256, 256),
+        layers_per_block: int = 2,
+        flip_sin_to_cos: bool = True,
+        freq_shift: float = 0,
+        time_embedding_dim: int | None = None,
+        time_embedding_act_fn: str = "silu",
+        act_fn: str = "silu",
+        resnet_skip_time_act: bool = False,
+        resnet_time_scale_shift: str = "default",
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+        attention_resolutions: tuple[int, ...] = (16,),
+        add_attention: bool = True,
+        attention_head_dim: int | None = None,
+        num_attention_heads: int | None = None,
+        mid_attention_norm: bool = True,
+        attn_norm_num_groups: int | None = None,
+        mid_block_scale_factor: float = 1.0,
+        downsample_type: str = "conv",
+        downsample_padding: int = 1,
+        upsample_type: str = "conv",
+        zero_init_residual: bool = False,
+        num_class_embeds: int | None = None,
+    ):
+        super().__init__()
+        chans = list(block_out_channels)
+        out_channels = in_channels if out_channels is None else out_channels
+        attn_res = sorted({int(r) for r in (attention_resolutions or ())}, reverse=True)
+        _validate_config(
+            sample_size, in_channels, out_channels, chans, layers_per_block, time_embedding_act_fn, act_fn,
+            resnet_time_scale_shift, norm_num_groups, dropout, attn_res, add_attention, attention_head_dim,
+            num_attention_heads, attn_norm_num_groups, downsample_type, downsample_padding, upsample_type,
+            num_class_embeds,
+        )
+        if self.config.out_channels is None:  # record the resolved value, so the config is complete
+            self.register_to_config(out_channels=out_channels)
+        hw = _as_hw(sample_size)
+        levels = len(chans)
+        temb_dim = time_embedding_dim or 4 * chans[0]
+        self._act = _ACTIVATIONS[act_fn]
+        self._skip_time_act = resnet_skip_time_act
+        level_attn = [hw is not None and hw[0] // 2**i in attn_res for i in range(levels)]
+
+        def heads(c: int) -> int:
+            if num_attention_heads is not None:
+                return num_attention_heads
+            return 1 if attention_head_dim is None else c // attention_head_dim
+
+        def res(cin: int, cout: int, scale: float = 1.0) -> DDPMResBlock:
+            return DDPMResBlock(cin, cout, temb_dim, norm_num_groups, norm_eps, act_fn, dropout,
+                                resnet_time_scale_shift, scale)
+
+        def attn(c: int, groups: int | None = norm_num_groups, scale: float = 1.0) -> DDPMAttentionBlock:
+            return DDPMAttentionBlock(c, heads(c), groups, norm_eps, scale)
+
+        self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
+        self.time_embedding = DDPMTimestepMLP(chans[0], temb_dim, time_embedding_act_fn)
+        # One extra row: the null class for classifier-free guidance.
+        self.class_embedding = nn.Embedding(num_class_embeds + 1, temb_dim) if num_class_embeds else None
+
+        # Encoder; `skip_ch` tracks the channels of each pushed skip to size the decoder's concatenations.
+        skip_ch = [chans[0]]
+        self.down_blocks = nn.ModuleList()
+        cin = chans[0]
+        for i, c in enumerate(chans):
+            resnets = [res(cin if j == 0 else c, c) for j in range(layers_per_block)]
+            attns = [attn(c) for _ in range(layers_per_block)] if level_attn[i] else []
+            skip_ch += [c] * layers_per_block
+            down = None
+            if i < levels - 1:
+                down = DDPMDownsample(c, downsample_type, downsample_padding)
+                skip_ch.append(c)
+            self.down_blocks.append(DDPMDownLevel(resnets, attns, down))
+            cin = c
+
+        mid_groups = (attn_norm_num_groups or norm_num_groups) if mid_attention_norm else None
+        self.mid_block = DDPMMidBlock(
+            [res(chans[-1], chans[-1], mid_block_scale_factor), res(chans[-1], chans[-1], mid_block_scale_factor)],
+            attn(chans[-1], mid_groups, mid_block_scale_factor) if add_attention else None,
+        )
+
+        self.up_blocks = nn.ModuleList()
+        for i in reversed(range(levels)):
+            c = chans[i]
+            resnets = []
+            for _ in range(layers_per_block + 1):
+                resnets.append(res(cin + skip_ch.pop(), c))
+                cin = c
+            attns = [attn(c) for _ in range(layers_per_block + 1)] if level_attn[i] else []
+            up = DDPMUpsample(c, upsample_type) if i > 0 else None
+            self.up_blocks.append(DDPMUpLevel(resnets, attns, up))
+
+        self.norm_out = nn.GroupNorm(norm_num_groups, chans[0], eps=norm_eps)
+        self.conv_out = nn.Conv2d(chans[0], out_channels, 3, padding=1)
+
+        if zero_init_residual:
+            self._zero_init_residual()
+
+    def _zero_init_residual(self) -> None:
+        """IDM `zero_module`: every residual branch and the output start at zero."""
+        for module in self.modules():
+            if isinstance(module, DDPMResBlock):
+                targets = [module.conv2]
+            elif isinstance(module, DDPMAttentionBlock):
+                targets = [module.proj_out]
+            else:
+                continue
+            for t in targets:
+                nn.init.zeros_(t.weight)
+                nn.init.zeros_(t.bias)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @property
+    def null_class_label(self) -> int | None:
+        """Index of the reserved null (unconditional) class, or None for an unconditional model."""
+        return self.config.num_class_embeds if self.config.num_class_embeds else None
+
+    # ------------------------------------------------------------------ forward
+
+    def _batch_timesteps(self, timestep, batch: int, device: torch.device) -> torch.Tensor:
+        """Python number, 0-dim, (1,) or (B,) tensor -> (B,) tensor on `device`."""
+        if not torch.is_tensor(timestep):
+            if isinstance(timestep, bool) or not isinstance(timestep, (int, float)):
+                raise TypeError(f"`timestep` must be an int, a float or a tensor, got {type(timestep).__name__}.")
+            dtype = torch.long if isinstance(timestep, int) else torch.float32
+            return torch.full((batch,), timestep, dtype=dtype, device=device)
+        t = timestep.to(device)
+        if t.ndim == 0 or t.numel() == 1:
+            return t.reshape(1).expand(batch)
+        if t.ndim != 1 or t.shape[0] != batch:
+            raise ValueError(f"`timestep` must be a scalar or have shape ({batch},), got {tuple(t.shape)}.")
+        return t
+
+    def _class_embedding(self, class_labels, batch: int, device: torch.device) -> torch.Tensor | None:
+        n = self.config.num_class_embeds
+        if self.class_embedding is None:
+            if class_labels is not None:
+                raise ValueError(
+                    "`class_labels` were given but this model is unconditional (`num_class_embeds` is None)."
+                )
+            return None
+        if class_labels is None:
+            labels = torch.full((batch,), n, dtype=torch.long, device=device)
+        else:
+            labels = torch.as_tensor(class_labels, device=device)
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise TypeError(f"`class_labels` must be integers, got dtype {labels.dtype}.")
+            if labels.ndim == 0 or labels.numel() == 1:
+                labels = labels.reshape(1).expand(batch)
+            if labels.shape != (batch,):
+                raise ValueError(f"`class_labels` must have shape ({batch},), got {tuple(labels.shape)}.")
+            if not torch.compiler.is_compiling():
+                lo, hi = int(labels.min()), int(labels.max())
+                if lo < 0 or hi > n:
+                    raise ValueError(
+                        f"`class_labels` must lie in [0, {n}] ({n} = null class); got values in [{lo}, {hi}]."
+                    )
+        return self.class_embedding(labels)
+
+    def _check_sample(self, sample: torch.Tensor) -> None:
+        if sample.ndim != 4:
+            raise ValueError(f"`sample` must be (B, C, H, W), got shape {tuple(sample.shape)}.")
+        c_in = self.config.in_channels
+        if sample.shape[1] != c_in:
+            raise ValueError(f"`sample` has {sample.shape[1]} channels but the model expects in_channels={c_in}.")
+        factor = 2 ** (len(self.config.block_out_channels) - 1)
+        h, w = sample.shape[-2:]
+        if h % factor or w % factor:
+            raise ValueError(
+                f"`sample` spatial size {h}x{w} is not divisible by 2**(levels-1) = {factor} "
+                f"({len(self.config.block_out_channels)} levels)."
+            )
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | int | None = None,
+        return_dict: bool = True,
+    ) -> DDPMUNet2DOutput | tuple:
+        r"""Predict the diffusion target for a noisy batch.
+
+        Args:
+            sample (`torch.Tensor`): Noisy input of shape `(batch, in_channels, height, width)`.
+            timestep (`torch.Tensor`, `int` or `float`): Python number, 0-dim tensor or `(batch,)` tensor;
+                broadcast over the batch. Fractional values are kept (no rounding).
+            class_labels (`torch.Tensor` or `int`, *optional*): `(batch,)` integer labels in
+                `[0, num_class_embeds]` (the last is the null class). None on a class-conditional model means
+                the null class for every sample (so a plain `DDPMPipeline` samples unconditionally).
+            return_dict (`bool`, defaults to `True`): Return a [`DDPMUNet2DOutput`] instead of a tuple.
+
+        Returns:
+            [`DDPMUNet2DOutput`] or `tuple`: the `(batch, out_channels, height, width)` prediction.
+        """
+        self._check_sample(sample)
+        cfg = self.config
+        batch, device = sample.shape[0], sample.device
+        dtype = self.conv_in.weight.dtype
+        if cfg.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        t = self._batch_timesteps(timestep, batch, device)
+        t_emb = sinusoidal_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embedding(t_emb.to(dtype))  # (B, T)
+        class_emb = self._class_embedding(class_labels, batch, device)
+        if class_emb is not None:
+            emb = emb + class_emb.to(dtype)
+        # Every res block applies the same activation to the embedding; do it once.
+        temb = emb if self._skip_time_act else self._act(emb)
+
+        h = self.conv_in(sample)  # (B, C0, H, W)
+        skips = [h]
+        for block in self.down_blocks:
+            h, level_skips = block(h, temb)
+            skips.extend(level_skips)
+        h = self.mid_block(h, temb)
+        for block in self.up_blocks:
+            h = block(h, skips, temb)
+        h = self.conv_out(self._act(self.norm_out(h)))  # (B, out_channels, H, W)
+
+        if not return_dict:
+            return (h,)
+        return DDPMUNet2DOutput(sample=h)
+
+    # ------------------------------------------------------------------ presets
+
+    @classmethod
+    def list_presets(cls) -> list[str]:
+        """Names accepted by [`~DDPMUNet2DModel.from_preset`]."""
+        return list(UNET_PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DDPMUNet2DModel":
+        """Build a randomly initialised model from a named configuration (see `UNET_PRESETS`).
+
+        Args:
+            name (`str`): One of [`~DDPMUNet2DModel.list_presets`].
+            **overrides: Config keys replacing the preset's values (e.g. `num_class_embeds=10`).
+        """
+        if name not in UNET_PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; allowed: {list(UNET_PRESETS)}.")
+        config = dict(UNET_PRESETS[name]["config"])
+        config.update(overrides)
+        return cls(**config)
+
+    # ------------------------------------------------------------------ conversion
+
+    @classmethod
+    def from_unet2d(cls, unet2d) -> "DDPMUNet2DModel":
+        """Convert a diffusers `UNet2DModel` (DDPM layout) into an equivalent `DDPMUNet2DModel`.
+
+        Supported: `DownBlock2D`/`AttnDownBlock2D`, `UpBlock2D`/`AttnUpBlock2D`, `UNetMidBlock2D`, positional
+        time embedding, `resnet_time_scale_shift` default or scale_shift, any dividing `attention_head_dim`
+        (or None), `downsample_padding` 0 or 1, `num_class_embeds`. A class table of N rows becomes N + 1 rows
+        (null row zero). Anything else raises a ValueError naming the part.
+        """
+        config = unet2d_config_to_ours(dict(unet2d.config))
+        with torch.device("meta"):
+            model = cls(**config)
+        state = _state_dict_from_unet2d(unet2d.state_dict(), config)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.train(unet2d.training)
+
+    def to_unet2d(self):
+        """Convert to an equivalent diffusers `UNet2DModel` (config and weights; the null class row is dropped).
+
+        Raises a ValueError naming the option when this model uses something `UNet2DModel` cannot express
+        (e.g. `upsample_type="conv_transpose"`, a non-SiLU activation, per-level head dims from
+        `num_attention_heads`).
+        """
+        from diffusers import UNet2DModel
+
+        config = ours_config_to_unet2d(dict(self.config))
+        with torch.device("meta"):
+            unet = UNet2DModel(**config)
+        state = _state_dict_to_unet2d(self.state_dict(), dict(self.config))
+        unet.load_state_dict(state, strict=True, assign=True)
+        return unet.train(self.training)
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def _validate_config(
+    sample_size, in_channels, out_channels, chans, layers_per_block, time_embedding_act_fn, act_fn,
+    resnet_time_scale_shift, norm_num_groups, dropout, attn_res, add_attention, attention_head_dim,
+    num_attention_heads, attn_norm_num_groups, downsample_type, downsample_padding, upsample_type,
+    num_class_embeds,
+) -> None:
+    _check_choice("time_embedding_act_fn", time_embedding_act_fn, _ACTIVATIONS)
+    _check_choice("act_fn", act_fn, _ACTIVATIONS)
+    _check_choice("resnet_time_scale_shift", resnet_time_scale_shift, _TIME_SCALE_SHIFT)
+    _check_choice("downsample_type", downsample_type, _DOWNSAMPLE_TYPES)
+    _check_choice("upsample_type", upsample_type, _UPSAMPLE_TYPES)
+    _check_choice("downsample_padding", downsample_padding, (0, 1))
+    positive = {"in_channels": in_channels, "out_channels": out_channels, "layers_per_block": layers_per_block,
+                "norm_num_groups": norm_num_groups}
+    for name, v in positive.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"`{name}`={v!r} must be a positive int.")
+    if not chans or any(not isinstance(c, int) or c < 1 for c in chans):
+        raise ValueError(f"`block_out_channels`={chans!r} must be a non-empty list of positive ints.")
+    bad = [c for c in chans if c % norm_num_groups]
+    if bad:
+        raise ValueError(f"`block_out_channels` {bad} not divisible by `norm_num_groups`={norm_num_groups}.")
+    if attn_norm_num_groups is not None and chans[-1] % attn_norm_num_groups:
+        raise ValueError(f"Middle channels {chans[-1]} not divisible by `attn_norm_num_groups`={attn_norm_num_groups}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout`={dropout!r} must be in [0, 1).")
+    hw = _as_hw(sample_size)
+    factor = 2 ** (len(chans) - 1)
+    if hw is not None and (hw[0] % factor or hw[1] % factor):
+        raise ValueError(f"`sample_size`={sample_size!r} is not divisible by 2**(levels-1) = {factor} "
+                         f"for {len(chans)} levels.")
+    if attn_res:
+        if hw is None:
+            raise ValueError(f"`attention_resolutions`={attn_res} needs `sample_size` to locate the levels.")
+        have = [hw[0] // 2**i for i in range(len(chans))]
+        missing = [r for r in attn_res if r not in have]
+        if missing:
+            raise ValueError(f"`attention_resolutions` {missing} match no level; the levels' resolutions are {have}.")
+    if attention_head_dim is not None and num_attention_heads is not None:
+        raise ValueError("Give either `attention_head_dim` or `num_attention_heads`, not both "
+                         f"(got {attention_head_dim} and {num_attention_heads}).")
+    attn_chans = [c for i, c in enumerate(chans) if hw is not None and hw[0] // 2**i in attn_res]
+    if add_attention:
+        attn_chans.append(chans[-1])
+    for c in attn_chans:
+        if attention_head_dim is not None and (attention_head_dim < 1 or c % attention_head_dim):
+            raise ValueError(f"`attention_head_dim`={attention_head_dim} does not divide attention channels {c}.")
+        if num_attention_heads is not None and (num_attention_heads < 1 or c % num_attention_heads):
+            raise ValueError(f"`num_attention_heads`={num_attention_heads} does not divide attention channels {c}.")
+    if num_class_embeds is not None and (not isinstance(num_class_embeds, int) or num_class_embeds < 1):
+        raise ValueError(f"`num_class_embeds`={num_class_embeds!r} must be a positive int or None.")
+
+
+# ---------------------------------------------------------------------- UNet2DModel conversion
+
+_UNET2D_DOWN = ("DownBlock2D", "AttnDownBlock2D")
+_UNET2D_UP = ("UpBlock2D", "AttnUpBlock2D")
+
+
+def _strip_unetres(name: str) -> str:
+    return name[7:] if name.startswith("UNetRes") else name
+
+
+def unet2d_config_to_ours(cfg: dict) -> dict:
+    """Translate a `UNet2DModel` config into a `DDPMUNet2DModel` config, or raise naming what has no match."""
+    downs = [_strip_unetres(b) for b in cfg["down_block_types"]]
+    ups = [_strip_unetres(b) for b in cfg["up_block_types"]]
+    chans = list(cfg["block_out_channels"])
+    levels = len(chans)
+    for name, blocks, allowed in (("down_block_types", downs, _UNET2D_DOWN), ("up_block_types", ups, _UNET2D_UP)):
+        bad = [b for b in blocks if b not in allowed]
+        if bad:
+            raise ValueError(f"UNet2DModel `{name}` contains {bad}; convertible blocks are {list(allowed)}.")
+    if len(downs) != levels or len(ups) != levels:
+        raise ValueError("UNet2DModel block type lists and `block_out_channels` disagree in length.")
+    down_attn = [b == "AttnDownBlock2D" for b in downs]
+    up_attn = [b == "AttnUpBlock2D" for b in reversed(ups)]
+    if down_attn != up_attn:
+        raise ValueError(f"UNet2DModel attention differs between encoder {downs} and decoder {ups} at some level; "
+                         "DDPMUNet2DModel puts attention on both sides of a level.")
+    checks = {
+        "time_embedding_type": (cfg.get("time_embedding_type", "positional"), ("positional",)),
+        "mid_block_type": (cfg.get("mid_block_type", "UNetMidBlock2D"), ("UNetMidBlock2D",)),
+        "class_embed_type": (cfg.get("class_embed_type"), (None,)),
+        "act_fn": (cfg.get("act_fn", "silu"), ("silu", "swish")),
+        "resnet_time_scale_shift": (cfg.get("resnet_time_scale_shift", "default"), _TIME_SCALE_SHIFT),
+        "downsample_padding": (cfg.get("downsample_padding", 1), (0, 1)),
+    }
+    if any(down_attn[:-1]):  # only AttnDownBlock2D with a downsampler reads downsample_type
+        checks["downsample_type"] = (cfg.get("downsample_type", "conv"), ("conv",))
+    if any(up_attn[1:]):
+        checks["upsample_type"] = (cfg.get("upsample_type", "conv"), ("conv",))
+    for key, (value, allowed) in checks.items():
+        if value not in allowed:
+            raise ValueError(f"UNet2DModel `{key}`={value!r} cannot be converted; supported: {list(allowed)}.")
+    if cfg.get("norm_num_groups") is None:
+        raise ValueError("UNet2DModel `norm_num_groups`=None cannot be converted; give an int.")
+    hw = _as_hw(cfg.get("sample_size"))
+    if any(down_attn) and hw is None:
+        raise ValueError("UNet2DModel `sample_size` is None but attention levels are located by resolution; set it.")
+    attn_res = tuple(hw[0] // 2**i for i in range(levels) if down_attn[i]) if any(down_attn) else ()
+    add_attention = cfg.get("add_attention", True)
+    head_dim = cfg.get("attention_head_dim", 8)
+    attn_chans = [c for c, a in zip(chans, down_attn) if a] + ([chans[-1]] if add_attention else [])
+    if head_dim is not None:
+        bad = [c for c in attn_chans if c % head_dim]
+        if bad:
+            raise ValueError(f"UNet2DModel `attention_head_dim`={head_dim} does not divide attention channels {bad}.")
+    attn_groups = cfg.get("attn_norm_num_groups")
+    scale_shift = cfg.get("resnet_time_scale_shift", "default")
+    if attn_groups is None:  # UNet2DModel's rule for the middle attention's GroupNorm
+        attn_groups = cfg["norm_num_groups"] if scale_shift == "default" else None
+    sample_size = cfg.get("sample_size")
+    return dict(
+        sample_size=list(sample_size) if isinstance(sample_size, (list, tuple)) else sample_size,
+        in_channels=cfg["in_channels"],
+        out_channels=cfg["out_channels"],
+        center_input_sample=cfg.get("center_input_sample", False),
+        block_out_channels=chans,
+        layers_per_block=cfg["layers_per_block"],
+        flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+        freq_shift=cfg.get("freq_shift", 0),
+        time_embedding_dim=cfg.get("time_embedding_dim"),
+        time_embedding_act_fn="silu",
+        act_fn="silu",
+        resnet_skip_time_act=False,
+        resnet_time_scale_shift=scale_shift,
+        norm_num_groups=cfg["norm_num_groups"],
+        norm_eps=cfg.get("norm_eps", 1e-5),
+        dropout=cfg.get("dropout", 0.0),
+        attention_resolutions=list(attn_res),
+        add_attention=add_attention,
+        attention_head_dim=head_dim,
+        num_attention_heads=None,
+        mid_attention_norm=attn_groups is not None,
+        attn_norm_num_groups=attn_groups if attn_groups not in (None, cfg["norm_num_groups"]) else None,
+        mid_block_scale_factor=float(cfg.get("mid_block_scale_factor", 1.0)),
+        downsample_type="conv",
+        downsample_padding=cfg.get("downsample_padding", 1),
+        upsample_type="conv",
+        zero_init_residual=False,
+        num_class_embeds=cfg.get("num_class_embeds"),
+    )
+
+
+def _level_attention(cfg: dict) -> list[bool]:
+    hw = _as_hw(cfg["sample_size"])
+    res = set(cfg["attention_resolutions"] or ())
+    return [hw is not None and hw[0] // 2**i in res for i in range(len(cfg["block_out_channels"]))]
+
+
+def ours_config_to_unet2d(cfg: dict) -> dict:
+    """Translate a `DDPMUNet2DModel` config into a `UNet2DModel` config, or raise naming what has no match."""
+    fixed = {
+        "time_embedding_act_fn": ("silu", "swish"),
+        "act_fn": ("silu", "swish"),
+        "resnet_skip_time_act": (False,),
+        "downsample_type": ("conv",),
+        "upsample_type": ("conv",),
+    }
+    for key, allowed in fixed.items():
+        if cfg[key] not in allowed:
+            raise ValueError(f"`{key}`={cfg[key]!r} has no UNet2DModel equivalent; convertible: {list(allowed)}.")
+    chans = list(cfg["block_out_channels"])
+    levels = len(chans)
+    attn = _level_attention(cfg)
+    head_dim = cfg["attention_head_dim"]
+    if cfg["num_attention_heads"] is not None:
+        attn_chans = [c for c, a in zip(chans, attn) if a] + ([chans[-1]] if cfg["add_attention"] else [])
+        dims = sorted({c // cfg["num_attention_heads"] for c in attn_chans})
+        if len(dims) > 1:
+            raise ValueError(f"`num_attention_heads`={cfg['num_attention_heads']} gives head dims {dims} across "
+                             "levels; UNet2DModel needs one `attention_head_dim`.")
+        head_dim = dims[0] if dims else None
+    groups = cfg["norm_num_groups"]
+    # UNet2DModel's `attn_norm_num_groups=None` means norm_num_groups groups for "default" and no GroupNorm for
+    # "scale_shift"; write None where that rule gives the right thing so configs round-trip unchanged.
+    scale_shift = cfg["resnet_time_scale_shift"] == "scale_shift"
+    if cfg["mid_attention_norm"]:
+        attn_groups = cfg["attn_norm_num_groups"] or groups
+        if attn_groups == groups and not scale_shift:
+            attn_groups = None
+    else:
+        attn_groups = None
+        if cfg["add_attention"] and not scale_shift:
+            raise ValueError("`mid_attention_norm`=False is only expressible in UNet2DModel with "
+                             "`resnet_time_scale_shift`='scale_shift'.")
+    return dict(
+        sample_size=cfg["sample_size"],
+        in_channels=cfg["in_channels"],
+        out_channels=cfg["out_channels"],
+        center_input_sample=cfg["center_input_sample"],
+        time_embedding_type="positional",
+        time_embedding_dim=cfg["time_embedding_dim"],
+        freq_shift=cfg["freq_shift"],
+        flip_sin_to_cos=cfg["flip_sin_to_cos"],
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        mid_block_type="UNetMidBlock2D",
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        block_out_channels=tuple(chans),
+        layers_per_block=cfg["layers_per_block"],
+        mid_block_scale_factor=cfg["mid_block_scale_factor"],
+        downsample_padding=cfg["downsample_padding"],
+        downsample_type="conv",
+        upsample_type="conv",
+        dropout=cfg["dropout"],
+        act_fn="silu",
+        attention_head_dim=head_dim,
+        norm_num_groups=groups,
+        attn_norm_num_groups=attn_groups,
+        norm_eps=cfg["norm_eps"],
+        resnet_time_scale_shift=cfg["resnet_time_scale_shift"],
+        add_attention=cfg["add_attention"],
+        class_embed_type=None,
+        num_class_embeds=cfg["num_class_embeds"],
+    )
+
+
+def _name_map(cfg: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(our module prefix, UNet2DModel module prefix) pairs: plain modules (all tensors map one to one), and
+    attention blocks (fused QKV <-> to_q/to_k/to_v). The class table is handled by the callers."""
+    chans = list(cfg["block_out_channels"])
+    levels, n = len(chans), cfg["layers_per_block"]
+    attn = _level_attention(cfg)
+    pairs = [("conv_in", "conv_in"), ("time_embedding.linear_1", "time_embedding.linear_1"),
+             ("time_embedding.linear_2", "time_embedding.linear_2"), ("norm_out", "conv_norm_out"),
+             ("conv_out", "conv_out")]
+    res_parts = ["norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut"]
+    attn_pairs = []
+    for i in range(levels):
+        for j in range(n):
+            pairs += [(f"down_blocks.{i}.resnets.{j}.{p}", f"down_blocks.{i}.resnets.{j}.{p}") for p in res_parts]
+            if attn[i]:
+                attn_pairs.append((f"down_blocks.{i}.attentions.{j}", f"down_blocks.{i}.attentions.{j}"))
+        if i < levels - 1:
+            pairs.append((f"down_blocks.{i}.downsample.conv", f"down_blocks.{i}.downsamplers.0.conv"))
+    for j in range(2):
+        pairs += [(f"mid_block.resnets.{j}.{p}", f"mid_block.resnets.{j}.{p}") for p in res_parts]
+    if cfg["add_attention"]:
+        attn_pairs.append(("mid_block.attention", "mid_block.attentions.0"))
+    for k in range(levels):  # decoder block k works at level levels-1-k in both models
+        level = levels - 1 - k
+        for j in range(n + 1):
+            pairs += [(f"up_blocks.{k}.resnets.{j}.{p}", f"up_blocks.{k}.resnets.{j}.{p}") for p in res_parts]
+            if attn[level]:
+                attn_pairs.append((f"up_blocks.{k}.attentions.{j}", f"up_blocks.{k}.attentions.{j}"))
+        if level > 0:
+            pairs.append((f"up_blocks.{k}.upsample.conv", f"up_blocks.{k}.upsamplers.0.conv"))
+    return pairs, attn_pairs
+
+
+def _state_dict_from_unet2d(theirs: dict, cfg: dict) -> dict:
+    theirs = dict(theirs)
+    ours = {}
+
+    def take(key: str) -> torch.Tensor:
+        return theirs.pop(key).detach().clone()
+
+    pairs, attn_pairs = _name_map(cfg)
+    for our, their in pairs:
+        for suffix in ("weight", "bias"):
+            if f"{their}.{suffix}" in theirs:
+                ours[f"{our}.{suffix}"] = take(f"{their}.{suffix}")
+    for our, their in attn_pairs:
+        if f"{their}.group_norm.weight" in theirs:
+            ours[f"{our}.norm.weight"] = take(f"{their}.group_norm.weight")
+            ours[f"{our}.norm.bias"] = take(f"{their}.group_norm.bias")
+        for suffix in ("weight", "bias"):
+            ours[f"{our}.qkv.{suffix}"] = torch.cat([take(f"{their}.to_{p}.{suffix}") for p in "qkv"], dim=0)
+            ours[f"{our}.proj_out.{suffix}"] = take(f"{their}.to_out.0.{suffix}")
+    if "class_embedding.weight" in theirs:
+        table = take("class_embedding.weight")  # (N, T) -> (N + 1, T), null row zero
+        ours["class_embedding.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])], dim=0)
+    if theirs:
+        raise ValueError(f"UNet2DModel tensors with no counterpart (unsupported layout): {sorted(theirs)[:8]}")
+    return ours
+
+
+def _state_dict_to_unet2d(ours: dict, cfg: dict) -> dict:
+    ours = dict(ours)
+    theirs = {}
+
+    def take(key: str) -> torch.Tensor:
+        return ours.pop(key).detach().clone()
+
+    pairs, attn_pairs = _name_map(cfg)
+    for our, their in pairs:
+        for suffix in ("weight", "bias"):
+            if f"{our}.{suffix}" in ours:
+                theirs[f"{their}.{suffix}"] = take(f"{our}.{suffix}")
+    for our, their in attn_pairs:
+        if f"{our}.norm.weight" in ours:
+            theirs[f"{their}.group_norm.weight"] = take(f"{our}.norm.weight")
+            theirs[f"{their}.group_norm.bias"] = take(f"{our}.norm.bias")
+        for suffix in ("weight", "bias"):
+            for p, part in zip("qkv", take(f"{our}.qkv.{suffix}").chunk(3, dim=0)):
+                theirs[f"{their}.to_{p}.{suffix}"] = part.clone()
+            theirs[f"{their}.to_out.0.{suffix}"] = take(f"{our}.proj_out.{suffix}")
+    if "class_embedding.weight" in ours:
+        theirs["class_embedding.weight"] = take("class_embedding.weight")[:-1].clone()  # drop the null row
+    if ours:
+        raise ValueError(f"DDPMUNet2DModel tensors with no UNet2DModel counterpart: {sorted(ours)[:8]}")
+    return theirs
+
+
+# ---------------------------------------------------------------------- presets
+
+UNET_PRESETS: dict[str, dict] = {
+    "ddpm-cifar10": {
+        "source": "Ho et al. 2020 CIFAR-10 UNet (= google/ddpm-cifar10-32 layout): ch 128, mult (1,2,2,2), "
+                  "2 res blocks, attention at 16x16, dropout 0.1, TF-SAME downsampling, eps 1e-6.",
+        "config": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                       layers_per_block=2, attention_resolutions=(16,), dropout=0.1, flip_sin_to_cos=False,
+                       freq_shift=1, norm_eps=1e-6, downsample_padding=0),
+    },
+    "idm-cifar10": {
+        "source": "Nichol & Dhariwal 2021 (improved-diffusion) CIFAR-10: 128 ch, mult (1,2,2,2), 3 res blocks, "
+                  "FiLM scale-shift norm, zero-init, 4-head attention at 16 and 8, dropout 0.3, learned sigma.",
+        "config": dict(sample_size=32, in_channels=3, out_channels=6, block_out_channels=(128, 256, 256, 256),
+                       layers_per_block=3, attention_resolutions=(16, 8), num_attention_heads=4, dropout=0.3,
+                       resnet_time_scale_shift="scale_shift", zero_init_residual=True),
+    },
+    "simple-unet": {
+        "source": "Seed 000 SimpleUNet: base 64, mults (1,2,4), 2 res blocks, ReLU time MLP, raw time embedding "
+                  "into the blocks, stride-2 conv down, ConvTranspose2d(4,2,1) up, Res-Res middle, dropout 0.1.",
+        "config": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 256),
+                       layers_per_block=2, attention_resolutions=(), add_attention=False, dropout=0.1,
+                       time_embedding_act_fn="relu", resnet_skip_time_act=True, upsample_type="conv_transpose"),
+    },
+    "labml-ddpm": {
+        "source": "Seed 002 (labml annotated DDPM) UNet: 64 ch, mults (1,2,2,4), attention at levels 2-3 "
+                  "(8x8, 4x4 for 32x32), single head, Res-Attn-Res middle, ConvTranspose2d up, [sin, cos] embedding.",
+        "config": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128, 256),
+                       layers_per_block=2, attention_resolutions=(8, 4), dropout=0.1, flip_sin_to_cos=False,
+                       freq_shift=1, upsample_type="conv_transpose"),
+    },
+    "smalldiffusion-cifar10": {
+        "source": "Seed 003 smalldiffusion Unet(32, 3, 3, ch=128, ch_mult=(1,2,2,2), attn_resolutions=(16,)): "
+                  "GroupNorm eps 1e-6, pad (0,1,0,1) + stride-2 conv down, nearest + conv up, dropout 0.1.",
+        "config": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                       layers_per_block=2, attention_resolutions=(16,), dropout=0.1, flip_sin_to_cos=False,
+                       freq_shift=1, norm_eps=1e-6, downsample_padding=0),
+    },
+    "smalldiffusion-fashionmnist": {
+        "source": "Seed 003 smalldiffusion Unet(28, 1, 1, ch=64, ch_mult=(1,1,2), attn_resolutions=(14,)) with a "
+                  "10-class conditioning embedding (cond_embed) + null class for classifier-free guidance.",
+        "config": dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(64, 64, 128),
+                       layers_per_block=2, attention_resolutions=(14,), dropout=0.1, flip_sin_to_cos=False,
+                       freq_shift=1, norm_eps=1e-6, downsample_padding=0, num_class_embeds=10),
+    },
+    "diffusers-tutorial": {
+        "source": "Seed 004 diffusers tutorial UNet2DModel(sample_size=28, 1->1 channels, (32, 64, 64), "
+                  "2 layers, Down/AttnDown/AttnDown): attention at 14 and 7, head dim 8 (1,707,009 params).",
+        "config": dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                       layers_per_block=2, attention_resolutions=(14, 7), attention_head_dim=8),
+    },
+    "digits-small": {
+        "source": "Small default for scikit-learn's 8x8 digits upsampled to 16x16 grey: (32, 48, 64), 1 res block, "
+                  "single-head attention at 8x8 and in the middle, 8 groups; trains in minutes on 2 CPU cores.",
+        "config": dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 48, 64),
+                       layers_per_block=1, attention_resolutions=(8,), norm_num_groups=8, dropout=0.0),
+    },
+}
