@@ -31,3 +31,13 @@ def test_usage_snippets_run(tmp_path, monkeypatch):
     theirs, back = namespace["theirs"].state_dict(), namespace["back"].state_dict()
     assert theirs.keys() == back.keys()
     assert all((theirs[k] == back[k]).all() for k in theirs)
+
+
+def test_training_loop_snippet_runs():
+    (block,) = _python_blocks("Learned variance, the hybrid loss and bits/dim")
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    out, est = namespace["out"], namespace["est"]
+    assert out.vlb is not None and out.loss.shape == (8,)
+    assert namespace["unet"].conv_out.weight.grad is not None if hasattr(namespace["unet"], "conv_out") else True
+    assert est.mean > 0 and est.mean_standard_error > 0
