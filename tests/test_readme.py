@@ -39,5 +39,5 @@ def test_training_loop_snippet_runs():
     exec(compile(block, str(README), "exec"), namespace)
     out, est = namespace["out"], namespace["est"]
     assert out.vlb is not None and out.loss.shape == (8,)
-    assert namespace["unet"].conv_out.weight.grad is not None if hasattr(namespace["unet"], "conv_out") else True
+    assert all(p.grad is not None for p in namespace["unet"].parameters() if p.requires_grad and p.dim() > 1)
     assert est.mean > 0 and est.mean_standard_error > 0
