@@ -1,29 +1,45 @@
 """Time `DDPMUNet2DModel` against the converted-equal diffusers `UNet2DModel` in one process.
 
-Both models carry identical weights (ours is made with `DDPMUNet2DModel.from_unet2d`). For each mode, the two
-are timed alternately (so machine-load drift hits both alike) and the medians compared. One JSON line per row:
+Both models carry identical weights (ours is made with `DDPMUNet2DModel.from_unet2d`). For every row (layout x batch
+size x mode x thread count) the variants are timed alternately, one call each per round (so machine-load drift hits
+all alike), after warm-up rounds, and the medians compared. One JSON line per row:
 
-    python benchmarks/bench_unet.py                                  # small32 layout, batch 16
-    python benchmarks/bench_unet.py --layout ddpm-cifar10 --batch-size 64
-    python benchmarks/bench_unet.py --layout digits-small --modes forward
+    python benchmarks/bench_unet.py                        # all layouts, batch 16 and 64, train_step + forward
+    python benchmarks/bench_unet.py --layouts small32 --batch-sizes 16 --threads 1 2
+    python benchmarks/bench_unet.py --layouts small32 --batch-sizes 16 --modes forward --compile
+    python benchmarks/bench_unet.py --memory               # + peak memory per model (one subprocess each)
 
-`speed_ratio` = ours speed / UNet2DModel speed = their median time / our median time (> 1: ours is faster).
+Variants: `ours` (fp32, the default mode, parity with UNet2DModel), `ours_bf16` (`torch.autocast` bf16; AMX/AVX512-
+BF16 on CPU, tensor cores on CUDA), `unet2d` (UNet2DModel fp32, the reference), and optionally `unet2d_bf16`
+(`--bf16-baseline`), `ours_cl` (`--channels-last`) and `ours_compile` (`--compile`: `torch.compile(fullgraph=True)`,
+compile time is excluded and reported separately).
+
+Each row has `<variant>_s` (median seconds per call), `speed_ratio` = unet2d / ours (> 1: ours is faster),
+`bf16_speed_ratio` = unet2d fp32 / ours_bf16, achieved GFLOP/s per variant (FLOPs counted with
+`torch.utils.flop_counter`) and `peak_fp32_gflops` / `peak_bf16_gflops`: a large 3x3 convolution timed in the same
+process at the same thread count, the practical ceiling of this machine for conv-dominated networks.
 """
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DModel
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from diffusers_ddpm_ext.unet import DDPMUNet2DModel
 
 DDPM_DOWN = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
 DDPM_UP = ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+LAYOUTS = ("ddpm-cifar10", "small32", "digits-small")
 
 
 def unet2d_config(layout: str) -> dict:
@@ -40,7 +56,7 @@ def unet2d_config(layout: str) -> dict:
     if layout == "digits-small":
         with torch.device("meta"):
             return dict(DDPMUNet2DModel.from_preset("digits-small").to_unet2d().config)
-    raise ValueError(f"Unknown layout {layout!r}; allowed: ['small32', 'ddpm-cifar10', 'digits-small'].")
+    raise ValueError(f"Unknown layout {layout!r}; allowed: {list(LAYOUTS)}.")
 
 
 def _sync(device: torch.device) -> None:
@@ -48,40 +64,79 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step_fn(model, batch: int, size: tuple, channels: int):
-    device = model.device
+def make_inputs(cfg, batch: int, device):
+    size = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, *size, generator=g).to(device)
-    noise = torch.randn(batch, model.config.out_channels, *size, generator=g).to(device)
+    x = torch.randn(batch, cfg.in_channels, *size, generator=g).to(device)
+    noise = torch.randn(batch, cfg.out_channels, *size, generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    return x, noise, t
+
+
+def step_fn(model, mode: str, batch: int, bf16: bool, channels_last: bool = False, call=None):
+    """A closure running one training step (forward + MSE + backward + AdamW) or one inference forward."""
+    device = next(model.parameters()).device
+    x, noise, t = make_inputs(model.config, batch, device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    call = call or model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    if mode == "forward":
+        def step():
+            model.eval()
+            with torch.no_grad(), autocast:
+                call(x, t)
+            _sync(device)
+        return step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(x, t).sample, noise).backward()
+        with autocast:
+            out = call(x, t).sample
+        F.mse_loss(out.float(), noise).backward()
         opt.step()
         _sync(device)
 
     return step
 
 
-def forward_fn(model, batch: int, size: tuple, channels: int):
-    device = model.device
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, *size, generator=g).to(device)
-    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+def count_flops(model, mode: str, batch: int) -> int:
+    x, noise, t = make_inputs(model.config, batch, next(model.parameters()).device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if mode == "forward":
+            with torch.no_grad():
+                model(x, t)
+        else:
+            F.mse_loss(model(x, t).sample, noise).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
-    def step():
-        model.eval()
+
+def conv_peak_gflops(dtype: torch.dtype, device) -> float:
+    """Best GFLOP/s of a large 3x3 conv (256 -> 256 channels, 16x16, batch 32) over both memory formats."""
+    best = 0.0
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device, dtype)
+    x = torch.randn(32, 256, 16, 16, device=device, dtype=dtype)
+    flops = 2 * 32 * 256 * 256 * 9 * 16 * 16
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        c, xi = conv.to(memory_format=fmt), x.contiguous(memory_format=fmt)
         with torch.no_grad():
-            model(x, t)
-        _sync(device)
+            for _ in range(2):
+                c(xi)
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                c(xi)
+                _sync(xi.device)
+                times.append(time.perf_counter() - start)
+        best = max(best, flops / statistics.median(times) / 1e9)
+    return best
 
-    return step
 
-
-def time_pair(fns: dict, warmup: int, repeats: int, desc: str) -> dict:
+def time_round_robin(fns: dict, warmup: int, repeats: int, desc: str) -> dict:
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -94,45 +149,125 @@ def time_pair(fns: dict, warmup: int, repeats: int, desc: str) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def step_peak_rss_mb(step, calls: int = 2) -> float:
+    """Peak growth of the resident set (MiB) over `calls` steps, sampled every 0.2 ms by a thread (torch kernels
+    release the GIL). Linux only; approximate, but the same probe for both models."""
+    import threading
+
+    base, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    for _ in range(calls):
+        step()
+    done.set()
+    thread.join()
+    return (max(peak[0], _rss_bytes()) - base) / 2**20
+
+
+def peak_memory_mb(layout: str, which: str, mode: str, batch: int, threads: int) -> float:
+    """Peak RSS growth (MiB) of two steps of one model, each model in a fresh subprocess."""
+    code = (
+        "import sys,torch;sys.path.insert(0,%r);import bench_unet as b\n"
+        "from diffusers_ddpm_ext.unet import unet2d_config_to_ours\n"
+        "torch.set_num_threads(%d);torch.manual_seed(0);cfg=b.unet2d_config(%r)\n"
+        "with torch.device('meta'): full=dict(b.UNet2DModel(**cfg).config)\n"
+        "m=b.UNet2DModel(**cfg) if %r=='unet2d' else b.DDPMUNet2DModel(**unet2d_config_to_ours(full))\n"
+        "print(b.step_peak_rss_mb(b.step_fn(m,%r,%d,False)))\n"
+    ) % (os.path.dirname(os.path.abspath(__file__)), threads, layout, which, mode, batch)
+    # Ours is built directly from the translated config (converting would briefly hold two copies of the
+    # weights), so both processes start from the same imports and parameter bytes.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layout", default="small32", choices=["small32", "ddpm-cifar10", "digits-small"])
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 64])
     parser.add_argument("--modes", nargs="+", default=["train_step", "forward"], choices=["train_step", "forward"])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--threads", nargs="+", type=int, default=[torch.get_num_threads()],
+                        help="torch.set_num_threads values to run every row at (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-bf16", action="store_true", help="skip the ours_bf16 variant")
+    parser.add_argument("--bf16-baseline", action="store_true", help="also time UNet2DModel under bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true", help="also time ours with channels_last memory")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours, fullgraph=True)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocess per model)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    torch.manual_seed(0)
-    theirs = UNet2DModel(**unet2d_config(args.layout))
-    ours = DDPMUNet2DModel.from_unet2d(theirs)
     device = torch.device(args.device)
-    theirs.to(device)
-    ours.to(device)
-    cfg = theirs.config
-    size = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
-    with torch.no_grad():  # parity of this very pair (eval: dropout off)
-        x = torch.randn(2, cfg.in_channels, *size, device=device)
-        t = torch.tensor([10, 900], device=device)
-        max_abs_diff = (ours.eval()(x, t).sample - theirs.eval()(x, t).sample).abs().max().item()
 
-    makers = {"train_step": train_step_fn, "forward": forward_fn}
-    for mode in args.modes:
-        pair = (("ours", ours), ("theirs", theirs))
-        fns = {name: makers[mode](m, args.batch_size, size, cfg.in_channels) for name, m in pair}
-        med = time_pair(fns, args.warmup, args.repeats, f"{args.layout} {mode}")
-        print(json.dumps({
-            "bench": "unet", "layout": args.layout, "mode": mode, "batch_size": args.batch_size,
-            "ours_s": round(med["ours"], 5), "unet2d_s": round(med["theirs"], 5),
-            "speed_ratio": round(med["theirs"] / med["ours"], 3),
-            "params": sum(p.numel() for p in ours.parameters()), "max_abs_diff": max_abs_diff,
-            "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": args.device, "machine": platform.machine(),
-        }), flush=True)
+    for layout in args.layouts:
+        torch.manual_seed(0)
+        theirs = UNet2DModel(**unet2d_config(layout)).to(device)
+        ours = DDPMUNet2DModel.from_unet2d(theirs).to(device)
+        x, _, t = make_inputs(theirs.config, 2, device)
+        with torch.no_grad():  # parity of this very pair (eval: dropout off)
+            ref = theirs.eval()(x, t).sample
+            max_abs_diff = (ours.eval()(x, t).sample - ref).abs().max().item()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                low = ours(x, t).sample.float()
+            bf16_rel_err = ((low - ref).norm() / ref.norm()).item()
+        models = {"ours": ours, "unet2d": theirs}
+        if args.channels_last:
+            models["ours_cl"] = DDPMUNet2DModel.from_unet2d(theirs).to(device, memory_format=torch.channels_last)
+        if args.compile:
+            models["ours_compile"] = DDPMUNet2DModel.from_unet2d(theirs).to(device)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            peak32, peak16 = conv_peak_gflops(torch.float32, device), conv_peak_gflops(torch.bfloat16, device)
+            for batch in args.batch_sizes:
+                for mode in args.modes:
+                    flops = count_flops(ours, mode, batch)
+                    fns = {"ours": step_fn(ours, mode, batch, False), "unet2d": step_fn(theirs, mode, batch, False)}
+                    if not args.no_bf16:
+                        fns["ours_bf16"] = step_fn(ours, mode, batch, True)
+                    if args.bf16_baseline:
+                        fns["unet2d_bf16"] = step_fn(theirs, mode, batch, True)
+                    if args.channels_last:
+                        fns["ours_cl"] = step_fn(models["ours_cl"], mode, batch, False, channels_last=True)
+                    compile_s = None
+                    if args.compile:
+                        torch._dynamo.reset()
+                        m = models["ours_compile"]
+                        compiled = torch.compile(m, fullgraph=True)
+                        fns["ours_compile"] = step_fn(m, mode, batch, False, call=compiled)
+                        start = time.perf_counter()
+                        fns["ours_compile"]()
+                        compile_s = round(time.perf_counter() - start, 1)
+                    med = time_round_robin(fns, args.warmup, args.repeats, f"{layout} b{batch} {mode} t{threads}")
+                    row = {"bench": "unet", "layout": layout, "mode": mode, "batch_size": batch, "threads": threads}
+                    row.update({f"{k}_s": round(v, 4) for k, v in med.items()})
+                    row["speed_ratio"] = round(med["unet2d"] / med["ours"], 3)
+                    for k in med:
+                        if k not in ("ours", "unet2d"):
+                            row[f"{k}_speed_ratio"] = round(med["unet2d"] / med[k], 3)
+                    row.update({f"{k}_gflops": round(flops / v / 1e9, 1) for k, v in med.items()})
+                    row.update(peak_fp32_gflops=round(peak32, 1), peak_bf16_gflops=round(peak16, 1),
+                               ours_fraction_of_fp32_peak=round(flops / med["ours"] / 1e9 / peak32, 3),
+                               unet2d_fraction_of_fp32_peak=round(flops / med["unet2d"] / 1e9 / peak32, 3))
+                    if compile_s is not None:
+                        row["compile_s"] = compile_s
+                    if args.memory:
+                        row["ours_peak_mb"] = round(peak_memory_mb(layout, "ours", mode, batch, threads), 1)
+                        row["unet2d_peak_mb"] = round(peak_memory_mb(layout, "unet2d", mode, batch, threads), 1)
+                    row.update(gflop_per_call=round(flops / 1e9, 2), params=sum(p.numel() for p in ours.parameters()),
+                               max_abs_diff=max_abs_diff, bf16_rel_err=round(bf16_rel_err, 5),
+                               repeats=args.repeats, torch=torch.__version__, device=args.device,
+                               machine=platform.machine(), load_avg=round(os.getloadavg()[0], 2))
+                    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

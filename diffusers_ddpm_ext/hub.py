@@ -169,6 +169,13 @@ def load_pipeline(
         A ``DDPMPipeline`` / ``ClassConditionalDDPMPipeline`` / other diffusers pipeline holding our classes.
     """
     dtype = dtype if dtype is not None else torch_dtype
+    from .training_utils import PUBLISH_JOURNAL_NAME
+
+    journal = Path(pretrained_model_name_or_path) / PUBLISH_JOURNAL_NAME
+    if journal.is_file():  # a training run died while replacing this pipeline: its files may be old and new mixed
+        raise OSError(f"{pretrained_model_name_or_path} holds an interrupted export ({journal.name}): its files may "
+                      "mix two pipelines. Restart the training command with --resume_from_checkpoint latest, or "
+                      "call diffusers_ddpm_ext.training_utils.recover_output_dir on the folder, to complete it.")
     hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
     source, index = _read_model_index(pretrained_model_name_or_path, **hub_kwargs)
     is_local = Path(source).is_dir()
@@ -178,8 +185,11 @@ def load_pipeline(
             continue
         klass = _resolve_class(value[1], f"component {name!r}")
         kwargs = {} if is_local else dict(hub_kwargs)
-        if issubclass(klass, torch.nn.Module) and dtype is not None:
-            kwargs["dtype"] = dtype
+        if issubclass(klass, torch.nn.Module):
+            # Weights only through safetensors: never fall back to unpickling a .bin file.
+            kwargs["use_safetensors"] = True
+            if dtype is not None:
+                kwargs["dtype"] = dtype
         components[name] = klass.from_pretrained(source, subfolder=name, **kwargs)
     class_name = index["_class_name"]
     class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else class_name

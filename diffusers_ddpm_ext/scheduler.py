@@ -206,6 +206,85 @@ def parse_respacing(respacing: Union[str, Sequence[int]], num_train_timesteps: i
     return sorted(set(kept))
 
 
+def _validate_config(cfg: dict) -> None:
+    """Check the constructor arguments before anything is computed: types first (TypeError), then ranges
+    (ValueError), each message naming the field. The β values themselves are checked after they are built
+    (see `_check_betas`), since their range depends on the schedule."""
+    T = cfg["num_train_timesteps"]
+    if isinstance(T, bool) or not isinstance(T, int):
+        raise TypeError(f"num_train_timesteps must be a positive int, got {T!r} ({type(T).__name__})")
+    if T < 1:
+        raise ValueError(f"num_train_timesteps must be a positive int, got {T!r}")
+    choices = (
+        ("beta_schedule", BETA_SCHEDULES + tuple(BETA_SCHEDULE_ALIASES)),
+        ("variance_type", VARIANCE_TYPES),
+        ("prediction_type", PREDICTION_TYPES),
+        ("timestep_spacing", TIMESTEP_SPACINGS),
+        ("sampler", SAMPLERS),
+    )
+    for name, allowed in choices:
+        value = cfg[name]
+        if not isinstance(value, str):  # checked first: an unhashable value would fail the lookup obscurely
+            raise TypeError(f"{name}={value!r} must be a string, one of {allowed}")
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}")
+    for name in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
+        if not isinstance(cfg[name], (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {cfg[name]!r}")
+    for name in ("beta_start", "beta_end", "dynamic_thresholding_ratio", "clip_sample_range", "sample_max_value",
+                 "eta"):
+        value = cfg[name]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+    if not 0.0 <= cfg["dynamic_thresholding_ratio"] <= 1.0:
+        raise ValueError(f"dynamic_thresholding_ratio must be a quantile in [0, 1], got {cfg['dynamic_thresholding_ratio']!r}")
+    for name in ("clip_sample_range", "sample_max_value"):
+        if not cfg[name] > 0:
+            raise ValueError(f"{name} must be > 0, got {cfg[name]!r}")
+    if not cfg["eta"] >= 0:
+        raise ValueError(f"eta must be >= 0, got {cfg['eta']!r}")
+    offset = cfg["steps_offset"]
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
+        raise TypeError(f"steps_offset must be a non-negative int, got {offset!r} ({type(offset).__name__})")
+    if offset < 0:
+        raise ValueError(f"steps_offset must be a non-negative int, got {offset!r}")
+    if cfg["rescale_betas_zero_snr"] and T < 2:
+        raise ValueError(f"rescale_betas_zero_snr=True needs num_train_timesteps >= 2, got {T}")
+    betas = cfg["trained_betas"]
+    if betas is not None:
+        if isinstance(betas, (str, bytes)):
+            raise TypeError(f"trained_betas must be a sequence of numbers, got {betas!r}")
+        try:
+            np.asarray(betas, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"trained_betas must be a sequence of numbers ({exc})") from None
+
+
+def _check_betas(betas: torch.Tensor, alphas_cumprod: torch.Tensor, cfg: dict) -> None:
+    """β must lie in (0, 1] (β = 1 only at the last step: zero terminal SNR), and ᾱ_t must stay positive before
+    the last step in float32, else the posterior coefficients divide 0 by 0."""
+    if cfg["trained_betas"] is not None:
+        source = "trained_betas"
+    else:
+        source = (f"beta_schedule={cfg['beta_schedule']!r}, beta_start={cfg['beta_start']!r}, "
+                  f"beta_end={cfg['beta_end']!r}, num_train_timesteps={cfg['num_train_timesteps']}")
+    if cfg["rescale_betas_zero_snr"]:
+        source += ", rescale_betas_zero_snr=True"
+    bad = ~torch.isfinite(betas) | (betas <= 0) | (betas > 1)
+    bad[:-1] |= betas[:-1] >= 1
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"the betas of {source} must lie in (0, 1) (1 allowed at the last step only); "
+                         f"beta[{i}] = {float(betas[i])!r}")
+    zero = (alphas_cumprod[:-1] <= 0).nonzero()
+    if zero.numel():
+        i = int(zero[0])
+        raise ValueError(f"alphas_cumprod underflows to 0 at t={i} of {cfg['num_train_timesteps']} with {source}; "
+                         "the signal is destroyed before the last step (lower beta_end or num_train_timesteps)")
+
+
 def _as_long(timesteps, device) -> torch.Tensor:
     t = torch.as_tensor(timesteps, device=device)
     if t.is_floating_point():
@@ -294,29 +373,26 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         sampler: str = "ddpm",
         eta: float = 0.0,
     ):
-        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        config_args = dict(
+            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+            beta_schedule=beta_schedule, trained_betas=trained_betas, variance_type=variance_type,
+            clip_sample=clip_sample, prediction_type=prediction_type, thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio, clip_sample_range=clip_sample_range,
+            sample_max_value=sample_max_value, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+            rescale_betas_zero_snr=rescale_betas_zero_snr, sampler=sampler, eta=eta,
+        )
+        _validate_config(config_args)
         if beta_schedule in BETA_SCHEDULE_ALIASES:
             # Store the diffusers name so DDPMScheduler.from_config(our config) works.
             beta_schedule = BETA_SCHEDULE_ALIASES[beta_schedule]
             self.register_to_config(beta_schedule=beta_schedule)
-        for name, value, allowed in (
-            ("beta_schedule", beta_schedule, BETA_SCHEDULES + tuple(BETA_SCHEDULE_ALIASES)),
-            ("variance_type", variance_type, VARIANCE_TYPES),
-            ("prediction_type", prediction_type, PREDICTION_TYPES),
-            ("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS),
-            ("sampler", sampler, SAMPLERS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}")
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta!r}")
 
         args = (num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr)
         # float32 tables match DDPMScheduler bit for bit; float64 ones serve likelihood-grade computations.
         self.betas = make_betas(*args, dtype=torch.float32)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        _check_betas(self.betas, self.alphas_cumprod, config_args)
         betas64 = make_betas(*args, dtype=torch.float64)
         self._alphas_cumprod64 = torch.cumprod(1.0 - betas64, dim=0)
         self._table_cache = {}

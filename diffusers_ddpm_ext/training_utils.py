@@ -34,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -89,6 +90,39 @@ class SimulatedInterrupt(RuntimeError):
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, tampered with, or from another architecture."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Fault injection (crash tests)
+# --------------------------------------------------------------------------------------------------
+
+FAULT_ENV = "DDPM_EXT_FAULT"
+_fault_hits: Dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Kill this process with SIGKILL at the n-th time it reaches point ``name``, if asked to.
+
+    ``DDPM_EXT_FAULT="checkpoint_write:3"`` kills the process the third time it passes
+    ``fault_point("checkpoint_write")``; several points can be given comma-separated. SIGKILL cannot be caught,
+    so no ``finally`` block or atexit handler runs: exactly what a power cut or the OOM killer does. Points in
+    the script: ``step`` (mid optimizer step, after backward), ``checkpoint_write`` (some checkpoint files
+    written, no manifest yet), ``checkpoint_rename`` (complete temporary checkpoint, not yet renamed),
+    ``sample`` (generating a sample grid), ``publish`` (after each file moved into the output folder).
+    Unset (the normal case), this is one dictionary lookup.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        point, _, count = item.strip().partition(":")
+        if point != name:
+            continue
+        _fault_hits[name] = _fault_hits.get(name, 0) + 1
+        if _fault_hits[name] == int(count or 1):
+            logger.warning("%s=%s: killing process %d at %s", FAULT_ENV, spec, os.getpid(), name)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,6 +440,7 @@ def _finish_publish(src: str, dst: str, files: Sequence[str], remove: Sequence[s
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.replace(source, target)
         touched.add(os.path.dirname(target))
+        fault_point("publish")
     for rel in remove:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(dst, rel))
@@ -645,6 +680,7 @@ def save_checkpoint(
     os.makedirs(tmp)
     try:
         save_file(model_state, os.path.join(tmp, "model.safetensors"))
+        fault_point("checkpoint_write")
         state = dict(training_state or {})
         state["step"] = int(step)
         state["model_class"] = type(model).__name__
@@ -679,6 +715,7 @@ def save_checkpoint(
         }
         # The manifest is written last: a folder without it is never taken for a checkpoint.
         write_json_atomic(os.path.join(tmp, MANIFEST_NAME), manifest)
+        fault_point("checkpoint_rename")
         if os.path.exists(final):  # e.g. the NaN guard saving the step a periodic save already wrote
             remove_tree_safely(final)
         os.rename(tmp, final)
@@ -972,7 +1009,12 @@ def build_unet(
         config["num_class_embeds"] = num_class_embeds
     if seed is not None:
         torch.manual_seed(seed)
-    model = DDPMUNet2DModel(**config)
+    try:
+        model = DDPMUNet2DModel(**config)
+    except (TypeError, ValueError) as exc:  # name the flag the bad config came from
+        source = f"--unet_config {config_path!r}" if config_path is not None else f"--unet_preset {preset!r}"
+        extra = f" with --resolution {resolution}" if resolution is not None else ""
+        raise ValueError(f"{source}{extra} gives an invalid UNet config: {exc}") from exc
     if model_type == "unet2d":
         model = model.to_unet2d()
     elif model_type != "ours":

@@ -12,6 +12,7 @@ copied into Hub repositories as remote code.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,24 +26,40 @@ from diffusers.utils import BaseOutput
 __all__ = ["DDPMUNet2DModel", "DDPMUNet2DOutput", "UNET_PRESETS"]
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "mish": F.mish}
+# In-place twins, used only under `torch.no_grad()` on freshly made tensors (inference saves one allocation and one
+# memory pass per activation; autograd would need the overwritten input). gelu has none: it stays out of place.
+_INPLACE_ACTIVATIONS = {
+    "silu": functools.partial(F.silu, inplace=True), "swish": functools.partial(F.silu, inplace=True),
+    "relu": functools.partial(F.relu, inplace=True), "mish": functools.partial(F.mish, inplace=True),
+    "gelu": F.gelu,
+}
 _TIME_SCALE_SHIFT = ("default", "scale_shift")
 _DOWNSAMPLE_TYPES = ("conv", "avg_pool")
 _UPSAMPLE_TYPES = ("conv", "nearest", "conv_transpose")
 
 
 def _check_choice(name: str, value, allowed) -> None:
+    # Type first: an unhashable value (a list, a dict) would otherwise fail the lookup with a TypeError that
+    # does not say which field it came from.
+    kinds = {type(a) for a in allowed}
+    if not isinstance(value, tuple(kinds)) or (isinstance(value, bool) and bool not in kinds):
+        raise TypeError(f"`{name}`={value!r} has type {type(value).__name__}; allowed: {list(allowed)}.")
     if value not in allowed:
         raise ValueError(f"`{name}`={value!r} is not supported; allowed: {list(allowed)}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _as_hw(sample_size) -> tuple[int, int] | None:
     """`sample_size` (int, (H, W) or None) as (H, W)."""
     if sample_size is None:
         return None
-    if isinstance(sample_size, int):
+    if _is_int(sample_size):
         return (sample_size, sample_size)
     pair = isinstance(sample_size, (list, tuple)) and len(sample_size) == 2
-    if pair and all(isinstance(s, int) for s in sample_size):
+    if pair and all(_is_int(s) for s in sample_size):
         return (int(sample_size[0]), int(sample_size[1]))
     raise ValueError(f"`sample_size`={sample_size!r} must be an int, an (H, W) pair of ints, or None.")
 
@@ -114,6 +131,7 @@ class DDPMResBlock(nn.Module):
         self.scale_shift = time_scale_shift == "scale_shift"
         self.output_scale_factor = output_scale_factor
         self.act = _ACTIVATIONS[act_fn]
+        self.act_ = _INPLACE_ACTIVATIONS[act_fn]
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if self.scale_shift else 1))
@@ -125,18 +143,23 @@ class DDPMResBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W); temb: (B, T), already passed through the block activation (done once per
         model call). Returns (B, C_out, H, W)."""
-        h = self.conv1(self.act(self.norm1(x)))
+        # Without autograd every intermediate below is a fresh tensor only this block holds, so activations and
+        # adds run in place (same values bit for bit: x + y == y + x in IEEE arithmetic).
+        inplace = not torch.is_grad_enabled()
+        act = self.act_ if inplace else self.act
+        h = self.conv1(act(self.norm1(x)))
         t = self.time_emb_proj(temb)[:, :, None, None]  # (B, C_out or 2*C_out, 1, 1)
         if self.scale_shift:
             scale, shift = t.chunk(2, dim=1)
-            h = self.norm2(h) * (1 + scale) + shift
+            h = self.norm2(h)
+            h = h.mul_(1 + scale).add_(shift) if inplace else h * (1 + scale) + shift
         else:
-            h = self.norm2(h + t)
-        h = self.conv2(self.dropout(self.act(h)))
+            h = self.norm2(h.add_(t) if inplace else h + t)
+        h = self.conv2(self.dropout(act(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        out = skip + h
+        out = h.add_(skip) if inplace else skip + h
         if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
+            out = out.div_(self.output_scale_factor) if inplace else out / self.output_scale_factor
         return out
 
 
@@ -165,10 +188,12 @@ class DDPMAttentionBlock(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, d)
         a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
         a = self.proj_out(a.transpose(1, 2).reshape(b, hgt * wid, c))  # (B, HW, C)
-        out = a.transpose(1, 2).reshape(b, c, hgt, wid) + x
-        if self.rescale_output_factor != 1.0:
-            out = out / self.rescale_output_factor
-        return out
+        out = a.transpose(1, 2).reshape(b, c, hgt, wid)  # a view for one head; channels_last when x is
+        if torch.is_grad_enabled():
+            out = out + x
+            return out / self.rescale_output_factor if self.rescale_output_factor != 1.0 else out
+        out = out.add_(x)  # no autograd: `out` is this block's own fresh tensor
+        return out.div_(self.rescale_output_factor) if self.rescale_output_factor != 1.0 else out
 
 
 class DDPMDownsample(nn.Module):
@@ -391,14 +416,20 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         num_class_embeds: int | None = None,
     ):
         super().__init__()
-        chans = list(block_out_channels)
         out_channels = in_channels if out_channels is None else out_channels
-        attn_res = sorted({int(r) for r in (attention_resolutions or ())}, reverse=True)
-        _validate_config(
-            sample_size, in_channels, out_channels, chans, layers_per_block, time_embedding_act_fn, act_fn,
-            resnet_time_scale_shift, norm_num_groups, dropout, attn_res, add_attention, attention_head_dim,
-            num_attention_heads, attn_norm_num_groups, downsample_type, downsample_padding, upsample_type,
-            num_class_embeds,
+        chans, attn_res = _validate_config(
+            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+            center_input_sample=center_input_sample, block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
+            time_embedding_dim=time_embedding_dim, time_embedding_act_fn=time_embedding_act_fn, act_fn=act_fn,
+            resnet_skip_time_act=resnet_skip_time_act, resnet_time_scale_shift=resnet_time_scale_shift,
+            norm_num_groups=norm_num_groups, norm_eps=norm_eps, dropout=dropout,
+            attention_resolutions=attention_resolutions, add_attention=add_attention,
+            attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+            mid_attention_norm=mid_attention_norm, attn_norm_num_groups=attn_norm_num_groups,
+            mid_block_scale_factor=mid_block_scale_factor, downsample_type=downsample_type,
+            downsample_padding=downsample_padding, upsample_type=upsample_type,
+            zero_init_residual=zero_init_residual, num_class_embeds=num_class_embeds,
         )
         if self.config.out_channels is None:  # record the resolved value, so the config is complete
             self.register_to_config(out_channels=out_channels)
@@ -406,6 +437,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         levels = len(chans)
         temb_dim = time_embedding_dim or 4 * chans[0]
         self._act = _ACTIVATIONS[act_fn]
+        self._act_ = _INPLACE_ACTIVATIONS[act_fn]
         self._skip_time_act = resnet_skip_time_act
         level_attn = [hw is not None and hw[0] // 2**i in attn_res for i in range(levels)]
 
@@ -585,7 +617,8 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         h = self.mid_block(h, temb)
         for block in self.up_blocks:
             h = block(h, skips, temb)
-        h = self.conv_out(self._act(self.norm_out(h)))  # (B, out_channels, H, W)
+        act = self._act if torch.is_grad_enabled() else self._act_
+        h = self.conv_out(act(self.norm_out(h)))  # (B, out_channels, H, W)
 
         if not return_dict:
             return (h,)
@@ -650,57 +683,116 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
 # ---------------------------------------------------------------------- validation
 
 
-def _validate_config(
-    sample_size, in_channels, out_channels, chans, layers_per_block, time_embedding_act_fn, act_fn,
-    resnet_time_scale_shift, norm_num_groups, dropout, attn_res, add_attention, attention_head_dim,
-    num_attention_heads, attn_norm_num_groups, downsample_type, downsample_padding, upsample_type,
-    num_class_embeds,
-) -> None:
-    _check_choice("time_embedding_act_fn", time_embedding_act_fn, _ACTIVATIONS)
-    _check_choice("act_fn", act_fn, _ACTIVATIONS)
-    _check_choice("resnet_time_scale_shift", resnet_time_scale_shift, _TIME_SCALE_SHIFT)
-    _check_choice("downsample_type", downsample_type, _DOWNSAMPLE_TYPES)
-    _check_choice("upsample_type", upsample_type, _UPSAMPLE_TYPES)
-    _check_choice("downsample_padding", downsample_padding, (0, 1))
-    positive = {"in_channels": in_channels, "out_channels": out_channels, "layers_per_block": layers_per_block,
-                "norm_num_groups": norm_num_groups}
-    for name, v in positive.items():
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"`{name}`={v!r} must be a positive int.")
-    if not chans or any(not isinstance(c, int) or c < 1 for c in chans):
-        raise ValueError(f"`block_out_channels`={chans!r} must be a non-empty list of positive ints.")
-    bad = [c for c in chans if c % norm_num_groups]
+def _require_int(name: str, value, low: int = 1, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _is_int(value):
+        what = "an int" + (" or None" if optional else "")
+        raise TypeError(f"`{name}`={value!r} must be {what}, got {type(value).__name__}.")
+    if value < low:
+        raise ValueError(f"`{name}`={value!r} must be >= {low}.")
+
+
+def _require_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}`={value!r} must be True or False, got {type(value).__name__}.")
+
+
+def _require_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}`={value!r} must be a number, got {type(value).__name__}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}`={value!r} must be finite.")
+    return float(value)
+
+
+def _int_list(name: str, value, allow_empty: bool, optional: bool = False) -> list[int]:
+    if value is None and optional:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"`{name}`={value!r} must be a list or tuple of ints, got {type(value).__name__}.")
+    if not value and not allow_empty:
+        raise ValueError(f"`{name}`={value!r} must not be empty.")
+    if any(not _is_int(v) for v in value):
+        raise TypeError(f"`{name}`={value!r} must hold ints only.")
+    if any(v < 1 for v in value):
+        raise ValueError(f"`{name}`={value!r} must hold positive ints.")
+    return list(value)
+
+
+def _validate_config(**cfg) -> tuple[list[int], list[int]]:
+    """Check every constructor argument (types first, then ranges, then consistency); raise a ValueError or
+    TypeError naming the field. Returns `(block_out_channels, attention_resolutions sorted descending)`."""
+    for name in ("center_input_sample", "flip_sin_to_cos", "resnet_skip_time_act", "add_attention",
+                 "mid_attention_norm", "zero_init_residual"):
+        _require_bool(name, cfg[name])
+    _check_choice("time_embedding_act_fn", cfg["time_embedding_act_fn"], tuple(_ACTIVATIONS))
+    _check_choice("act_fn", cfg["act_fn"], tuple(_ACTIVATIONS))
+    _check_choice("resnet_time_scale_shift", cfg["resnet_time_scale_shift"], _TIME_SCALE_SHIFT)
+    _check_choice("downsample_type", cfg["downsample_type"], _DOWNSAMPLE_TYPES)
+    _check_choice("upsample_type", cfg["upsample_type"], _UPSAMPLE_TYPES)
+    _check_choice("downsample_padding", cfg["downsample_padding"], (0, 1))
+    for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+        _require_int(name, cfg[name])
+    for name in ("time_embedding_dim", "attention_head_dim", "num_attention_heads", "attn_norm_num_groups",
+                 "num_class_embeds"):
+        _require_int(name, cfg[name], optional=True)
+    chans = _int_list("block_out_channels", cfg["block_out_channels"], allow_empty=False)
+    attn_res = sorted(set(_int_list("attention_resolutions", cfg["attention_resolutions"], allow_empty=True,
+                                    optional=True)), reverse=True)
+    freq_shift = _require_real("freq_shift", cfg["freq_shift"])
+    half = chans[0] // 2
+    if half > 0 and not freq_shift < half:
+        # The sinusoid frequencies are max_period ** (-i / (half - freq_shift)): the denominator must stay positive.
+        raise ValueError(f"`freq_shift`={cfg['freq_shift']!r} must be < block_out_channels[0] // 2 = {half} "
+                         "(the sinusoid frequency denominator is `block_out_channels[0] // 2 - freq_shift`).")
+    if not _require_real("norm_eps", cfg["norm_eps"]) > 0:
+        raise ValueError(f"`norm_eps`={cfg['norm_eps']!r} must be > 0.")
+    if not 0.0 <= _require_real("dropout", cfg["dropout"]) < 1.0:
+        raise ValueError(f"`dropout`={cfg['dropout']!r} must be in [0, 1).")
+    if not _require_real("mid_block_scale_factor", cfg["mid_block_scale_factor"]) > 0:
+        raise ValueError(f"`mid_block_scale_factor`={cfg['mid_block_scale_factor']!r} must be > 0 (outputs are "
+                         "divided by it).")
+
+    groups = cfg["norm_num_groups"]
+    bad = [c for c in chans if c % groups]
     if bad:
-        raise ValueError(f"`block_out_channels` {bad} not divisible by `norm_num_groups`={norm_num_groups}.")
-    if attn_norm_num_groups is not None and chans[-1] % attn_norm_num_groups:
-        raise ValueError(f"Middle channels {chans[-1]} not divisible by `attn_norm_num_groups`={attn_norm_num_groups}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout`={dropout!r} must be in [0, 1).")
+        raise ValueError(f"`block_out_channels` {bad} not divisible by `norm_num_groups`={groups}.")
+    attn_groups = cfg["attn_norm_num_groups"]
+    if attn_groups is not None and chans[-1] % attn_groups:
+        raise ValueError(f"Middle channels {chans[-1]} (`block_out_channels`[-1]) not divisible by "
+                         f"`attn_norm_num_groups`={attn_groups}.")
+    sample_size = cfg["sample_size"]
     hw = _as_hw(sample_size)
+    if hw is not None and min(hw) < 1:
+        raise ValueError(f"`sample_size`={sample_size!r} must be positive.")
     factor = 2 ** (len(chans) - 1)
     if hw is not None and (hw[0] % factor or hw[1] % factor):
         raise ValueError(f"`sample_size`={sample_size!r} is not divisible by 2**(levels-1) = {factor} "
-                         f"for {len(chans)} levels.")
+                         f"for {len(chans)} levels (`block_out_channels`={chans}).")
     if attn_res:
         if hw is None:
             raise ValueError(f"`attention_resolutions`={attn_res} needs `sample_size` to locate the levels.")
         have = [hw[0] // 2**i for i in range(len(chans))]
         missing = [r for r in attn_res if r not in have]
         if missing:
-            raise ValueError(f"`attention_resolutions` {missing} match no level; the levels' resolutions are {have}.")
-    if attention_head_dim is not None and num_attention_heads is not None:
+            raise ValueError(f"`attention_resolutions` {missing} match no level; the levels' resolutions are {have} "
+                             f"(`sample_size`={sample_size!r}, {len(chans)} `block_out_channels` levels).")
+    head_dim, num_heads = cfg["attention_head_dim"], cfg["num_attention_heads"]
+    if head_dim is not None and num_heads is not None:
         raise ValueError("Give either `attention_head_dim` or `num_attention_heads`, not both "
-                         f"(got {attention_head_dim} and {num_attention_heads}).")
+                         f"(got {head_dim} and {num_heads}).")
     attn_chans = [c for i, c in enumerate(chans) if hw is not None and hw[0] // 2**i in attn_res]
-    if add_attention:
+    if cfg["add_attention"]:
         attn_chans.append(chans[-1])
     for c in attn_chans:
-        if attention_head_dim is not None and (attention_head_dim < 1 or c % attention_head_dim):
-            raise ValueError(f"`attention_head_dim`={attention_head_dim} does not divide attention channels {c}.")
-        if num_attention_heads is not None and (num_attention_heads < 1 or c % num_attention_heads):
-            raise ValueError(f"`num_attention_heads`={num_attention_heads} does not divide attention channels {c}.")
-    if num_class_embeds is not None and (not isinstance(num_class_embeds, int) or num_class_embeds < 1):
-        raise ValueError(f"`num_class_embeds`={num_class_embeds!r} must be a positive int or None.")
+        if head_dim is not None and c % head_dim:
+            raise ValueError(f"`attention_head_dim`={head_dim} does not divide attention channels {c} "
+                             "(`block_out_channels`).")
+        if num_heads is not None and c % num_heads:
+            raise ValueError(f"`num_attention_heads`={num_heads} does not divide attention channels {c} "
+                             "(`block_out_channels`).")
+    return chans, attn_res
 
 
 # ---------------------------------------------------------------------- UNet2DModel conversion

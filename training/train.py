@@ -222,8 +222,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     resuming = args.resume_from_checkpoint is not None
-    _on_main(accelerator, lambda: tu.prepare_output_dir(args.output_dir, args.overwrite_output_dir, resuming))
-    accelerator.wait_for_everyone()
 
     # ---- model, scheduler, data (identical initial weights on every rank: seeded before building)
     model = tu.build_unet(preset=args.unet_preset, config_path=args.unet_config, resolution=args.resolution,
@@ -269,6 +267,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     steps_per_epoch = micro_per_epoch // args.gradient_accumulation_steps
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+
+    # Only now that the flags, the model and the data are known to be good may the output folder be touched:
+    # --overwrite_output_dir deletes the previous run's checkpoints, which a typo in a flag must never cost.
+    _on_main(accelerator, lambda: tu.prepare_output_dir(args.output_dir, args.overwrite_output_dir, resuming))
+    accelerator.wait_for_everyone()
 
     # ---- optimisation state
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -350,6 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     def sample_grid():
         """EMA-weight samples as a PIL grid (fixed seed; the global RNG is left untouched)."""
+        tu.fault_point("sample")
         with torch.random.fork_rng(devices=[]), tu.ema_weights(ema, unwrapped), tu.eval_mode(unwrapped):
             pipe = make_pipeline()
             generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -507,6 +511,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     window = None  # the whole accumulation window is dropped
                 else:
                     accelerator.backward(loss)
+                    tu.fault_point("step")  # crash tests: a kill between backward and the optimizer step
                     if window is not None:
                         window.append((timesteps, out.unweighted_loss.detach()))
                         window_loss.append(mean_loss)
@@ -536,11 +541,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 consecutive_skips += 1
                 logger.warning("skipped a step with a non-finite loss/gradient before step %d (%d skipped so far)",
                                state["global_step"] + 1, state["skipped_steps"])
-                if consecutive_skips >= 20:
-                    raise tu.NonFiniteLossError(f"20 consecutive non-finite steps before step "
-                                                f"{state['global_step'] + 1}; giving up")
                 window, window_loss = [], []
                 snapshot = snapshot_now()
+                if consecutive_skips >= 20:
+                    progress.close()
+                    save_checkpoint(snapshot)  # skipped steps never changed the weights: the last good state
+                    raise tu.NonFiniteLossError(
+                        f"20 consecutive non-finite steps before optimizer step {state['global_step'] + 1}; giving "
+                        f"up. The last good state is checkpoint-{snapshot['global_step']} in {args.output_dir}. "
+                        f"Lower --learning_rate or set --max_grad_norm.")
                 continue
             consecutive_skips = 0
             sampler.update(torch.cat([t for t, _ in window]), torch.cat([l for _, l in window]))

@@ -1,0 +1,588 @@
+"""Reliability: kill -9 at any point resumes exactly, NaN handling, safe loading, bad CLI combinations.
+
+The crash tests run the real training script in separate processes and kill them with SIGKILL, either at exact
+points through the fault-injection hook (`DDPM_EXT_FAULT=<point>:<n>`, `training_utils.fault_point`) or from
+outside at a moment chosen by the clock. To keep nine process starts affordable, the processes are forked from a
+multiprocessing forkserver that has imported torch/diffusers/accelerate once (each child is still a fresh
+process: it loads `training/train.py`, trains, and dies by SIGKILL when told to).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import diffusers_ddpm_ext  # noqa: F401
+from diffusers_ddpm_ext import training_utils as tu
+from diffusers_ddpm_ext.unet import DDPMUNet2DModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PY = ROOT / "training" / "train.py"
+PACKAGE = ROOT / "diffusers_ddpm_ext"
+# Tiny but real: 8x8 digits, T = 50, a 2-image grid with 3 sampling steps, bits/dim on 4 images x 2 timesteps.
+FAST = ["--train_batch_size", "8", "--eval_batch_size", "2", "--ddpm_num_inference_steps", "3",
+        "--eval_bpd_steps", "2", "--eval_num_images", "4", "--logger", "none", "--lr_warmup_steps", "2",
+        "--resolution", "8", "--ddpm_num_steps", "50"]
+SIGKILLED = -signal.SIGKILL
+
+
+def _load_train():
+    spec = importlib.util.spec_from_file_location("ddpm_ext_train_script_reliability", TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TRAIN = _load_train()
+
+
+def run_inprocess(*argv):
+    """main(argv) in this process (for runs that must fail early); accelerate's singletons are reset after."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to a busy machine
+    try:
+        return TRAIN.main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Separate training processes (forkserver children)
+# ------------------------------------------------------------------------------------------------------------
+
+# Executed by `exec` in the child: picklable by reference, and no test module has to be importable there.
+_CHILD = """
+import os, sys, importlib.util
+log = os.open(LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+os.dup2(log, 1)
+os.dup2(log, 2)
+os.environ.pop("DDPM_EXT_FAULT", None)
+os.environ.update(ENV)
+import torch
+torch.set_num_threads(1)  # every run the same: bitwise comparisons across processes
+spec = importlib.util.spec_from_file_location("ddpm_ext_train_child", TRAIN_PY)
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+train.main(ARGV)
+"""
+_PRELOAD = ["torch", "numpy", "accelerate", "diffusers", "diffusers.training_utils", "diffusers.optimization",
+            "diffusers_ddpm_ext", "diffusers_ddpm_ext.training_utils", "diffusers_ddpm_ext.likelihood",
+            "diffusers_ddpm_ext.losses", "diffusers_ddpm_ext.data", "diffusers_ddpm_ext.hub"]
+
+
+@pytest.fixture(scope="module")
+def spawner():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def start(ctx, log, *argv, fault=None):
+    env = {"DDPM_EXT_FAULT": fault} if fault else {}
+    g = {"LOG": str(log), "ENV": env, "TRAIN_PY": str(TRAIN_PY), "ARGV": [str(a) for a in argv]}
+    proc = ctx.Process(target=exec, args=(_CHILD, g), daemon=True)
+    proc.start()
+    return proc
+
+
+def finish(proc, log, expect, timeout=300):
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+    assert proc.exitcode == expect, f"exit code {proc.exitcode}, expected {expect}; log tail:\n" + \
+        Path(log).read_text()[-3000:]
+
+
+def train_process(ctx, log, *argv, fault=None, expect=0):
+    proc = start(ctx, log, *argv, fault=fault)
+    finish(proc, log, expect)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def pipeline_files(folder):
+    """sha256 of every exported-pipeline file (weights, configs, card, grid) in an output folder."""
+    folder = Path(folder)
+    names = [f for f in tu.files_under(str(folder))
+             if f.split(os.sep)[0] in ("unet", "scheduler") or f in ("model_index.json", "README.md",
+                                                                      "sample_grid.png")]
+    return {f: digest(folder / f) for f in names}
+
+
+def checkpoint_tensors(path):
+    out = {}
+    for name in ("model.safetensors", "ema.safetensors", "timestep_sampler.safetensors"):
+        if os.path.exists(os.path.join(path, name)):
+            out.update({f"{name}:{k}": v for k, v in load_file(os.path.join(path, name)).items()})
+    optimizer = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+    for index, state in optimizer["state"].items():
+        for key, value in state.items():
+            out[f"optimizer:{index}:{key}"] = value
+    return out
+
+
+def checkpoint_names(folder):
+    return [os.path.basename(p) for p in tu.list_checkpoints(str(folder))]
+
+
+def test_kill9_at_every_point_resumes_to_the_uninterrupted_result(spawner, tmp_path):
+    """One run killed six times (mid-step, while writing a checkpoint, before renaming one, by an external
+    SIGKILL, while sampling the final grid, half-way through publishing the pipeline) ends bit-identical to an
+    uninterrupted run, and the finished run it overwrites is never left half-overwritten."""
+    common = ["--max_train_steps", 8, "--checkpointing_steps", 2, "--checkpoints_total_limit", 3, *FAST]
+    straight, out, log = tmp_path / "straight", tmp_path / "out", tmp_path / "train.log"
+    train_process(spawner, log, "--output_dir", straight, *common)
+
+    # A finished run of another seed occupies the folder the interrupted run overwrites.
+    train_process(spawner, log, "--output_dir", out, "--seed", 7, "--max_train_steps", 2,
+                  "--checkpointing_steps", 100, *FAST)
+    finished = pipeline_files(out)
+    assert "unet/diffusion_pytorch_model.safetensors" in finished and len(finished) >= 6
+
+    # 1. killed between backward and optimizer step 5: checkpoints 2 and 4 survive, the old pipeline is intact.
+    train_process(spawner, log, "--output_dir", out, "--overwrite_output_dir", *common, fault="step:5",
+                  expect=SIGKILLED)
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
+    assert pipeline_files(out) == finished
+
+    resume = ["--output_dir", out, "--resume_from_checkpoint", "latest", *common]
+    # 2. killed with checkpoint-6 half written: a temporary folder without manifest, never taken for a checkpoint.
+    train_process(spawner, log, *resume, fault="checkpoint_write:1", expect=SIGKILLED)
+    partial = [p for p in out.iterdir() if p.name.startswith(".tmp-checkpoint-6")]
+    assert len(partial) == 1 and (partial[0] / "model.safetensors").exists()
+    assert not (partial[0] / tu.MANIFEST_NAME).exists()
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
+    assert tu.resolve_resume_path("latest", str(out)).endswith("checkpoint-4")
+
+    # 3. killed with checkpoint-6 complete but not yet renamed: still not chosen; the stale folder is cleaned.
+    train_process(spawner, log, *resume, fault="checkpoint_rename:1", expect=SIGKILLED)
+    stale = [p.name for p in out.iterdir() if p.name.startswith(".tmp-checkpoint-6")]
+    assert len(stale) == 1 and stale[0] != partial[0].name  # the first one was removed by the restart
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
+
+    # 4. a real SIGKILL from outside, timed by the clock: as soon as checkpoint-6 appears.
+    proc = start(spawner, log, *resume)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-6").exists() and proc.is_alive() and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    finish(proc, log, SIGKILLED)
+    assert "checkpoint-6" in checkpoint_names(out)
+    assert pipeline_files(out) == finished
+
+    # 5. killed while sampling the final grid (after the last checkpoint): the old pipeline is still intact.
+    train_process(spawner, log, *resume, fault="sample:1", expect=SIGKILLED)
+    assert checkpoint_names(out)[-1] == "checkpoint-8"
+    assert pipeline_files(out) == finished
+
+    # 6. killed after two files of the new pipeline were moved in: every file is a complete old or new file,
+    # and the journal tells the next start to finish the swap.
+    train_process(spawner, log, *resume, fault="publish:2", expect=SIGKILLED)
+    assert (out / tu.PUBLISH_JOURNAL_NAME).exists()
+    final = pipeline_files(straight)
+    mixed = pipeline_files(out)
+    assert mixed.keys() == finished.keys() and mixed["README.md"] != finished["README.md"]  # the card moved first
+    from diffusers_ddpm_ext.hub import load_pipeline
+
+    with pytest.raises(OSError, match="interrupted export"):  # our loader refuses the mix until it is completed
+        load_pipeline(str(out))
+    for f in mixed:
+        if f != "README.md":  # (the card names the output folder, so it differs from the straight run's)
+            assert mixed[f] in (finished[f], final[f]), f
+
+    # 7. the last start completes the swap, re-exports, and everything equals the uninterrupted run.
+    train_process(spawner, log, *resume)
+    assert not (out / tu.PUBLISH_JOURNAL_NAME).exists()
+    assert not [p for p in out.iterdir() if p.name.startswith((".tmp", ".trash"))]
+    a, b = checkpoint_tensors(straight / "checkpoint-8"), checkpoint_tensors(out / "checkpoint-8")
+    assert a.keys() == b.keys() and any(k.startswith("ema") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    state_a = json.loads((straight / "checkpoint-8" / "training_state.json").read_text())
+    state_b = json.loads((out / "checkpoint-8" / "training_state.json").read_text())
+    assert state_a["losses"] == state_b["losses"] and len(state_a["losses"]) == 8
+    ours = pipeline_files(out)
+    assert {f for f in ours if f != "README.md"} == {f for f in final if f != "README.md"}
+    for f in ours:
+        if f != "README.md":
+            assert ours[f] == final[f], f
+    assert json.loads((out / "metrics.json").read_text())["bits_per_dim"] == \
+        json.loads((straight / "metrics.json").read_text())["bits_per_dim"]
+    assert load_pipeline(str(out)).unet.config.sample_size == 8
+
+
+# ------------------------------------------------------------------------------------------------------------
+# NaN / inf
+# ------------------------------------------------------------------------------------------------------------
+
+HUGE_LR = ["--learning_rate", "1e12", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_grad_norm", "0"]
+
+
+def _assert_finite_checkpoint(path):
+    data = tu.load_checkpoint(str(path))
+    for name, tensors in (("model", data.model_state), ("ema", data.ema_state)):
+        assert all(torch.isfinite(v).all() for v in tensors.values()), name
+    return data
+
+
+def test_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "diverged"
+    with pytest.raises(tu.NonFiniteLossError) as err:
+        run_inprocess("--output_dir", out, "--max_train_steps", 10, "--checkpointing_steps", 100, *FAST, *HUGE_LR)
+    message = str(err.value)
+    import re
+
+    step, good = map(int, re.search(r"optimizer step (\d+) .*checkpoint-(\d+)", message).groups())
+    assert 1 < step <= 10 and good == step - 1, message
+    assert "--learning_rate" in message  # says what to do about it
+    assert checkpoint_names(out) == [f"checkpoint-{good}"]
+    data = _assert_finite_checkpoint(out / f"checkpoint-{good}")
+    assert data.step == good and len(data.training_state["losses"]) == good
+    assert not (out / "model_index.json").exists() and not (out / "unet").exists()  # nothing exported
+
+
+def test_skip_policy_gives_up_after_20_bad_steps_without_saving_nan(tmp_path):
+    out = tmp_path / "skipping"
+    with pytest.raises(tu.NonFiniteLossError, match=r"20 consecutive non-finite steps before optimizer step (\d+).*"
+                                                    r"checkpoint-\d+"):
+        run_inprocess("--output_dir", out, "--max_train_steps", 40, "--checkpointing_steps", 100, "--nan_policy",
+                      "skip", *FAST, *HUGE_LR)
+    (kept,) = checkpoint_names(out)
+    data = _assert_finite_checkpoint(out / kept)
+    assert data.training_state["skipped_steps"] == 20
+    assert not (out / "unet").exists()
+
+
+def test_weights_with_nan_are_never_written(tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    model = _tiny_unet()
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match="model weights.*NaN"):
+        tu.save_checkpoint(str(tmp_path), 3, model=model)
+    good = _tiny_unet()
+    ema = EMAModel(good.parameters())
+    with torch.no_grad():
+        ema.shadow_params[0][0] = float("inf")
+    with pytest.raises(ValueError, match="EMA weights.*NaN or infinite"):
+        tu.save_checkpoint(str(tmp_path), 3, model=good, ema=ema)
+    assert os.listdir(tmp_path) == []  # no checkpoint, no temporary folder left behind
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Safe loading
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_unet(**overrides):
+    torch.manual_seed(0)
+    config = dict(sample_size=8, in_channels=1, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2,
+                  attention_resolutions=())
+    return DDPMUNet2DModel(**{**config, **overrides})
+
+
+def _sources():
+    files = sorted(PACKAGE.glob("*.py")) + sorted((ROOT / "training").glob("*.py"))
+    assert len(files) > 10
+    return [(f, ast.parse(f.read_text(), filename=str(f))) for f in files]
+
+
+def _docstrings(tree):
+    nodes = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                nodes.add(id(first.value))
+    return nodes
+
+
+def test_source_never_unpickles_unsafely_nor_trusts_remote_code():
+    """Every torch.load passes weights_only=True; nothing calls pickle.load; no call sets trust_remote_code and
+    no code string carries it (only docstrings and the model-card template tell users about it)."""
+    torch_loads = 0
+    for path, tree in _sources():
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                if name.endswith("torch.load") or name == "load" and "torch" in path.read_text():
+                    if name.endswith("torch.load"):
+                        torch_loads += 1
+                        kw = {k.arg: k.value for k in node.keywords}
+                        assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
+                            f"{path.name}:{node.lineno}: torch.load without weights_only=True"
+                assert not name.startswith(("pickle.", "dill.", "cloudpickle.")) or not name.endswith("load") \
+                    and not name.endswith("loads"), f"{path.name}:{node.lineno}: {name}"
+                for k in node.keywords:
+                    assert k.arg != "trust_remote_code", f"{path.name}:{node.lineno} sets trust_remote_code"
+                    if k.arg == "safe_serialization":
+                        assert isinstance(k.value, ast.Constant) and k.value.value is True, \
+                            f"{path.name}:{node.lineno}: save without safetensors"
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                assert "trust_remote_code" not in node.value, f"{path.name}:{node.lineno}: {node.value[:80]!r}"
+    assert torch_loads >= 1  # the checkpoint loader's, found and checked
+
+
+def _fake_checkpoint(folder, step, model=None, with_optimizer=True):
+    model = model or _tiny_unet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 1, 8, 8), 1).sample.mean().backward()
+    optimizer.step()
+    return tu.save_checkpoint(str(folder), step, model=model, optimizer=optimizer if with_optimizer else None,
+                              training_state={"global_step": step}, rng_states=[tu.capture_rng_state()])
+
+
+def test_checkpoint_files_are_safetensors_json_and_weights_only_pickles(tmp_path, monkeypatch):
+    path = _fake_checkpoint(tmp_path, 2)
+    names = sorted(os.listdir(path))
+    assert names == sorted(["model.safetensors", "optimizer.pt", "training_state.json", "rng_states.json",
+                            tu.MANIFEST_NAME]), names
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    data = tu.load_checkpoint(path)
+    assert calls == [True] and data.optimizer_state["state"]
+
+
+def test_malicious_pickle_in_a_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    path = _fake_checkpoint(tmp_path / "run", 2)
+    torch.save({"state": {0: Payload()}, "param_groups": []}, os.path.join(path, "optimizer.pt"))
+    # The attacker also rewrites the manifest, so sizes and hashes match.
+    manifest = json.loads(Path(path, tu.MANIFEST_NAME).read_text())
+    for name, info in manifest["files"].items():
+        info.update(size=os.path.getsize(os.path.join(path, name)), sha256=digest(os.path.join(path, name)))
+    Path(path, tu.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(tu.CheckpointError, match=r"cannot read checkpoint .*checkpoint-2.*Unpickl|weights_only"):
+        tu.load_checkpoint(path)
+    assert not marker.exists()
+    assert pickle.dumps(Payload())  # (the payload itself is fine: it is the loader that refused it)
+
+
+def test_truncated_or_tampered_checkpoints_name_the_file_and_latest_skips_half_written_ones(tmp_path):
+    good = _fake_checkpoint(tmp_path, 2)
+    bad = _fake_checkpoint(tmp_path, 4)
+    weights = os.path.join(bad, "model.safetensors")
+    blob = Path(weights).read_bytes()
+    Path(weights).write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(tu.CheckpointError, match=r"checkpoint-4/model.safetensors is truncated"):
+        tu.load_checkpoint(bad)
+    assert tu.resolve_resume_path("latest", str(tmp_path)) == good  # the broken one is never chosen
+
+    # Same size, one byte flipped: the SHA-256 in the manifest catches it.
+    Path(weights).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(tu.CheckpointError, match=r"checkpoint-4/model.safetensors does not match its SHA-256"):
+        tu.load_checkpoint(bad)
+    Path(weights).write_bytes(blob)
+    assert tu.load_checkpoint(bad).step == 4
+
+
+def test_resume_from_a_truncated_checkpoint_fails_before_training(tmp_path):
+    out = tmp_path / "run"
+    path = _fake_checkpoint(out, 3)
+    weights = os.path.join(path, "model.safetensors")
+    Path(weights).write_bytes(Path(weights).read_bytes()[:100])
+    with pytest.raises(tu.CheckpointError, match=r"model.safetensors is truncated or altered: 100 bytes"):
+        run_inprocess("--output_dir", out, "--resume_from_checkpoint", path, "--max_train_steps", 4, *FAST)
+    assert checkpoint_names(out) == [] and not (out / "unet").exists()
+
+
+def _truncate(path, keep):
+    blob = Path(path).read_bytes()
+    Path(path).write_bytes(blob[:keep] if isinstance(keep, int) else keep(blob))
+
+
+@pytest.mark.parametrize("damage", ["half", "header", "empty"])
+def test_damaged_weights_file_gives_a_clear_error_naming_it(tmp_path, damage):
+    from diffusers import DDPMPipeline
+
+    from diffusers_ddpm_ext.hub import load_pipeline
+    from diffusers_ddpm_ext.scheduler import GaussianDiffusionScheduler
+
+    folder = tmp_path / "pipe"
+    DDPMPipeline(unet=_tiny_unet(), scheduler=GaussianDiffusionScheduler(num_train_timesteps=10)).save_pretrained(
+        folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    cut = {"half": lambda b: b[: len(b) // 2], "header": lambda b: b[:8] + b"{not json" + b[17:],
+           "empty": lambda b: b""}[damage]
+    _truncate(weights, cut)
+    with pytest.raises(OSError, match=re_escape(str(weights))):
+        DDPMUNet2DModel.from_pretrained(folder / "unet")
+    with pytest.raises(OSError, match=re_escape(str(weights))):
+        load_pipeline(str(folder))
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_load_pipeline_never_falls_back_to_pickled_weights(tmp_path):
+    from diffusers import DDPMPipeline
+
+    from diffusers_ddpm_ext.hub import load_pipeline
+    from diffusers_ddpm_ext.scheduler import GaussianDiffusionScheduler
+
+    folder = tmp_path / "pickled"
+    DDPMPipeline(unet=_tiny_unet(), scheduler=GaussianDiffusionScheduler(num_train_timesteps=10)).save_pretrained(
+        folder, safe_serialization=False)
+    assert (folder / "unet" / "diffusion_pytorch_model.bin").exists()
+    with pytest.raises(OSError, match="diffusion_pytorch_model.safetensors"):
+        load_pipeline(str(folder))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad command lines fail before training (and before touching the output folder)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    from diffusers_ddpm_ext.unet import UNET_PRESETS
+
+    root = tmp_path_factory.mktemp("configs")
+    base = dict(UNET_PRESETS["digits-small"]["config"])
+    base.pop("out_channels")  # derived from --variance_type
+    (root / "forced_c.json").write_text(json.dumps({**base, "out_channels": 1}))
+    (root / "groups7.json").write_text(json.dumps({**base, "norm_num_groups": 7}))
+    (root / "unknown_key.json").write_text(json.dumps({**base, "num_res_blocks": 2}))
+    (root / "not_json.json").write_text("{sample_size: 16")
+    bad_images = root / "images" / "a"
+    bad_images.mkdir(parents=True)
+    from PIL import Image
+
+    for i in range(9):
+        Image.new("L", (16, 16), 30 * i).save(bad_images / f"{i}.png")
+    (bad_images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return root
+
+
+BAD_COMMAND_LINES = [
+    # (flags, error type, every fragment the message must contain)
+    (["--variance_type", "learned_range", "--loss_type", "hybrid", "--unet_config", "{c}/forced_c.json"],
+     ValueError, ["out_channels=1", "--variance_type learned_range", "out_channels=2"]),
+    (["--class_column", "label"], ValueError, ["--class_column 'label'", "--num_class_embeds"]),
+    (["--loss_type", "hybrid", "--variance_type", "fixed_small"], ValueError, ["--loss_type hybrid", "'fixed_small'"]),
+    (["--loss_type", "simple", "--variance_type", "learned"], ValueError, ["--variance_type learned", "simple"]),
+    (["--unet_preset", "cifar-huge"], ValueError, ["--unet_preset 'cifar-huge'", "digits-small"]),
+    (["--unet_config", "{c}/groups7.json"], ValueError, ["--unet_config", "groups7.json", "norm_num_groups`=7"]),
+    (["--unet_config", "{c}/unknown_key.json"], ValueError, ["--unet_config", "unknown_key.json", "num_res_blocks"]),
+    (["--unet_config", "{c}/not_json.json"], ValueError, ["not_json.json"]),
+    (["--unet_config", "{c}/missing.json"], ValueError, ["--unet_config", "missing.json"]),
+    (["--unet_preset", "digits-small", "--unet_config", "{c}/forced_c.json"], ValueError,
+     ["--unet_preset", "--unet_config"]),
+    (["--resolution", "12"], ValueError, ["--unet_preset 'digits-small'", "--resolution 12", "sample_size`=12"]),
+    (["--snr_gamma", "5", "--loss_type", "kl", "--variance_type", "learned_range"], ValueError,
+     ["--snr_gamma", "kl"]),
+    (["--snr_gamma", "-1"], ValueError, ["--snr_gamma", "-1"]),
+    (["--ddpm_num_inference_steps", "100"], ValueError, ["--ddpm_num_inference_steps (100)", "--ddpm_num_steps (50)"]),
+    (["--learning_rate", "-0.1"], ValueError, ["--learning_rate", "-0.1"]),
+    (["--train_batch_size", "0"], ValueError, ["--train_batch_size", "0"]),
+    (["--gradient_accumulation_steps", "0"], ValueError, ["--gradient_accumulation_steps", "0"]),
+    (["--num_class_embeds", "0"], ValueError, ["--num_class_embeds", "0"]),
+    (["--class_dropout_prob", "0.1"], ValueError, ["--class_dropout_prob", "--num_class_embeds"]),
+    (["--class_dropout_prob", "1.5", "--num_class_embeds", "10"], ValueError, ["--class_dropout_prob", "1.5"]),
+    (["--eval_bpd_steps", "0"], ValueError, ["--eval_bpd_steps", "0"]),
+    (["--checkpoints_total_limit", "0"], ValueError, ["--checkpoints_total_limit", "0"]),
+    (["--ema_max_decay", "1.5"], ValueError, ["--ema_max_decay", "1.5"]),
+    (["--adam_beta1", "1.0"], ValueError, ["--adam_beta1", "1.0"]),
+    (["--max_grad_norm", "-1"], ValueError, ["--max_grad_norm", "-1"]),
+    (["--mixed_precision", "fp16"], ValueError, ["--mixed_precision fp16", "GPU"]),
+    (["--dataset_name", "x/y", "--train_data_dir", "{c}/images"], ValueError, ["--dataset_name", "--train_data_dir"]),
+    (["--image_column", "img"], ValueError, ["--image_column", "--dataset_name"]),
+    (["--train_data_dir", "{c}/images"], ValueError, ["broken.png", "corrupt", "--skip_bad_images"]),
+    (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], ValueError,
+     ["--resume_from_checkpoint", "--overwrite_output_dir"]),
+    (["--resume_from_checkpoint", "checkpoint-999"], tu.CheckpointError, ["'checkpoint-999'", "checkpoint-3"]),
+    (["--push_to_hub", "--hub_model_id", "not a valid/repo id!"], ValueError, ["--hub_model_id", "not a valid"]),
+    (["--model_type", "unet2d", "--num_class_embeds", "10", "--class_dropout_prob", "0.1"], ValueError,
+     ["--class_dropout_prob", "--model_type ours"]),
+]
+
+
+@pytest.fixture(scope="module")
+def previous_run(tmp_path_factory):
+    """An output folder holding another run: a checkpoint and a pipeline index (copied per test)."""
+    out = tmp_path_factory.mktemp("previous") / "run"
+    _fake_checkpoint(out, 3)
+    (out / "model_index.json").write_text("{}")
+    return out
+
+
+@pytest.mark.parametrize("flags,error,fragments", BAD_COMMAND_LINES,
+                         ids=[" ".join(f[0])[:60] for f in BAD_COMMAND_LINES])
+def test_bad_command_line_fails_before_touching_the_output_folder(flags, error, fragments, configs, previous_run,
+                                                                  tmp_path):
+    """Each bad combination fails before training with a message naming the flags and values; a previous run's
+    checkpoints in the folder survive even with --overwrite_output_dir."""
+    out = tmp_path / "previous-run"
+    shutil.copytree(previous_run, out)
+    previous = out / "checkpoint-3"
+    before = sorted(tu.files_under(str(out)))
+    flags = [f.replace("{c}", str(configs)) for f in flags]
+    overwrite = [] if "--resume_from_checkpoint" in flags else ["--overwrite_output_dir"]
+    with pytest.raises(error) as err:
+        run_inprocess("--output_dir", out, *overwrite, "--max_train_steps", 2, *FAST, *flags)
+    for fragment in fragments:
+        assert fragment in str(err.value), f"{fragment!r} not in: {err.value}"
+    assert sorted(tu.files_under(str(out))) == before and os.path.isdir(previous)
+
+
+def test_unknown_choice_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        TRAIN.parse_args(["--ddpm_beta_schedule", "quadratic"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ddpm_beta_schedule" in err and "'quadratic'" in err and "squaredcos_cap_v2" in err
+
+
+def test_resume_from_a_checkpoint_of_another_architecture_fails_before_training(tmp_path):
+    other = _fake_checkpoint(tmp_path / "elsewhere", 5, model=_tiny_unet(out_channels=2))
+    out = tmp_path / "new"
+    with pytest.raises(tu.CheckpointError) as err:
+        run_inprocess("--output_dir", out, "--resume_from_checkpoint", other, "--max_train_steps", 6, *FAST)
+    message = str(err.value)
+    assert other in message and "another architecture" in message and "block_out_channels" in message
+    assert "--unet_preset/--unet_config" in message
+    assert checkpoint_names(out) == [] and not (out / "unet").exists()
+
+
+def test_skip_bad_images_flag_trains_on_the_good_ones(configs, tmp_path):
+    out = tmp_path / "skipped"
+    with pytest.warns(UserWarning, match=r"skipped 1 of 10 images: 1 corrupt"):
+        metrics = run_inprocess("--output_dir", out, "--train_data_dir", configs / "images", "--skip_bad_images",
+                                *FAST, "--train_batch_size", 4, "--max_train_steps", 1, "--checkpointing_steps", 100)
+    assert metrics["train_steps"] == 1 and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
