@@ -327,14 +327,14 @@ def test_source_never_unpickles_unsafely_nor_trusts_remote_code():
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 name = ast.unparse(node.func)
-                if name.endswith("torch.load") or name == "load" and "torch" in path.read_text():
-                    if name.endswith("torch.load"):
-                        torch_loads += 1
-                        kw = {k.arg: k.value for k in node.keywords}
-                        assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
-                            f"{path.name}:{node.lineno}: torch.load without weights_only=True"
-                assert not name.startswith(("pickle.", "dill.", "cloudpickle.")) or not name.endswith("load") \
-                    and not name.endswith("loads"), f"{path.name}:{node.lineno}: {name}"
+                if name.endswith("torch.load"):
+                    torch_loads += 1
+                    kw = {k.arg: k.value for k in node.keywords}
+                    assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
+                        f"{path.name}:{node.lineno}: torch.load without weights_only=True"
+                unpickles = name.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib") and \
+                    name.endswith(("load", "loads"))
+                assert not unpickles, f"{path.name}:{node.lineno}: {name}"
                 for k in node.keywords:
                     assert k.arg != "trust_remote_code", f"{path.name}:{node.lineno} sets trust_remote_code"
                     if k.arg == "safe_serialization":
