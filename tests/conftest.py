@@ -1,8 +1,9 @@
 """Suite-wide settings.
 
-Subprocesses started by the tests (fresh-process loading, the two-process accelerate run, kill -9 resumes) get
-one OpenMP thread each: on a 2-core machine two processes with two threads each oversubscribe the cores, which
-made small convolutions 10-50x slower in our measurements. The main test process keeps torch's default.
+Every test process (this one and the subprocesses the tests start: fresh-process loading, the two-process
+accelerate run, kill -9 resumes) uses one OpenMP thread unless OMP_NUM_THREADS is already set. On a 2-core
+machine, two processes with two threads each oversubscribe the cores, which made small convolutions 10-50x
+slower in our measurements; one thread also keeps timings of the in-process runs steady.
 """
 
 import os
