@@ -9,6 +9,7 @@ from the same distribution.
 
 from __future__ import annotations
 
+import abc
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -17,7 +18,7 @@ import torch.distributed as dist
 SAMPLER_NAMES = ("uniform", "loss-second-moment")
 
 
-class TimestepSampler:
+class TimestepSampler(abc.ABC):
     """Base class: subclasses define :meth:`probabilities`; sampling and weighting are shared."""
 
     def __init__(self, num_timesteps: int):
@@ -25,9 +26,9 @@ class TimestepSampler:
             raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
         self.num_timesteps = num_timesteps
 
+    @abc.abstractmethod
     def probabilities(self) -> torch.Tensor:
         """(T,) float64 probabilities p_t of drawing each timestep."""
-        raise NotImplementedError
 
     def sample(
         self, batch_size: int, device="cpu", generator: Optional[torch.Generator] = None
