@@ -2,7 +2,6 @@
 
 import os
 import pickle
-import warnings
 
 import datasets
 import numpy as np

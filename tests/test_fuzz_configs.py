@@ -13,7 +13,6 @@ the case counts printed below are the same on every run.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import numpy as np
@@ -77,14 +76,6 @@ UNET_POOLS = {
     "not_a_config_key": ([], [1, None]),
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine cannot oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @st.composite

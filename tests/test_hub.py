@@ -29,13 +29,6 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 PKG = Path(diffusers_ddpm_ext.__file__).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny_unet(num_class_embeds=None, seed=0):
     torch.manual_seed(seed)

@@ -20,14 +20,6 @@ STEPS = 10
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convs on a shared 2-core box: several threads per process only add contention.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny_unet(num_class_embeds=NUM_CLASSES, learned_variance=False, seed=0):
     torch.manual_seed(seed)

@@ -20,14 +20,6 @@ SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are 5-10x slower with 2 threads on a shared 2-core machine; restore the setting afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def public(config):
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}

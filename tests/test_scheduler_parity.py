@@ -31,14 +31,6 @@ VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Thousands of tiny steps: one thread avoids oversubscribing a shared 2-core machine; restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_model(num_train_timesteps, out_channels, seed=1):
     """A fixed random function (x, t) -> output: tanh(W x + b_t), per-channel W and per-timestep b."""

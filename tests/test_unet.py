@@ -28,15 +28,6 @@ PRESET_PARAMS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny; on the shared 2-core machine, two OpenMP threads stall at barriers whenever other
-    processes hold a core (10-50x slower), so run this module single-threaded and restore afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def tiny(**overrides) -> DDPMUNet2DModel:
     cfg = dict(sample_size=8, in_channels=3, block_out_channels=(16, 32), layers_per_block=1,

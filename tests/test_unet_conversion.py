@@ -42,15 +42,6 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny; on the shared 2-core machine, two OpenMP threads stall at barriers whenever other
-    processes hold a core (10-50x slower), so run this module single-threaded and restore afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def random_unet2d(**cfg) -> UNet2DModel:
     """A UNet2DModel with random weights everywhere (norm affines too, so every tensor matters)."""

@@ -23,14 +23,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread avoids OpenMP barrier stalls on the shared 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def randomised(model: torch.nn.Module) -> torch.nn.Module:
     """Perturb every tensor (norm affines, biases, zero-initialised layers too), so every path carries signal."""
