@@ -356,7 +356,7 @@ def check_image(
             im.verify()  # checksums / structure, without decoding
         with opener() as im:
             im.load()  # decoding catches truncated data that verify() does not see
-            size, mode = im.size, im.mode
+            size = im.size
             convert_image_mode(im, in_channels)
     except BadImageError as e:
         return "unsupported_mode", str(e)

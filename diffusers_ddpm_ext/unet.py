@@ -906,7 +906,6 @@ def ours_config_to_unet2d(cfg: dict) -> dict:
         if cfg[key] not in allowed:
             raise ValueError(f"`{key}`={cfg[key]!r} has no UNet2DModel equivalent; convertible: {list(allowed)}.")
     chans = list(cfg["block_out_channels"])
-    levels = len(chans)
     attn = _level_attention(cfg)
     head_dim = cfg["attention_head_dim"]
     if cfg["num_attention_heads"] is not None:
