@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -23,44 +22,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+import train_helpers
+from train_helpers import ROOT, TRAIN, TRAIN_PY, checkpoint_tensors, run_train
 
 import diffusers_ddpm_ext  # noqa: F401
 from diffusers_ddpm_ext import training_utils as tu
 from diffusers_ddpm_ext.unet import DDPMUNet2DModel
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PY = ROOT / "training" / "train.py"
 PACKAGE = ROOT / "diffusers_ddpm_ext"
-# Tiny but real: 8x8 digits, T = 50, a 2-image grid with 3 sampling steps, bits/dim on 4 images x 2 timesteps.
-FAST = ["--train_batch_size", "8", "--eval_batch_size", "2", "--ddpm_num_inference_steps", "3",
-        "--eval_bpd_steps", "2", "--eval_num_images", "4", "--logger", "none", "--lr_warmup_steps", "2",
-        "--resolution", "8", "--ddpm_num_steps", "50"]
+# Tiny but real: train_helpers.FAST on 8x8 digits with T = 50.
+FAST = [*train_helpers.FAST, "--resolution", "8", "--ddpm_num_steps", "50"]
 SIGKILLED = -signal.SIGKILL
-
-
-def _load_train():
-    spec = importlib.util.spec_from_file_location("ddpm_ext_train_script_reliability", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN = _load_train()
-
-
-def run_inprocess(*argv):
-    """main(argv) in this process (for runs that must fail early); accelerate's singletons are reset after."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to a busy machine
-    try:
-        return TRAIN.main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -127,18 +99,6 @@ def pipeline_files(folder):
              if f.split(os.sep)[0] in ("unet", "scheduler") or f in ("model_index.json", "README.md",
                                                                       "sample_grid.png")]
     return {f: digest(folder / f) for f in names}
-
-
-def checkpoint_tensors(path):
-    out = {}
-    for name in ("model.safetensors", "ema.safetensors", "timestep_sampler.safetensors"):
-        if os.path.exists(os.path.join(path, name)):
-            out.update({f"{name}:{k}": v for k, v in load_file(os.path.join(path, name)).items()})
-    optimizer = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
-    for index, state in optimizer["state"].items():
-        for key, value in state.items():
-            out[f"optimizer:{index}:{key}"] = value
-    return out
 
 
 def checkpoint_names(folder):
@@ -248,7 +208,7 @@ def _assert_finite_checkpoint(path):
 def test_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "diverged"
     with pytest.raises(tu.NonFiniteLossError) as err:
-        run_inprocess("--output_dir", out, "--max_train_steps", 10, "--checkpointing_steps", 100, *FAST, *HUGE_LR)
+        run_train("--output_dir", out, "--max_train_steps", 10, "--checkpointing_steps", 100, *FAST, *HUGE_LR)
     message = str(err.value)
     import re
 
@@ -265,8 +225,8 @@ def test_skip_policy_gives_up_after_20_bad_steps_without_saving_nan(tmp_path):
     out = tmp_path / "skipping"
     with pytest.raises(tu.NonFiniteLossError, match=r"20 consecutive non-finite steps before optimizer step (\d+).*"
                                                     r"checkpoint-\d+"):
-        run_inprocess("--output_dir", out, "--max_train_steps", 40, "--checkpointing_steps", 100, "--nan_policy",
-                      "skip", *FAST, *HUGE_LR)
+        run_train("--output_dir", out, "--max_train_steps", 40, "--checkpointing_steps", 100, "--nan_policy",
+                  "skip", *FAST, *HUGE_LR)
     (kept,) = checkpoint_names(out)
     data = _assert_finite_checkpoint(out / kept)
     assert data.training_state["skipped_steps"] == 20
@@ -415,7 +375,7 @@ def test_resume_from_a_truncated_checkpoint_fails_before_training(tmp_path):
     weights = os.path.join(path, "model.safetensors")
     Path(weights).write_bytes(Path(weights).read_bytes()[:100])
     with pytest.raises(tu.CheckpointError, match=r"model.safetensors is truncated or altered: 100 bytes"):
-        run_inprocess("--output_dir", out, "--resume_from_checkpoint", path, "--max_train_steps", 4, *FAST)
+        run_train("--output_dir", out, "--resume_from_checkpoint", path, "--max_train_steps", 4, *FAST)
     assert checkpoint_names(out) == [] and not (out / "unet").exists()
 
 
@@ -555,7 +515,7 @@ def test_bad_command_line_fails_before_touching_the_output_folder(flags, error, 
     flags = [f.replace("{c}", str(configs)) for f in flags]
     overwrite = [] if "--resume_from_checkpoint" in flags else ["--overwrite_output_dir"]
     with pytest.raises(error) as err:
-        run_inprocess("--output_dir", out, *overwrite, "--max_train_steps", 2, *FAST, *flags)
+        run_train("--output_dir", out, *overwrite, "--max_train_steps", 2, *FAST, *flags)
     for fragment in fragments:
         assert fragment in str(err.value), f"{fragment!r} not in: {err.value}"
     assert sorted(tu.files_under(str(out))) == before and os.path.isdir(previous)
@@ -573,7 +533,7 @@ def test_resume_from_a_checkpoint_of_another_architecture_fails_before_training(
     other = _fake_checkpoint(tmp_path / "elsewhere", 5, model=_tiny_unet(out_channels=2))
     out = tmp_path / "new"
     with pytest.raises(tu.CheckpointError) as err:
-        run_inprocess("--output_dir", out, "--resume_from_checkpoint", other, "--max_train_steps", 6, *FAST)
+        run_train("--output_dir", out, "--resume_from_checkpoint", other, "--max_train_steps", 6, *FAST)
     message = str(err.value)
     assert other in message and "another architecture" in message and "block_out_channels" in message
     assert "--unet_preset/--unet_config" in message
@@ -583,6 +543,6 @@ def test_resume_from_a_checkpoint_of_another_architecture_fails_before_training(
 def test_skip_bad_images_flag_trains_on_the_good_ones(configs, tmp_path):
     out = tmp_path / "skipped"
     with pytest.warns(UserWarning, match=r"skipped 1 of 10 images: 1 corrupt"):
-        metrics = run_inprocess("--output_dir", out, "--train_data_dir", configs / "images", "--skip_bad_images",
-                                *FAST, "--train_batch_size", 4, "--max_train_steps", 1, "--checkpointing_steps", 100)
+        metrics = run_train("--output_dir", out, "--train_data_dir", configs / "images", "--skip_bad_images",
+                            *FAST, "--train_batch_size", 4, "--max_train_steps", 1, "--checkpointing_steps", 100)
     assert metrics["train_steps"] == 1 and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()

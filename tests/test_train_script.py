@@ -1,60 +1,20 @@
 """End-to-end runs of training/train.py (short real CPU runs; in-process through main(argv) where possible)."""
 
-import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from train_helpers import FAST, TRAIN, TRAIN_PY, FakeHubApi, checkpoint_tensors, run_train
 
 import diffusers_ddpm_ext  # noqa: F401
 from diffusers_ddpm_ext import training_utils as tu
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PY = ROOT / "training" / "train.py"
-# Tiny but real: a few steps, a 2-image grid with 3 sampling steps, bits/dim on 4 images with 2 timesteps each.
-FAST = ["--train_batch_size", "8", "--eval_batch_size", "2", "--ddpm_num_inference_steps", "3",
-        "--eval_bpd_steps", "2", "--eval_num_images", "4", "--logger", "none", "--lr_warmup_steps", "2"]
-
-
-def _load_train():
-    spec = importlib.util.spec_from_file_location("ddpm_ext_train_script_e2e", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN = _load_train()
-
-
-def run(*argv):
-    """main(argv) in this process; accelerate's singletons are reset so the next run starts clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        return TRAIN.main([str(a) for a in argv])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-
-def checkpoint_tensors(path):
-    out = {}
-    for name in ("model.safetensors", "ema.safetensors", "timestep_sampler.safetensors"):
-        if os.path.exists(os.path.join(path, name)):
-            out.update({f"{name}:{k}": v for k, v in load_file(os.path.join(path, name)).items()})
-    optimizer = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
-    for index, state in optimizer["state"].items():
-        for key, value in state.items():
-            out[f"optimizer:{index}:{key}"] = value
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +23,7 @@ def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "ddpm-digits"
     argv = ["--output_dir", out, "--max_train_steps", 4, "--checkpointing_steps", 2, *FAST]
     argv[argv.index("--logger") + 1] = "tensorboard"
-    metrics = run(*argv)
+    metrics = run_train(*argv)
     return out, metrics
 
 
@@ -110,14 +70,14 @@ def test_output_dir_of_another_run_is_refused_and_bad_combos_fail_before_trainin
     out, _ = default_run
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(FileExistsError, match="not empty.*--overwrite_output_dir"):
-        run("--output_dir", out, "--max_train_steps", 1, *FAST)
+        run_train("--output_dir", out, "--max_train_steps", 1, *FAST)
     assert sorted(p.name for p in out.iterdir()) == before
 
     fresh = tmp_path / "fresh"
     # Resume from a checkpoint of another architecture (fixed variance: C output channels, not 2C).
     with pytest.raises(tu.CheckpointError, match="another architecture.*out_channels"):
-        run("--output_dir", fresh, "--resume_from_checkpoint", out / "checkpoint-4", "--variance_type", "fixed_small",
-            "--loss_type", "simple", *FAST)
+        run_train("--output_dir", fresh, "--resume_from_checkpoint", out / "checkpoint-4", "--variance_type",
+                  "fixed_small", "--loss_type", "simple", *FAST)
     assert not list(fresh.glob("checkpoint-*"))
     config = json.loads((out / "unet" / "config.json").read_text())
     config["out_channels"] = 1
@@ -130,7 +90,7 @@ def test_output_dir_of_another_run_is_refused_and_bad_combos_fail_before_trainin
     ]
     for extra, message in bad:
         with pytest.raises(ValueError, match=message):
-            run("--output_dir", tmp_path / "bad", *extra, *FAST)
+            run_train("--output_dir", tmp_path / "bad", *extra, *FAST)
         assert not list((tmp_path / "bad").glob("checkpoint-*"))
 
 
@@ -188,11 +148,11 @@ def test_resume_is_exact_class_conditional_image_folder(image_folder, tmp_path):
               "--train_batch_size", 4, "--gradient_accumulation_steps", 2, "--max_train_steps", 7,
               "--checkpointing_steps", 3, "--checkpoints_total_limit", 5, *FAST[2:]]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run("--output_dir", straight, *common)
+    run_train("--output_dir", straight, *common)
     with pytest.raises(tu.SimulatedInterrupt):
-        run("--output_dir", resumed, *common, "--debug_interrupt_after_step", 4)
+        run_train("--output_dir", resumed, *common, "--debug_interrupt_after_step", 4)
     assert sorted(os.listdir(resumed)) == ["checkpoint-3", tu.RUN_MARKER_NAME]  # no pipeline from a dead run
-    run("--output_dir", resumed, *common, "--resume_from_checkpoint", "latest")
+    run_train("--output_dir", resumed, *common, "--resume_from_checkpoint", "latest")
 
     a, b = checkpoint_tensors(straight / "checkpoint-7"), checkpoint_tensors(resumed / "checkpoint-7")
     assert a.keys() == b.keys() and any(k.startswith("ema") for k in a)
@@ -214,9 +174,9 @@ def test_resume_is_exact_class_conditional_image_folder(image_folder, tmp_path):
 
 
 def test_v_prediction_with_nan_skip(tmp_path):
-    metrics = run("--output_dir", tmp_path / "v", "--prediction_type", "v_prediction", "--loss_type", "simple",
-                  "--variance_type", "fixed_small", "--snr_gamma", 5, "--max_train_steps", 3, "--nan_policy", "skip",
-                  "--debug_nan_at_step", 2, "--checkpointing_steps", 100, *FAST)
+    metrics = run_train("--output_dir", tmp_path / "v", "--prediction_type", "v_prediction", "--loss_type",
+                        "simple", "--variance_type", "fixed_small", "--snr_gamma", 5, "--max_train_steps", 3,
+                        "--nan_policy", "skip", "--debug_nan_at_step", 2, "--checkpointing_steps", 100, *FAST)
     assert metrics["train_steps"] == 3 and metrics["skipped_steps"] == 1
     assert metrics["prediction_type"] == "v_prediction" and np.isfinite(metrics["bits_per_dim"])
     weights = load_file(str(tmp_path / "v" / "unet/diffusion_pytorch_model.safetensors"))
@@ -226,55 +186,28 @@ def test_v_prediction_with_nan_skip(tmp_path):
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(tu.NonFiniteLossError, match=r"step 3 .*checkpoint-2"):
-        run("--output_dir", out, "--max_train_steps", 6, "--debug_nan_at_step", 3, "--checkpointing_steps", 100,
-            *FAST)
+        run_train("--output_dir", out, "--max_train_steps", 6, "--debug_nan_at_step", 3, "--checkpointing_steps",
+                  100, *FAST)
     assert not (out / "model_index.json").exists()  # nothing exported from a diverged run
     data = tu.load_checkpoint(str(out / "checkpoint-2"))
     assert data.step == 2 and all(torch.isfinite(v).all() for v in data.model_state.values())
     # It resumes (the injected NaN is gone on the second try): the guard kept a usable state.
-    metrics = run("--output_dir", out, "--max_train_steps", 6, "--checkpointing_steps", 100,
-                  "--resume_from_checkpoint", "latest", *FAST)
+    metrics = run_train("--output_dir", out, "--max_train_steps", 6, "--checkpointing_steps", 100,
+                        "--resume_from_checkpoint", "latest", *FAST)
     assert metrics["train_steps"] == 6
 
 
 def test_unet2d_run_overwrite_and_push_uploads_exactly_the_export(tmp_path, monkeypatch):
     from diffusers import DiffusionPipeline, UNet2DModel
 
-    from diffusers_ddpm_ext import hub
-
-    uploads = []
-
-    class FakeApi:
-        def __init__(self, token=None):
-            self.token = token
-
-        def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None):
-            uploads.append(("create_repo", repo_id, private, self.token))
-
-        def _record(self, repo_id, named_files, folder):
-            listed = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-            uploads.append(("upload", repo_id, sorted(named_files), listed,
-                            {f: (folder / f).read_bytes() for f in named_files}))
-            return "commit"
-
-        def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kwargs):
-            return self._record(repo_id, allow_patterns, Path(folder_path))
-
-        def create_commit(self, repo_id, operations, **kwargs):
-            paths = {op.path_in_repo: Path(op.path_or_fileobj) for op in operations}
-            folder = Path(os.path.commonpath([str(p) for p in paths.values()]))
-            while not (folder / "model_index.json").exists():
-                folder = folder.parent
-            return self._record(repo_id, list(paths), folder)
-
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    uploads = FakeHubApi().install(monkeypatch).calls
     out = tmp_path / "u2d"
     out.mkdir()
     (out / "my_notes.txt").write_text("keep me")
     (out / "checkpoint-99").mkdir()  # a previous run's checkpoint: removed by --overwrite_output_dir
-    run("--output_dir", out, "--overwrite_output_dir", "--model_type", "unet2d", "--max_train_steps", 2,
-        "--checkpointing_steps", 1, "--push_to_hub", "--hub_model_id", "me/digits-u2d", "--hub_private_repo",
-        "--hub_token", "hf_dummy", *FAST)
+    run_train("--output_dir", out, "--overwrite_output_dir", "--model_type", "unet2d", "--max_train_steps", 2,
+              "--checkpointing_steps", 1, "--push_to_hub", "--hub_model_id", "me/digits-u2d", "--hub_private_repo",
+              "--hub_token", "hf_dummy", *FAST)
     assert (out / "my_notes.txt").read_text() == "keep me" and not (out / "checkpoint-99").exists()
     assert uploads[0] == ("create_repo", "me/digits-u2d", True, "hf_dummy")
     _, repo, files, listed, contents = uploads[1]
@@ -312,3 +245,98 @@ def test_two_process_run_synchronises_and_writes_one_output(tmp_path):
                                               tu.RUN_MARKER_NAME, "unet"])
     data = tu.load_checkpoint(str(out / "checkpoint-2"))
     assert len(data.rng_states) == 2 and data.rng_states[0] != data.rng_states[1]
+
+
+# ---- Hub pushes at save points (HfApi replaced by train_helpers.FakeHubApi: nothing leaves the machine)
+
+
+@pytest.fixture(scope="module")
+def push_images(tmp_path_factory):
+    """20 grey 12x12 images: 2 optimizer steps per epoch at batch 8, so a 6-step run has 3 epochs."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path_factory.mktemp("push") / "images"
+    folder.mkdir()
+    for index in range(20):
+        Image.fromarray((rng.random((12, 12)) * 255).astype(np.uint8), mode="L").save(folder / f"{index:02d}.png")
+    return folder
+
+
+def push_argv(out, images, *extra):
+    return ["--output_dir", out, "--train_data_dir", images, "--max_train_steps", 6, "--checkpointing_steps", 100,
+            "--push_to_hub", "--hub_model_id", "me/pushes", "--hub_token", "hf_dummy",
+            *FAST, "--resolution", 8, "--ddpm_num_steps", 50, *extra]
+
+
+@pytest.fixture(scope="module")
+def pushed_run(push_images, tmp_path_factory):
+    """--save_model_epochs 1 over 3 epochs: two intermediate pushes and the final one, all succeeding."""
+    out = tmp_path_factory.mktemp("pushed") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fake = FakeHubApi().install(monkeypatch)
+        metrics = run_train(*push_argv(out, push_images, "--save_model_epochs", 1))
+    return out, fake, metrics
+
+
+def test_push_to_hub_at_every_model_save_and_at_the_end(pushed_run):
+    out, fake, metrics = pushed_run
+    final = f"End of training: epoch 3, step 6, bits/dim {round(metrics['bits_per_dim'], 4)}"
+    assert fake.messages == ["Epoch 1, step 2", "Epoch 2, step 4", final]  # one commit per save point
+    assert [c[0] for c in fake.calls] == ["create_repo", "upload"] * 3
+    uploads = [c for c in fake.calls if c[0] == "upload"]
+    for _, repo, files, listed, contents in uploads:
+        assert repo == "me/pushes" and files == listed and "unet/diffusion_pytorch_model.safetensors" in files
+        assert not [f for f in files if "checkpoint" in f or f.startswith(("logs", "samples"))]
+    weights = [u[4]["unet/diffusion_pytorch_model.safetensors"] for u in uploads]
+    assert len(set(weights)) == 3  # each push carries the weights of its own epoch ...
+    assert weights[-1] == (out / "unet/diffusion_pytorch_model.safetensors").read_bytes()  # ... the last the final
+    assert [(p["commit_message"], p["step"], p["ok"], p["error"]) for p in metrics["hub_pushes"]] == \
+        [(m, s, True, None) for m, s in zip(fake.messages, (2, 4, 6))]
+    assert json.loads((out / "metrics.json").read_text())["hub_pushes"] == metrics["hub_pushes"]
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # every temporary export removed
+
+
+def test_failed_intermediate_push_warns_and_trains_on_failed_final_push_raises(pushed_run, push_images, tmp_path,
+                                                                                monkeypatch, caplog):
+    from diffusers_ddpm_ext.hub import HubPushError, load_pipeline
+
+    fake = FakeHubApi(fail_commits={1, 3}).install(monkeypatch)  # the epoch-1 push and the final one fail
+    out = tmp_path / "run"
+    with pytest.raises(HubPushError, match=r"create_commit: Name or service not known.*run itself completed.*"
+                                           r"diffusers_ddpm_ext.hub export .* diffusers_ddpm_ext.hub push"):
+        run_train(*push_argv(out, push_images, "--save_model_epochs", 1))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "push" in r.getMessage()]
+    assert len(warnings) == 1 and "'Epoch 1, step 2'" in warnings[0] and "training goes on" in warnings[0]
+    assert "Name or service not known" in warnings[0]
+    # Training went on: the epoch-2 push was attempted and went through, then the final push was attempted.
+    assert fake.messages[:2] == ["Epoch 1, step 2", "Epoch 2, step 4"] and len(fake.messages) == 3
+    assert fake.messages[2].startswith("End of training: epoch 3, step 6")
+    assert [c[0] for c in fake.calls] == ["create_repo", "create_repo", "upload", "create_repo"]
+    # Everything local was written, and the failures changed nothing about the training itself.
+    ok_out, _, ok_metrics = pushed_run
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["train_steps"] == 6 and saved["bits_per_dim"] == ok_metrics["bits_per_dim"]
+    assert [(p["ok"], p["step"]) for p in saved["hub_pushes"]] == [(False, 2), (True, 4), (False, 6)]
+    assert "HubPushError" in saved["hub_pushes"][0]["error"] and "intact" not in saved["hub_pushes"][0]["error"]
+    name = "unet/diffusion_pytorch_model.safetensors"
+    assert (out / name).read_bytes() == (ok_out / name).read_bytes() and (out / "checkpoint-6").is_dir()
+    assert load_pipeline(str(out)).unet.config.sample_size == 8
+    assert not [p for p in os.listdir(out) if p.startswith(".")]
+
+
+def test_hub_strategy_end_pushes_once_and_a_missing_token_fails_before_training(push_images, tmp_path,
+                                                                               monkeypatch):
+    fake = FakeHubApi().install(monkeypatch)
+    assert TRAIN.parse_args([]).hub_strategy == "every_save"  # diffusers' behaviour is the default
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # no `hf auth login` token either
+    argv = push_argv(tmp_path / "no-token", push_images, "--save_model_epochs", 1)
+    del argv[argv.index("--hub_token"):argv.index("--hub_token") + 2]
+    with pytest.raises(ValueError, match="--push_to_hub needs a Hub write token: pass --hub_token, set HF_TOKEN"):
+        run_train(*argv)
+    assert not (tmp_path / "no-token").exists() and fake.messages == []
+
+    out = tmp_path / "end"
+    metrics = run_train(*push_argv(out, push_images, "--save_model_epochs", 1, "--hub_strategy", "end"))
+    assert fake.messages == [f"End of training: epoch 3, step 6, bits/dim {round(metrics['bits_per_dim'], 4)}"]
+    assert [p["step"] for p in metrics["hub_pushes"]] == [6]
+    assert (out / "model_index.json").is_file()

@@ -6,8 +6,8 @@
 
 A superset of diffusers' examples/unconditional_image_generation/train_unconditional.py (same flag names) with
 its faults fixed: --overwrite_output_dir and --hub_private_repo are honoured, only the exported pipeline is
-pushed (with a model card), checkpoints are atomic and resume exactly, EMA weights never overwrite the
-training weights. The building blocks live in `diffusers_ddpm_ext.training_utils`; this file parses flags and
+pushed (with a model card; at every --save_model_epochs save and at the end, as there), checkpoints are atomic
+and resume exactly, EMA weights never overwrite the training weights. The building blocks live in `diffusers_ddpm_ext.training_utils`; this file parses flags and
 wires them together.
 """
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_epochs.")
     a("--save_images_epochs", type=int, default=10, help="Write a sample grid to samples/ every N epochs.")
     a("--save_model_epochs", type=int, default=None, help="Export the pipeline into --output_dir every N epochs "
-      "(it is always exported at the end).")
+      "(it is always exported at the end); with --push_to_hub each of these exports is also pushed.")
     a("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     a("--learning_rate", type=float, default=2e-3, help="Peak learning rate (AdamW).")
     a("--lr_scheduler", default="cosine", choices=["linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -135,7 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- logging and hub
     a("--logger", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Tracker.")
     a("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
-    a("--push_to_hub", action="store_true", help="Push the exported pipeline (not checkpoints or logs) at the end.")
+    a("--push_to_hub", action="store_true", help="Push the exported pipeline (not checkpoints or logs) to the Hub, "
+      "one commit per push: at every --save_model_epochs export (message 'Epoch E, step S') and at the end. A "
+      "token is required before training starts. A failed intermediate push is logged as a warning and training "
+      "goes on (the next save point pushes the newer pipeline again); a failed final push is an error (exit code "
+      "4), raised after the local pipeline and metrics.json are written. Every push's outcome is listed in metrics.json "
+      "(hub_pushes).")
+    a("--hub_strategy", default="every_save", choices=["every_save", "end"], help="With --push_to_hub: push at "
+      "every --save_model_epochs export and at the end (every_save), or only the final pipeline (end).")
     a("--hub_token", default=None, help="Hub write token (default: $HF_TOKEN or `hf auth login`).")
     a("--hub_model_id", default=None, help="Repo id (default: the --output_dir folder name).")
     a("--hub_private_repo", action="store_true", help="Create the Hub repo private.")
@@ -175,6 +182,20 @@ def _check_environment(args, accelerator) -> None:
     if args.class_dropout_prob > 0 and args.model_type == "unet2d":
         raise ValueError("--class_dropout_prob needs a null class, which UNet2DModel's class table lacks; use "
                          "--model_type ours for classifier-free guidance")
+
+
+def _check_hub_token(args) -> None:
+    """--push_to_hub: fail before training, not hours later at the first push, when no token is available."""
+    import huggingface_hub
+
+    if not (args.hub_token or os.environ.get("HF_TOKEN") or huggingface_hub.get_token()):
+        raise ValueError("--push_to_hub needs a Hub write token: pass --hub_token, set HF_TOKEN or run "
+                         "`hf auth login`")
+
+
+def _push_failure(exc: Exception) -> str:
+    """One line for a failed push, without hub.push_to_hub's advice to re-push its export folder (ours is gone)."""
+    return f"{type(exc).__name__}: " + str(exc).split(" Nothing local was changed (")[0]
 
 
 def _on_main(accelerator, fn):
@@ -219,6 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     _check_environment(args, accelerator)
+    if args.push_to_hub:
+        _on_main(accelerator, lambda: _check_hub_token(args))
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     resuming = args.resume_from_checkpoint is not None
@@ -402,14 +425,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             logger.info("saved %s", path)
         accelerator.wait_for_everyone()
 
-    def export(final_metrics=None, push=False):
-        """Publish the pipeline (EMA weights) into --output_dir; with `push`, upload a Hub export of it.
+    hub_repo_id = args.hub_model_id or tu.default_repo_name(args.output_dir)
+    hub_pushes = []  # outcome of every push of this process: written to metrics.json
+
+    def export(final_metrics=None, commit_message=None):
+        """Publish the pipeline (EMA weights) into --output_dir; with a `commit_message`, also push a Hub export.
 
         The local folder is a plain `save_pretrained` folder (model_index.json names `diffusers_ddpm_ext.*`, so
         `DiffusionPipeline.from_pretrained` loads it after `import diffusers_ddpm_ext`, no remote code) plus the
         model card and sample grid. The Hub copy is `hub.export_pipeline`'s folder (self-contained module files
         so plain diffusers can load the repo), built in a temporary folder and deleted after the upload.
-        Both are assembled in temporary folders first; the local one is then published file by file.
+        Both are assembled in temporary folders first; the local one is published file by file before the
+        upload starts, so neither a failed nor a killed upload costs the local pipeline.
+
+        Returns:
+            The exception that stopped the Hub export or push (main process; None when it succeeded or there
+            was none). The caller decides whether it is fatal.
         """
         from diffusers_ddpm_ext import hub
 
@@ -419,36 +450,44 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             stage = os.path.join(args.output_dir, f".tmp-pipeline-{os.getpid()}")
             hub_dir = os.path.join(args.output_dir, f".tmp-hub-{os.getpid()}")
             repo_id = args.hub_model_id or f"your-username/{tu.default_repo_name(args.output_dir)}"
-            with tu.ema_weights(ema, unwrapped):
-                tu.assert_finite(dict(unwrapped.state_dict()), "exported weights")
-                pipe = make_pipeline()
-                pipe.save_pretrained(stage, safe_serialization=True)
-                grid.save(os.path.join(stage, hub.GRID_NAME))
-                hub.render_model_card(pipe, repo_id=repo_id, metrics=final_metrics, training_config=run_config,
-                                      datasets=[args.dataset_name] if args.dataset_name else None,
-                                      sample_grid=hub.GRID_NAME, num_inference_steps=args.ddpm_num_inference_steps,
-                                      sample_grid_caption=f"EMA samples, {args.ddpm_num_inference_steps} steps, "
-                                                          f"seed {args.seed}.").save(os.path.join(stage, "README.md"))
-                if push:
-                    hub.export_pipeline(pipe, hub_dir, sample_grid=grid, metrics=final_metrics,
-                                        training_config=run_config, repo_id=args.hub_model_id or repo_id,
-                                        datasets=[args.dataset_name] if args.dataset_name else None)
-            tu.fsync_tree(stage)
-            if push:
-                try:
-                    hub.push_to_hub(hub_dir, args.hub_model_id or tu.default_repo_name(args.output_dir),
-                                    token=args.hub_token, private=args.hub_private_repo)
-                except Exception as exc:  # publish locally first, then report
-                    error = exc
-                finally:
-                    tu.remove_tree_safely(hub_dir)
-            new_files = tu.files_under(stage)
-            stale = [f for f in tu.files_under(args.output_dir)
-                     if f.split(os.sep)[0] in ("unet", "scheduler") and f not in new_files]
-            tu.publish_dir(stage, args.output_dir, remove=stale)
+            datasets = [args.dataset_name] if args.dataset_name else None
+            try:
+                with tu.ema_weights(ema, unwrapped):
+                    tu.assert_finite(dict(unwrapped.state_dict()), "exported weights")
+                    pipe = make_pipeline()
+                    pipe.save_pretrained(stage, safe_serialization=True)
+                    grid.save(os.path.join(stage, hub.GRID_NAME))
+                    hub.render_model_card(pipe, repo_id=repo_id, metrics=final_metrics, training_config=run_config,
+                                          datasets=datasets, sample_grid=hub.GRID_NAME,
+                                          num_inference_steps=args.ddpm_num_inference_steps,
+                                          sample_grid_caption=f"EMA samples, {args.ddpm_num_inference_steps} "
+                                                              f"steps, seed {args.seed}.",
+                                          ).save(os.path.join(stage, "README.md"))
+                    if commit_message is not None:
+                        try:
+                            hub.export_pipeline(pipe, hub_dir, sample_grid=grid, metrics=final_metrics,
+                                                training_config=run_config, repo_id=repo_id, datasets=datasets)
+                        except Exception as exc:  # the local pipeline is still published below
+                            error = exc
+                tu.fsync_tree(stage)
+                new_files = tu.files_under(stage)
+                stale = [f for f in tu.files_under(args.output_dir)
+                         if f.split(os.sep)[0] in ("unet", "scheduler") and f not in new_files]
+                tu.publish_dir(stage, args.output_dir, remove=stale)
+                if commit_message is not None and error is None:
+                    try:
+                        hub.push_to_hub(hub_dir, hub_repo_id, token=args.hub_token, private=args.hub_private_repo,
+                                        commit_message=commit_message)
+                    except Exception as exc:
+                        error = exc
+            finally:
+                tu.remove_tree_safely(hub_dir)
+            if commit_message is not None:
+                failure = None if error is None else _push_failure(error)
+                hub_pushes.append({"commit_message": commit_message, "step": state["global_step"],
+                                   "ok": error is None, "error": failure})
         accelerator.wait_for_everyone()
-        if error is not None:
-            raise error
+        return error
 
     # ---- training loop
     def snapshot_now():
@@ -587,7 +626,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 grid.save(path)
             if args.save_model_epochs and (epoch + 1) % args.save_model_epochs == 0:
-                export()
+                push = args.push_to_hub and args.hub_strategy == "every_save"
+                message = f"Epoch {epoch + 1}, step {state['global_step']}"
+                error = export(commit_message=message if push else None)
+                if error is not None:  # hours of training are worth more than one snapshot: go on
+                    logger.warning("pushing %r to %s failed; training goes on (the next save point and the end "
+                                   "of training push again). %s", message, hub_repo_id, _push_failure(error))
     progress.close()
 
     # ---- final checkpoint, evaluation, export
@@ -632,21 +676,40 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                title=f"{args.loss_type} loss, {args.variance_type}, {noise_scheduler.config.beta_schedule}")
         card_metrics = {"bits/dim": round(bpd.mean, 4), "train_steps": state["global_step"]}
     accelerator.wait_for_everyone()
-    export(card_metrics if accelerator.is_main_process else None, push=args.push_to_hub)
+    final_message = None
+    if args.push_to_hub:
+        final_message = f"End of training: epoch {state['epoch'] + 1}, step {state['global_step']}"
+        if accelerator.is_main_process:
+            final_message += f", bits/dim {card_metrics['bits/dim']}"
+    push_error = export(card_metrics if accelerator.is_main_process else None, commit_message=final_message)
     if accelerator.is_main_process:
         metrics["wall_time_s"] = time.time() - wall_start
+        if args.push_to_hub:
+            metrics["hub_pushes"] = hub_pushes
         tu.write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
         logger.info("done: %d steps, final loss %.4f, bits/dim (%s) %.3f ± %.3f, %.0f s",
                     metrics["train_steps"], metrics["final_loss"] or float("nan"), eval_split, metrics["bits_per_dim"],
                     metrics["bits_per_dim_standard_error"], metrics["wall_time_s"])
     accelerator.end_training()
+    if push_error is not None:  # the final upload must not fail quietly; everything local is written by now
+        from diffusers_ddpm_ext.hub import HubPushError
+
+        # The retry commands: the export goes to a sibling folder (an export may not lie inside its source).
+        out, export_dir = args.output_dir, os.path.normpath(args.output_dir) + "-hub"
+        raise HubPushError(
+            f"{_push_failure(push_error)} The run itself completed: {out} holds the pipeline, metrics.json and "
+            f"checkpoints. Retry the upload with `python -m diffusers_ddpm_ext.hub export {out} {export_dir} "
+            f"--repo-id {hub_repo_id} --metrics {os.path.join(out, 'metrics.json')}` then "
+            f"`python -m diffusers_ddpm_ext.hub push {export_dir} {hub_repo_id}`.") from push_error
     return metrics
 
 
 if __name__ == "__main__":
+    from diffusers_ddpm_ext.hub import HubPushError
+
     try:
         main()
-    except (ValueError, FileExistsError, tu.NonFiniteLossError) as exc:
-        # Bad flags, a protected output folder or a diverged run: one clear line, no traceback.
+    except (ValueError, FileExistsError, tu.NonFiniteLossError, HubPushError) as exc:
+        # Bad flags, a protected output folder, a diverged run or a failed final upload: one clear line.
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2 if not isinstance(exc, tu.NonFiniteLossError) else 3)
+        sys.exit(3 if isinstance(exc, tu.NonFiniteLossError) else 4 if isinstance(exc, HubPushError) else 2)
