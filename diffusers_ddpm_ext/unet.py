@@ -36,6 +36,14 @@ _INPLACE_ACTIVATIONS = {
 _TIME_SCALE_SHIFT = ("default", "scale_shift")
 _DOWNSAMPLE_TYPES = ("conv", "avg_pool")
 _UPSAMPLE_TYPES = ("conv", "nearest", "conv_transpose")
+_DIMS = (1, 2, 3)
+# Per `dims`: conv classes, the average-pooling function and the input layout (for error messages). Chosen once at
+# construction, so the forward pass has no per-call branching on `dims`.
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_LAYOUT = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, F, H, W)"}
+_SIZE_FORM = {1: "an (L,) 1-tuple of ints", 2: "an (H, W) pair of ints", 3: "an (F, H, W) triple of ints"}
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -52,16 +60,35 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _as_hw(sample_size) -> tuple[int, int] | None:
-    """`sample_size` (int, (H, W) or None) as (H, W)."""
+def _as_spatial(sample_size, dims: int = 2) -> tuple[int, ...] | None:
+    """`sample_size` (int, a `dims`-tuple or None) as a `dims`-tuple: (L,), (H, W) or (F, H, W).
+
+    An int is repeated on every axis (a square image, a cube volume), the same rule for every `dims`.
+    """
     if sample_size is None:
         return None
     if _is_int(sample_size):
-        return (sample_size, sample_size)
-    pair = isinstance(sample_size, (list, tuple)) and len(sample_size) == 2
-    if pair and all(_is_int(s) for s in sample_size):
-        return (int(sample_size[0]), int(sample_size[1]))
-    raise ValueError(f"`sample_size`={sample_size!r} must be an int, an (H, W) pair of ints, or None.")
+        return (sample_size,) * dims
+    fits = isinstance(sample_size, (list, tuple)) and len(sample_size) == dims
+    if fits and all(_is_int(s) for s in sample_size):
+        return tuple(int(s) for s in sample_size)
+    raise ValueError(f"`sample_size`={sample_size!r} must be an int, {_SIZE_FORM[dims]}, or None "
+                     f"(dims={dims}: one entry per spatial axis of {_LAYOUT[dims]}).")
+
+
+def _as_hw(sample_size) -> tuple[int, int] | None:
+    """`sample_size` (int, (H, W) or None) as (H, W)."""
+    return _as_spatial(sample_size, 2)
+
+
+def _halved_from(dims: int) -> int:
+    """Index (into the spatial axes) of the first axis the UNet halves: dims=3 keeps the frame axis (IDM)."""
+    return 1 if dims == 3 else 0
+
+
+def _level_resolutions(size: tuple[int, ...], dims: int, levels: int) -> list[int]:
+    """Each level's "resolution": its size along the first halved axis (L for 1D, H for 2D and 3D)."""
+    return [size[_halved_from(dims)] // 2**i for i in range(levels)]
 
 
 def sinusoidal_timestep_embedding(
@@ -112,7 +139,8 @@ class DDPMResBlock(nn.Module):
     """Pre-activation residual block with time injection.
 
     norm1 -> act -> conv1 -> (+ time | FiLM) -> norm2 -> act -> dropout -> conv2, plus a 1x1 shortcut when
-    the channel count changes. `scale_shift` is IDM's FiLM: norm2(h) * (1 + scale) + shift.
+    the channel count changes. `scale_shift` is IDM's FiLM: norm2(h) * (1 + scale) + shift. `dims` (1, 2, 3)
+    picks Conv1d / Conv2d / Conv3d; the 3-tap kernels become 3, 3x3 or 3x3x3 (IDM `conv_nd`).
     """
 
     def __init__(
@@ -126,29 +154,33 @@ class DDPMResBlock(nn.Module):
         dropout: float,
         time_scale_shift: str,
         output_scale_factor: float = 1.0,
+        dims: int = 2,
     ):
         super().__init__()
+        conv = _CONV[dims]
         self.scale_shift = time_scale_shift == "scale_shift"
         self.output_scale_factor = output_scale_factor
         self.act = _ACTIVATIONS[act_fn]
         self.act_ = _INPLACE_ACTIVATIONS[act_fn]
+        # Indexes the projected embedding (B, C') to (B, C', 1, ..., 1): one singleton per spatial axis.
+        self._emb_index = (slice(None), slice(None)) + (None,) * dims
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if self.scale_shift else 1))
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = conv(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x: (B, C_in, H, W); temb: (B, T), already passed through the block activation (done once per
-        model call). Returns (B, C_out, H, W)."""
+        """x: (B, C_in, *spatial); temb: (B, T), already passed through the block activation (done once per
+        model call). Returns (B, C_out, *spatial)."""
         # Without autograd every intermediate below is a fresh tensor only this block holds, so activations and
         # adds run in place (same values bit for bit: x + y == y + x in IEEE arithmetic).
         inplace = not torch.is_grad_enabled()
         act = self.act_ if inplace else self.act
         h = self.conv1(act(self.norm1(x)))
-        t = self.time_emb_proj(temb)[:, :, None, None]  # (B, C_out or 2*C_out, 1, 1)
+        t = self.time_emb_proj(temb)[self._emb_index]  # (B, C_out or 2*C_out, 1, ..., 1)
         if self.scale_shift:
             scale, shift = t.chunk(2, dim=1)
             h = self.norm2(h)
@@ -164,10 +196,11 @@ class DDPMResBlock(nn.Module):
 
 
 class DDPMAttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions with a residual connection.
+    """Multi-head self-attention over all positions (L, H*W or F*H*W) with a residual connection.
 
     GroupNorm -> fused QKV projection -> `F.scaled_dot_product_attention` -> output projection, added to the
-    input (then divided by `rescale_output_factor`, as diffusers' mid block does).
+    input (then divided by `rescale_output_factor`, as diffusers' mid block does). For 3D inputs every frame
+    position attends to every other one (IDM's `AttentionBlock` flattens all spatial axes the same way).
     """
 
     def __init__(
@@ -181,6 +214,10 @@ class DDPMAttentionBlock(nn.Module):
         self.proj_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            # 1D / 3D: the same attention on a (B, C, 1, N) view (same positions in the same order, same GroupNorm
+            # groups), so the 2D path below keeps its exact code and cost.
+            return self.forward(x.reshape(x.shape[0], x.shape[1], 1, -1)).reshape(x.shape)
         b, c, hgt, wid = x.shape
         h = x if self.norm is None else self.norm(x)
         h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
@@ -197,40 +234,59 @@ class DDPMAttentionBlock(nn.Module):
 
 
 class DDPMDownsample(nn.Module):
-    """Halve H and W: 3x3 stride-2 conv (padding 1, or DDPM/TF-"SAME" asymmetric pad (0,1,0,1) when
-    `padding=0`), or 2x2 average pooling (no parameters)."""
+    """Halve the spatial axes: 3x3 stride-2 conv (padding 1, or DDPM/TF-"SAME" asymmetric pad (0,1,0,1) when
+    `padding=0`), or 2x2 average pooling (no parameters).
 
-    def __init__(self, channels: int, kind: str, padding: int):
+    `dims=1` halves L (kernel 3 / pool 2); `dims=3` halves H and W but keeps the frame axis F, as IDM: a 3x3x3
+    conv with stride (1, 2, 2) whose frame axis is always padded by 1 (so F is kept; the asymmetric pad applies to
+    H and W only), or (1, 2, 2) average pooling.
+    """
+
+    def __init__(self, channels: int, kind: str, padding: int, dims: int = 2):
         super().__init__()
         self.kind = kind
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding) if kind == "conv" else None
+        keep_frames = dims == 3
+        stride = (1, 2, 2) if keep_frames else 2
+        conv_padding = (1, padding, padding) if keep_frames else padding
+        self.conv = _CONV[dims](channels, channels, 3, stride=stride, padding=conv_padding) if kind == "conv" else None
+        self._pad = (0, 1) * min(dims, 2) + ((0, 0) if keep_frames else ())  # F.pad order: last axis first
+        self._pool = _AVG_POOL[dims]
+        self._pool_size = (1, 2, 2) if keep_frames else 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
-            return F.avg_pool2d(x, kernel_size=2, stride=2)
+            return self._pool(x, kernel_size=self._pool_size, stride=self._pool_size)
         if self.padding == 0:
-            x = F.pad(x, (0, 1, 0, 1))
+            x = F.pad(x, self._pad)
         return self.conv(x)
 
 
 class DDPMUpsample(nn.Module):
-    """Double H and W: nearest + 3x3 conv ("conv"), nearest only, or ConvTranspose2d(4, 2, 1)."""
+    """Double the spatial axes: nearest + 3x3 conv ("conv"), nearest only, or ConvTranspose2d(4, 2, 1).
 
-    def __init__(self, channels: int, kind: str):
+    `dims=1`: nearest x2 + conv 3 / ConvTranspose1d(4, 2, 1). `dims=3` doubles H and W and keeps F (IDM):
+    nearest with scale (1, 2, 2) + 3x3x3 conv, or ConvTranspose3d with kernel (3, 4, 4), stride (1, 2, 2),
+    padding 1 (F kept; its 3-tap frame axis mixes neighbouring frames like every other 3x3x3 conv).
+    """
+
+    def __init__(self, channels: int, kind: str, dims: int = 2):
         super().__init__()
         self.kind = kind
+        keep_frames = dims == 3
+        self._scale = (1.0, 2.0, 2.0) if keep_frames else 2.0
         if kind == "conv":
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+            self.conv = _CONV[dims](channels, channels, 3, padding=1)
         elif kind == "conv_transpose":
-            self.conv = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1)
+            kernel, stride = ((3, 4, 4), (1, 2, 2)) if keep_frames else (4, 2)
+            self.conv = _CONV_TRANSPOSE[dims](channels, channels, kernel, stride=stride, padding=1)
         else:
             self.conv = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "conv_transpose":
             return self.conv(x)
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = F.interpolate(x, scale_factor=self._scale, mode="nearest")
         return x if self.conv is None else self.conv(x)
 
 
@@ -312,8 +368,10 @@ class DDPMUNet2DOutput(BaseOutput):
 
     Args:
         sample (`torch.Tensor` of shape `(batch_size, out_channels, height, width)`):
-            The network output. With learned variance (`out_channels == 2 * in_channels`) the first
-            `in_channels` channels are the epsilon / x0 / v prediction and the rest the variance values (IDM).
+            The network output (`(batch_size, out_channels, length)` for `dims=1`,
+            `(batch_size, out_channels, frames, height, width)` for `dims=3`). With learned variance
+            (`out_channels == 2 * in_channels`) the first `in_channels` channels are the epsilon / x0 / v
+            prediction and the rest the variance values (IDM).
     """
 
     sample: torch.Tensor
@@ -327,10 +385,22 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
     last level; a Res-(Attn)-Res middle; per level `layers_per_block + 1` res blocks fed concatenated skips
     (+ attention) and an upsample except on the first level; GroupNorm -> activation -> `conv_out`.
 
+    1D and 3D variants (`dims`, IDM's name): the same class builds a UNet for sequences / audio
+    (`dims=1`, samples `(B, C, L)`) or for short videos / volumes (`dims=3`, samples `(B, C, F, H, W)`). Every
+    option keeps its meaning; only the convolutions change rank (3 -> 3x3 -> 3x3x3 kernels, as IDM's `conv_nd`).
+    `dims=3` follows IDM in never resampling the first (frame) axis: down/upsampling act on H and W only
+    (stride / pool / scale (1, 2, 2); `conv_transpose` uses a (3, 4, 4) kernel with stride (1, 2, 2)), so any
+    frame count F works, and attention attends jointly over all F*H*W positions. The class keeps its 2D name
+    because saved pipelines record it; `DDPMPipeline`, `from_unet2d` and `to_unet2d` are 2D only (sample 1D / 3D
+    models with the scheduler directly: `scheduler.step(model(x, t).sample, t, x).prev_sample`).
+
     Args:
-        sample_size (`int` or `(int, int)`, *optional*, defaults to 32):
-            Height and width the model is built for (read by `DDPMPipeline`); also the base for
-            `attention_resolutions`. Both must be divisible by `2 ** (len(block_out_channels) - 1)`.
+        sample_size (`int` or `tuple[int]`, *optional*, defaults to 32):
+            Spatial size the model is built for, one entry per spatial axis: `(L,)` for `dims=1`, `(H, W)` for
+            `dims=2` (read by `DDPMPipeline`), `(F, H, W)` for `dims=3`. An int is used for every axis (a square
+            image, an L-long sequence, an F = H = W cube), so a 2D preset's int keeps working with
+            `dims=1` or `dims=3`. It is the base for `attention_resolutions`. The halved axes (L; H, W; H, W)
+            must be divisible by `2 ** (len(block_out_channels) - 1)`; F is never resampled and may be anything.
         in_channels (`int`, defaults to 3): Channels of the input sample.
         out_channels (`int`, *optional*): Output channels; `2 * in_channels` for learned variance
             (first half: eps / x0 / v, second half: variance values, as IDM). Defaults to `in_channels`.
@@ -354,9 +424,12 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         norm_num_groups (`int`, defaults to 32): GroupNorm groups; must divide every level's channels.
         norm_eps (`float`, defaults to 1e-5): GroupNorm epsilon (DDPM and smalldiffusion use 1e-6).
         dropout (`float`, defaults to 0.0): Dropout before each res block's second conv.
-        attention_resolutions (`tuple[int]`, defaults to `(16,)`): Resolutions (feature-map height) at which a
-            level gets self-attention after each res block, in encoder and decoder. Level `i` has height
-            `sample_size[0] // 2**i`; a value no level has is an error. Empty for no level attention.
+        attention_resolutions (`tuple[int]`, defaults to `(16,)`): Resolutions at which a level gets
+            self-attention after each res block, in encoder and decoder. A level's resolution is its feature-map
+            size along the first axis the UNet halves: the height `H // 2**i` for `dims=2` and `dims=3` (frames
+            are never halved, so F cannot locate a level), the length `L // 2**i` for `dims=1`. So a value names
+            the same level (IDM's downsampling rate `ds = size / resolution`) whatever `dims` is. A value no
+            level has is an error. Empty for no level attention.
         add_attention (`bool`, defaults to `True`): Attention between the two middle res blocks.
         attention_head_dim (`int`, *optional*): Channels per attention head (diffusers semantics). If neither
             this nor `num_attention_heads` is given, every attention layer has a single head.
@@ -377,6 +450,8 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         num_class_embeds (`int`, *optional*): Number of classes for class conditioning. The embedding table has
             one more row: index `num_class_embeds` is the null class (see `null_class_label`) used for
             classifier-free guidance and when `class_labels` is None.
+        dims (`int`, defaults to 2): Number of spatial axes: 1 (`(B, C, L)`), 2 (`(B, C, H, W)`) or 3
+            (`(B, C, F, H, W)`; F is kept at every level). `dims=2` is the layout above, unchanged.
     """
 
     _supports_gradient_checkpointing = True
@@ -414,6 +489,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         upsample_type: str = "conv",
         zero_init_residual: bool = False,
         num_class_embeds: int | None = None,
+        dims: int = 2,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -429,17 +505,21 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
             mid_attention_norm=mid_attention_norm, attn_norm_num_groups=attn_norm_num_groups,
             mid_block_scale_factor=mid_block_scale_factor, downsample_type=downsample_type,
             downsample_padding=downsample_padding, upsample_type=upsample_type,
-            zero_init_residual=zero_init_residual, num_class_embeds=num_class_embeds,
+            zero_init_residual=zero_init_residual, num_class_embeds=num_class_embeds, dims=dims,
         )
         if self.config.out_channels is None:  # record the resolved value, so the config is complete
             self.register_to_config(out_channels=out_channels)
-        hw = _as_hw(sample_size)
+        size = _as_spatial(sample_size, dims)
         levels = len(chans)
         temb_dim = time_embedding_dim or 4 * chans[0]
         self._act = _ACTIVATIONS[act_fn]
         self._act_ = _INPLACE_ACTIVATIONS[act_fn]
         self._skip_time_act = resnet_skip_time_act
-        level_attn = [hw is not None and hw[0] // 2**i in attn_res for i in range(levels)]
+        self._sample_ndim = dims + 2
+        self._halved_axes = 2 + _halved_from(dims)  # sample.shape[self._halved_axes:] are the halved axes
+        resolutions = _level_resolutions(size, dims, levels) if size is not None else [None] * levels
+        level_attn = [r in attn_res for r in resolutions]
+        conv = _CONV[dims]
 
         def heads(c: int) -> int:
             if num_attention_heads is not None:
@@ -448,12 +528,12 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
 
         def res(cin: int, cout: int, scale: float = 1.0) -> DDPMResBlock:
             return DDPMResBlock(cin, cout, temb_dim, norm_num_groups, norm_eps, act_fn, dropout,
-                                resnet_time_scale_shift, scale)
+                                resnet_time_scale_shift, scale, dims)
 
         def attn(c: int, groups: int | None = norm_num_groups, scale: float = 1.0) -> DDPMAttentionBlock:
             return DDPMAttentionBlock(c, heads(c), groups, norm_eps, scale)
 
-        self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1)
+        self.conv_in = conv(in_channels, chans[0], 3, padding=1)
         self.time_embedding = DDPMTimestepMLP(chans[0], temb_dim, time_embedding_act_fn)
         # One extra row: the null class for classifier-free guidance.
         self.class_embedding = nn.Embedding(num_class_embeds + 1, temb_dim) if num_class_embeds else None
@@ -468,7 +548,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
             skip_ch += [c] * layers_per_block
             down = None
             if i < levels - 1:
-                down = DDPMDownsample(c, downsample_type, downsample_padding)
+                down = DDPMDownsample(c, downsample_type, downsample_padding, dims)
                 skip_ch.append(c)
             self.down_blocks.append(DDPMDownLevel(resnets, attns, down))
             cin = c
@@ -487,11 +567,11 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
                 resnets.append(res(cin + skip_ch.pop(), c))
                 cin = c
             attns = [attn(c) for _ in range(layers_per_block + 1)] if level_attn[i] else []
-            up = DDPMUpsample(c, upsample_type) if i > 0 else None
+            up = DDPMUpsample(c, upsample_type, dims) if i > 0 else None
             self.up_blocks.append(DDPMUpLevel(resnets, attns, up))
 
         self.norm_out = nn.GroupNorm(norm_num_groups, chans[0], eps=norm_eps)
-        self.conv_out = nn.Conv2d(chans[0], out_channels, 3, padding=1)
+        self.conv_out = conv(chans[0], out_channels, 3, padding=1)
 
         if zero_init_residual:
             self._zero_init_residual()
@@ -559,18 +639,21 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         return self.class_embedding(labels)
 
     def _check_sample(self, sample: torch.Tensor) -> None:
-        if sample.ndim != 4:
-            raise ValueError(f"`sample` must be (B, C, H, W), got shape {tuple(sample.shape)}.")
+        if sample.ndim != self._sample_ndim:
+            dims = self._sample_ndim - 2
+            raise ValueError(f"`sample` must be {_LAYOUT[dims]} for a dims={dims} model, got shape "
+                             f"{tuple(sample.shape)}.")
         c_in = self.config.in_channels
         if sample.shape[1] != c_in:
             raise ValueError(f"`sample` has {sample.shape[1]} channels but the model expects in_channels={c_in}.")
         factor = 2 ** (len(self.config.block_out_channels) - 1)
-        h, w = sample.shape[-2:]
-        if h % factor or w % factor:
-            raise ValueError(
-                f"`sample` spatial size {h}x{w} is not divisible by 2**(levels-1) = {factor} "
-                f"({len(self.config.block_out_channels)} levels)."
-            )
+        halved = sample.shape[self._halved_axes:]  # (L,), (H, W), or (H, W) of (F, H, W)
+        for s in halved:
+            if s % factor:
+                raise ValueError(
+                    f"`sample` spatial size {'x'.join(map(str, halved))} is not divisible by 2**(levels-1) = "
+                    f"{factor} ({len(self.config.block_out_channels)} levels)."
+                )
 
     def forward(
         self,
@@ -582,7 +665,9 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         r"""Predict the diffusion target for a noisy batch.
 
         Args:
-            sample (`torch.Tensor`): Noisy input of shape `(batch, in_channels, height, width)`.
+            sample (`torch.Tensor`): Noisy input of shape `(batch, in_channels, height, width)`
+                (`(batch, in_channels, length)` for `dims=1`, `(batch, in_channels, frames, height, width)` for
+                `dims=3`).
             timestep (`torch.Tensor`, `int` or `float`): Python number, 0-dim tensor or `(batch,)` tensor;
                 broadcast over the batch. Fractional values are kept (no rounding).
             class_labels (`torch.Tensor` or `int`, *optional*): `(batch,)` integer labels in
@@ -591,7 +676,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
             return_dict (`bool`, defaults to `True`): Return a [`DDPMUNet2DOutput`] instead of a tuple.
 
         Returns:
-            [`DDPMUNet2DOutput`] or `tuple`: the `(batch, out_channels, height, width)` prediction.
+            [`DDPMUNet2DOutput`] or `tuple`: the `(batch, out_channels, *spatial)` prediction.
         """
         self._check_sample(sample)
         cfg = self.config
@@ -609,7 +694,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         # Every res block applies the same activation to the embedding; do it once.
         temb = emb if self._skip_time_act else self._act(emb)
 
-        h = self.conv_in(sample)  # (B, C0, H, W)
+        h = self.conv_in(sample)  # (B, C0, *spatial)
         skips = [h]
         for block in self.down_blocks:
             h, level_skips = block(h, temb)
@@ -618,7 +703,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         for block in self.up_blocks:
             h = block(h, skips, temb)
         act = self._act if torch.is_grad_enabled() else self._act_
-        h = self.conv_out(act(self.norm_out(h)))  # (B, out_channels, H, W)
+        h = self.conv_out(act(self.norm_out(h)))  # (B, out_channels, *spatial)
 
         if not return_dict:
             return (h,)
@@ -637,7 +722,8 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
 
         Args:
             name (`str`): One of [`~DDPMUNet2DModel.list_presets`].
-            **overrides: Config keys replacing the preset's values (e.g. `num_class_embeds=10`).
+            **overrides: Config keys replacing the preset's values (e.g. `num_class_embeds=10`, or `dims=1` /
+                `dims=3` for the 1D / 3D variant of the preset; an int `sample_size` then applies to every axis).
         """
         if name not in UNET_PRESETS:
             raise ValueError(f"Unknown preset {name!r}; allowed: {list(UNET_PRESETS)}.")
@@ -654,7 +740,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         Supported: `DownBlock2D`/`AttnDownBlock2D`, `UpBlock2D`/`AttnUpBlock2D`, `UNetMidBlock2D`, positional
         time embedding, `resnet_time_scale_shift` default or scale_shift, any dividing `attention_head_dim`
         (or None), `downsample_padding` 0 or 1, `num_class_embeds`. A class table of N rows becomes N + 1 rows
-        (null row zero). Anything else raises a ValueError naming the part.
+        (null row zero). Anything else raises a ValueError naming the part (also a model with `dims` != 2).
         """
         config = unet2d_config_to_ours(dict(unet2d.config))
         with torch.device("meta"):
@@ -668,7 +754,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
 
         Raises a ValueError naming the option when this model uses something `UNet2DModel` cannot express
         (e.g. `upsample_type="conv_transpose"`, a non-SiLU activation, per-level head dims from
-        `num_attention_heads`).
+        `num_attention_heads`, or `dims` other than 2: `UNet2DModel` is 2D only).
         """
         from diffusers import UNet2DModel
 
@@ -723,6 +809,8 @@ def _int_list(name: str, value, allow_empty: bool, optional: bool = False) -> li
 def _validate_config(**cfg) -> tuple[list[int], list[int]]:
     """Check every constructor argument (types first, then ranges, then consistency); raise a ValueError or
     TypeError naming the field. Returns `(block_out_channels, attention_resolutions sorted descending)`."""
+    _check_choice("dims", cfg["dims"], _DIMS)  # first: `sample_size` is read against it
+    dims = cfg["dims"]
     for name in ("center_input_sample", "flip_sin_to_cos", "resnet_skip_time_act", "add_attention",
                  "mid_attention_norm", "zero_init_residual"):
         _require_bool(name, cfg[name])
@@ -763,17 +851,19 @@ def _validate_config(**cfg) -> tuple[list[int], list[int]]:
         raise ValueError(f"Middle channels {chans[-1]} (`block_out_channels`[-1]) not divisible by "
                          f"`attn_norm_num_groups`={attn_groups}.")
     sample_size = cfg["sample_size"]
-    hw = _as_hw(sample_size)
-    if hw is not None and min(hw) < 1:
+    size = _as_spatial(sample_size, dims)
+    if size is not None and min(size) < 1:
         raise ValueError(f"`sample_size`={sample_size!r} must be positive.")
     factor = 2 ** (len(chans) - 1)
-    if hw is not None and (hw[0] % factor or hw[1] % factor):
+    halved = size[_halved_from(dims):] if size is not None else ()  # dims=3: F is never halved
+    if any(s % factor for s in halved):
         raise ValueError(f"`sample_size`={sample_size!r} is not divisible by 2**(levels-1) = {factor} "
-                         f"for {len(chans)} levels (`block_out_channels`={chans}).")
+                         f"for {len(chans)} levels (`block_out_channels`={chans})"
+                         + (" on its H and W axes (dims=3 keeps F)." if dims == 3 else "."))
+    have = _level_resolutions(size, dims, len(chans)) if size is not None else []
     if attn_res:
-        if hw is None:
+        if size is None:
             raise ValueError(f"`attention_resolutions`={attn_res} needs `sample_size` to locate the levels.")
-        have = [hw[0] // 2**i for i in range(len(chans))]
         missing = [r for r in attn_res if r not in have]
         if missing:
             raise ValueError(f"`attention_resolutions` {missing} match no level; the levels' resolutions are {have} "
@@ -782,7 +872,7 @@ def _validate_config(**cfg) -> tuple[list[int], list[int]]:
     if head_dim is not None and num_heads is not None:
         raise ValueError("Give either `attention_head_dim` or `num_attention_heads`, not both "
                          f"(got {head_dim} and {num_heads}).")
-    attn_chans = [c for i, c in enumerate(chans) if hw is not None and hw[0] // 2**i in attn_res]
+    attn_chans = [c for c, r in zip(chans, have) if r in attn_res]
     if cfg["add_attention"]:
         attn_chans.append(chans[-1])
     for c in attn_chans:
@@ -798,6 +888,13 @@ def _validate_config(**cfg) -> tuple[list[int], list[int]]:
 # ---------------------------------------------------------------------- UNet2DModel conversion
 
 _UNET2D_DOWN = ("DownBlock2D", "AttnDownBlock2D")
+
+
+def _require_2d(cfg: dict, what: str) -> None:
+    dims = cfg.get("dims", 2)
+    if dims != 2:
+        raise ValueError(f"`{what}` converts 2D models only (diffusers' UNet2DModel); this config has `dims`={dims!r} "
+                         "(allowed: [2]).")
 _UNET2D_UP = ("UpBlock2D", "AttnUpBlock2D")
 
 
@@ -807,6 +904,7 @@ def _strip_unetres(name: str) -> str:
 
 def unet2d_config_to_ours(cfg: dict) -> dict:
     """Translate a `UNet2DModel` config into a `DDPMUNet2DModel` config, or raise naming what has no match."""
+    _require_2d(cfg, "from_unet2d")
     downs = [_strip_unetres(b) for b in cfg["down_block_types"]]
     ups = [_strip_unetres(b) for b in cfg["up_block_types"]]
     chans = list(cfg["block_out_channels"])
@@ -895,6 +993,7 @@ def _level_attention(cfg: dict) -> list[bool]:
 
 def ours_config_to_unet2d(cfg: dict) -> dict:
     """Translate a `DDPMUNet2DModel` config into a `UNet2DModel` config, or raise naming what has no match."""
+    _require_2d(cfg, "to_unet2d")
     fixed = {
         "time_embedding_act_fn": ("silu", "swish"),
         "act_fn": ("silu", "swish"),

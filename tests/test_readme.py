@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import torch
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -16,9 +18,9 @@ def _python_blocks(section: str) -> list[str]:
 def test_usage_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = _python_blocks("Use it like any diffusers model")
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace: dict = {}
-    for block in blocks:
+    for block in blocks[:3]:
         exec(compile(block, str(README), "exec"), namespace)
     from diffusers_ddpm_ext import DDPMUNet2DModel, GaussianDiffusionScheduler
 
@@ -31,6 +33,11 @@ def test_usage_snippets_run(tmp_path, monkeypatch):
     theirs, back = namespace["theirs"].state_dict(), namespace["back"].state_dict()
     assert theirs.keys() == back.keys()
     assert all((theirs[k] == back[k]).all() for k in theirs)
+    # The dims snippet: a 1D and a 3D model, sampled with the scheduler directly.
+    dims_ns: dict = {}
+    exec(compile(blocks[3], str(README), "exec"), dims_ns)
+    assert (dims_ns["seq"].config.dims, dims_ns["clip"].config.dims) == (1, 3)
+    assert dims_ns["x"].shape == (2, 1, 4, 16, 16) and torch.isfinite(dims_ns["x"]).all()
 
 
 def test_training_loop_snippet_runs():
