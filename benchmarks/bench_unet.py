@@ -11,13 +11,16 @@ all alike), after warm-up rounds, and the medians compared. One JSON line per ro
 
 Variants: `ours` (fp32, the default mode, parity with UNet2DModel), `ours_bf16` (`torch.autocast` bf16; AMX/AVX512-
 BF16 on CPU, tensor cores on CUDA), `unet2d` (UNet2DModel fp32, the reference), and optionally `unet2d_bf16`
-(`--bf16-baseline`), `ours_cl` (`--channels-last`) and `ours_compile` (`--compile`: `torch.compile(fullgraph=True)`,
-compile time is excluded and reported separately).
+(`--bf16-baseline`), `ours_cl` (`--channels-last`), and `ours_compile` / `unet2d_compile` (`--compile`: inductor,
+ours with `fullgraph=True`, weight freezing for forward rows; compile time is excluded and reported separately).
 
 Each row has `<variant>_s` (median seconds per call), `speed_ratio` = unet2d / ours (> 1: ours is faster),
 `bf16_speed_ratio` = unet2d fp32 / ours_bf16, achieved GFLOP/s per variant (FLOPs counted with
 `torch.utils.flop_counter`) and `peak_fp32_gflops` / `peak_bf16_gflops`: a large 3x3 convolution timed in the same
-process at the same thread count, the practical ceiling of this machine for conv-dominated networks.
+process at the same thread count, the practical ceiling of this machine for conv-dominated networks. On CPU,
+`unet2d_dense_fraction` / `ours_dense_fraction` are the shares of a profiled step spent in convolutions, GEMMs and
+attention kernels (identical shapes and kernels in both models), and `ceiling_speed_ratio` = 1 / unet2d's share:
+the most any identical-FLOP model calling the same dense kernels could gain over UNet2DModel on that row.
 """
 
 import argparse
@@ -79,7 +82,7 @@ def step_fn(model, mode: str, batch: int, bf16: bool, channels_last: bool = Fals
     x, noise, t = make_inputs(model.config, batch, device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    call = call or model
+    call = model if call is None else call
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if mode == "forward":
         def step():
@@ -100,6 +103,22 @@ def step_fn(model, mode: str, batch: int, bf16: bool, channels_last: bool = Fals
         _sync(device)
 
     return step
+
+
+def compiled_step(model, mode: str, batch: int):
+    """(step, compile seconds) for `torch.compile(model)` (inductor). Forward rows compile with inductor's freezing:
+    weights become constants, so convolution weights are pre-packed for oneDNN and bias/scale arithmetic is folded
+    (inference weight folding); training rows compile forward and backward graphs without it. Ours must compile
+    with `fullgraph=True` (no graph breaks); UNet2DModel is compiled as diffusers documents it."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    fullgraph = isinstance(model, DDPMUNet2DModel)
+    with inductor_config.patch(freezing=mode == "forward"):
+        step = step_fn(model, mode, batch, False, call=torch.compile(model, fullgraph=fullgraph))
+        start = time.perf_counter()
+        step()  # compiles
+        return step, round(time.perf_counter() - start, 1)
 
 
 def count_flops(model, mode: str, batch: int) -> int:
@@ -134,6 +153,25 @@ def conv_peak_gflops(dtype: torch.dtype, device) -> float:
                 times.append(time.perf_counter() - start)
         best = max(best, flops / statistics.median(times) / 1e9)
     return best
+
+
+# Dense kernels: the convolutions, GEMMs and attention that both models run on the same shapes (same oneDNN / BLAS
+# kernels). Everything else (norms, activations, adds, copies, concatenations, Python) is where an identical-FLOP
+# implementation can save time.
+DENSE_KERNELS = ("convolution", "aten::mm", "aten::addmm", "aten::bmm", "scaled_dot_product", "aten::linear")
+
+
+def dense_kernel_fraction(step) -> float:
+    """Share of one step's self CPU time spent in DENSE_KERNELS (torch.profiler, one profiled call after one
+    unprofiled one). `1 / fraction` bounds the speed-up any identical-FLOP model can reach over this one while it
+    calls the same dense kernels: the ratio it would get if everything else cost nothing."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    dense = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in DENSE_KERNELS))
+    return dense / total
 
 
 def time_round_robin(fns: dict, warmup: int, repeats: int, desc: str) -> dict:
@@ -203,7 +241,8 @@ def main():
     parser.add_argument("--no-bf16", action="store_true", help="skip the ours_bf16 variant")
     parser.add_argument("--bf16-baseline", action="store_true", help="also time UNet2DModel under bf16 autocast")
     parser.add_argument("--channels-last", action="store_true", help="also time ours with channels_last memory")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours, fullgraph=True)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of both models (ours with "
+                        "fullgraph=True; inductor freezing for forward rows); compile time is reported, not timed")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocess per model)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
@@ -223,8 +262,10 @@ def main():
         models = {"ours": ours, "unet2d": theirs}
         if args.channels_last:
             models["ours_cl"] = DDPMUNet2DModel.from_unet2d(theirs).to(device, memory_format=torch.channels_last)
-        if args.compile:
+        if args.compile:  # own copies: freezing turns the weights of a compiled forward into constants
             models["ours_compile"] = DDPMUNet2DModel.from_unet2d(theirs).to(device)
+            models["unet2d_compile"] = UNet2DModel.from_config(theirs.config).to(device)
+            models["unet2d_compile"].load_state_dict(theirs.state_dict())
         for threads in args.threads:
             torch.set_num_threads(threads)
             peak32 = peak16 = 0.0
@@ -242,15 +283,10 @@ def main():
                         fns["unet2d_bf16"] = step_fn(theirs, mode, batch, True)
                     if args.channels_last:
                         fns["ours_cl"] = step_fn(models["ours_cl"], mode, batch, False, channels_last=True)
-                    compile_s = None
+                    compile_s = {}
                     if args.compile:
-                        torch._dynamo.reset()
-                        m = models["ours_compile"]
-                        compiled = torch.compile(m, fullgraph=True)
-                        fns["ours_compile"] = step_fn(m, mode, batch, False, call=compiled)
-                        start = time.perf_counter()
-                        fns["ours_compile"]()
-                        compile_s = round(time.perf_counter() - start, 1)
+                        for name, m in (("ours", models["ours_compile"]), ("unet2d", models["unet2d_compile"])):
+                            fns[f"{name}_compile"], compile_s[name] = compiled_step(m, mode, batch)
                     med = time_round_robin(fns, args.warmup, args.repeats, f"{layout} b{batch} {mode} t{threads}")
                     row = {"bench": "unet", "layout": layout, "mode": mode, "batch_size": batch, "threads": threads}
                     row.update({f"{k}_s": round(v, 4) for k, v in med.items()})
@@ -262,8 +298,11 @@ def main():
                     row.update(peak_fp32_gflops=round(peak32, 1), peak_bf16_gflops=round(peak16, 1),
                                ours_fraction_of_fp32_peak=round(flops / med["ours"] / 1e9 / peak32, 3),
                                unet2d_fraction_of_fp32_peak=round(flops / med["unet2d"] / 1e9 / peak32, 3))
-                    if compile_s is not None:
-                        row["compile_s"] = compile_s
+                    if device.type == "cpu":
+                        frac = dense_kernel_fraction(fns["unet2d"])
+                        row.update(unet2d_dense_fraction=round(frac, 3), ceiling_speed_ratio=round(1 / frac, 3),
+                                   ours_dense_fraction=round(dense_kernel_fraction(fns["ours"]), 3))
+                    row.update({f"{k}_compile_s": v for k, v in compile_s.items()})
                     if args.memory:
                         row["ours_peak_mb"] = round(peak_memory_mb(layout, "ours", mode, batch, threads), 1)
                         row["unet2d_peak_mb"] = round(peak_memory_mb(layout, "unet2d", mode, batch, threads), 1)
