@@ -610,9 +610,21 @@ def list_checkpoints(folder: str, verify: bool = True) -> List[str]:
 
 
 def find_latest_checkpoint(folder: str) -> Optional[str]:
-    """The complete checkpoint with the highest step in ``folder``, or None."""
-    checkpoints = list_checkpoints(folder)
-    return checkpoints[-1] if checkpoints else None
+    """The newest checkpoint in ``folder`` whose every file matches its manifest's SHA-256, or None.
+
+    Newer folders that fail the hash check (altered after they were written, e.g. a same-size corruption the
+    cheap size check of :func:`list_checkpoints` lets through) are skipped with a warning naming them, so
+    ``latest`` resumes from the newest intact state instead of failing. Only the candidates down to the first
+    intact one are hashed.
+    """
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            verify_checkpoint(path, check_hashes=True)
+        except CheckpointError as exc:
+            logger.warning("latest: skipping %s: %s", path, exc)
+            continue
+        return path
+    return None
 
 
 def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import random
@@ -225,7 +226,7 @@ def test_load_checkpoint_never_unpickles_code(tmp_path):
     assert not os.path.exists("/tmp/ddpm_ext_pwned")
 
 
-def test_tampered_or_truncated_checkpoints_are_detected_and_skipped(tmp_path):
+def test_tampered_or_truncated_checkpoints_are_detected_and_skipped(tmp_path, caplog):
     good, _ = save_tiny_checkpoint(tmp_path, step=5)
     truncated, _ = save_tiny_checkpoint(tmp_path, step=7)
     tampered, _ = save_tiny_checkpoint(tmp_path, step=8)
@@ -246,9 +247,11 @@ def test_tampered_or_truncated_checkpoints_are_detected_and_skipped(tmp_path):
         tu.load_checkpoint(tampered)
     with pytest.raises(tu.CheckpointError, match="missing"):
         tu.load_checkpoint(half_written)
-    # latest: the tampered one passes the cheap size check, loading then refuses it by hash.
+    # The tampered one passes the cheap size check of the listing; `latest` hashes and skips it, with a warning.
     assert [os.path.basename(p) for p in tu.list_checkpoints(str(tmp_path))] == ["checkpoint-5", "checkpoint-8"]
-    assert tu.resolve_resume_path("latest", str(tmp_path)) == tampered
+    with caplog.at_level(logging.WARNING, logger=tu.logger.name):
+        assert tu.resolve_resume_path("latest", str(tmp_path)) == good
+    assert any("checkpoint-8" in r.getMessage() and "SHA-256" in r.getMessage() for r in caplog.records)
     assert tu.resolve_resume_path("checkpoint-5", str(tmp_path)) == good
     with pytest.raises(tu.CheckpointError, match="available"):
         tu.resolve_resume_path("checkpoint-99", str(tmp_path))
