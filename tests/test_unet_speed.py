@@ -155,19 +155,24 @@ def test_compile_fullgraph_no_graph_breaks():
     torch._dynamo.reset()
 
 
-def test_inductor_compile_with_weight_freezing_matches_eager():
-    """The benchmark's compiled inference path: inductor with freezing (weights folded into constants, oneDNN
-    weights pre-packed) keeps fp32 parity with the eager model."""
+def test_inductor_compile_with_weight_freezing_matches_eager_in_ddpm_pipeline():
+    """The README's compiled sampling recipe: inductor with freezing (weights folded into constants, oneDNN conv
+    weights pre-packed), the compiled UNet dropped into `DDPMPipeline`, keeps fp32 parity with eager sampling."""
     import torch._inductor.config as inductor_config
+    from diffusers import DDPMPipeline
+
+    from diffusers_ddpm_ext.scheduler import GaussianDiffusionScheduler
 
     torch.manual_seed(0)
-    model = randomised(DDPMUNet2DModel(**CONFIGS["scale-shift-mid-scale"])).eval()
-    x, t = inputs(model, batch=2)
+    unet = randomised(DDPMUNet2DModel(**CONFIGS["scale-shift-mid-scale"])).eval()
+    scheduler = GaussianDiffusionScheduler(num_train_timesteps=100, variance_type="learned_range")
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    kwargs = dict(batch_size=2, num_inference_steps=4, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     torch._dynamo.reset()
-    with torch.no_grad(), inductor_config.patch(freezing=True):
-        compiled = torch.compile(model, fullgraph=True)
-        out = compiled(x, t).sample
-        ref = model(x, t).sample
+    with inductor_config.patch(freezing=True):
+        pipe.unet = torch.compile(unet, fullgraph=True)
+        out = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     torch._dynamo.reset()
-    assert out.shape == ref.shape
-    assert (out - ref).abs().max().item() <= 1e-5
+    assert out.shape == ref.shape == (2, 8, 8, 3)
+    assert abs(out - ref).max() <= 1e-5
