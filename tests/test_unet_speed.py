@@ -176,3 +176,23 @@ def test_inductor_compile_with_weight_freezing_matches_eager_in_ddpm_pipeline():
     torch._dynamo.reset()
     assert out.shape == ref.shape == (2, 8, 8, 3)
     assert abs(out - ref).max() <= 1e-5
+
+
+def test_benchmark_winograd_convolution_equals_direct_conv():
+    """benchmarks/bench_winograd.py's F(2x2, 3x3) convolution (the README's Winograd figures) is a real 3x3 conv,
+    odd sizes included."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_winograd.py"
+    spec = importlib.util.spec_from_file_location("bench_winograd", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g = torch.Generator().manual_seed(0)
+    for n, c, h, w, k in [(2, 8, 8, 8, 16), (3, 5, 7, 9, 4)]:
+        x, wt, b = torch.randn(n, c, h, w, generator=g), torch.randn(k, c, 3, 3, generator=g), torch.randn(k)
+        timings = {}
+        out = bench.winograd_conv3x3(x, bench.winograd_weight(wt), b, timings)
+        ref = torch.nn.functional.conv2d(x, wt, b, padding=1)
+        assert out.shape == ref.shape and timings["gemm"] > 0
+        assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
