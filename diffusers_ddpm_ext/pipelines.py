@@ -159,6 +159,10 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
             raise ValueError(f"`guidance_scale` must be a float >= 0, got {guidance_scale!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}.")
+        dims = getattr(self.unet.config, "dims", 2)
+        if dims != 2:  # fail before sampling, not after it when the images are converted
+            raise ValueError(f"this pipeline samples images: it needs a `dims`=2 UNet, got `dims`={dims!r} "
+                             "(allowed: [2]); sample 1D/3D models with the scheduler directly.")
 
         device = self._execution_device
         labels = self._labels_tensor(class_labels, batch_size, device)  # (B,)

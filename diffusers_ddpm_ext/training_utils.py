@@ -609,32 +609,54 @@ def list_checkpoints(folder: str, verify: bool = True) -> List[str]:
     return [path for _, path in sorted(found)]
 
 
-def find_latest_checkpoint(folder: str) -> Optional[str]:
-    """The newest checkpoint in ``folder`` whose every file matches its manifest's SHA-256, or None.
+def find_latest_checkpoint(folder: str, quarantine: bool = False) -> Optional[str]:
+    """The newest checkpoint in ``folder`` whose every file matches its manifest's SHA-256, or None if there is none.
 
-    Newer folders that fail the hash check (altered after they were written, e.g. a same-size corruption the
-    cheap size check of :func:`list_checkpoints` lets through) are skipped with a warning naming them, so
-    ``latest`` resumes from the newest intact state instead of failing. Only the candidates down to the first
-    intact one are hashed.
+    Newer folders that fail the hash check (altered after they were written, e.g. a same-size corruption the cheap
+    size check of :func:`list_checkpoints` lets through) are skipped with a warning naming them, so ``latest``
+    resumes from the newest intact state. Only the candidates down to the first intact one are hashed.
+
+    Args:
+        folder: The run's output folder.
+        quarantine: Rename each skipped folder to ``checkpoint-<step>.corrupt-<unix time>`` (kept, never deleted),
+            so that a resumed run reaching that step again writes a fresh checkpoint there and rotation does not
+            count it. Only one process of a run may pass True.
+
+    Raises:
+        CheckpointError: Checkpoints exist but none is intact (nothing is renamed then): resuming from nothing
+            would silently restart the run.
     """
-    for path in reversed(list_checkpoints(folder)):
+    checkpoints = list_checkpoints(folder)
+    failures = []
+    for path in reversed(checkpoints):
         try:
             verify_checkpoint(path, check_hashes=True)
         except CheckpointError as exc:
             logger.warning("latest: skipping %s: %s", path, exc)
+            failures.append((path, exc))
             continue
+        for bad, _ in failures if quarantine else ():
+            aside = f"{bad}.corrupt-{int(time.time())}"
+            os.replace(bad, aside)
+            logger.warning("latest: moved the altered %s aside to %s", bad, aside)
         return path
+    if failures:
+        raise CheckpointError(f"none of the {len(failures)} checkpoints in {folder} is intact: "
+                              + "; ".join(str(exc) for _, exc in failures)
+                              + ". Resume from one of them explicitly after repairing it, or start over with "
+                                "--overwrite_output_dir.")
     return None
 
 
-def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
-    """Turn ``--resume_from_checkpoint`` into a folder: ``latest`` -> newest complete one in ``output_dir``
-    (None when there is none yet, so a first run with ``latest`` starts fresh); a name or path -> that
-    folder, which must exist."""
+def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str,
+                        quarantine: bool = False) -> Optional[str]:
+    """Turn ``--resume_from_checkpoint`` into a folder: ``latest`` -> newest intact one in ``output_dir``
+    (:func:`find_latest_checkpoint`, with ``quarantine``; None when there is none yet, so a first run with
+    ``latest`` starts fresh); a name or path -> that folder, which must exist."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        return find_latest_checkpoint(output_dir)
+        return find_latest_checkpoint(output_dir, quarantine=quarantine)
     for candidate in (resume_from_checkpoint, os.path.join(output_dir, resume_from_checkpoint)):
         if os.path.isdir(candidate):
             return candidate

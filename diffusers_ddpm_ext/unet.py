@@ -888,14 +888,15 @@ def _validate_config(**cfg) -> tuple[list[int], list[int]]:
 # ---------------------------------------------------------------------- UNet2DModel conversion
 
 _UNET2D_DOWN = ("DownBlock2D", "AttnDownBlock2D")
+_UNET2D_UP = ("UpBlock2D", "AttnUpBlock2D")
 
 
 def _require_2d(cfg: dict, what: str) -> None:
+    """UNet2DModel has no 1D/3D counterpart: refuse a `dims` != 2 config before any weight is touched."""
     dims = cfg.get("dims", 2)
     if dims != 2:
-        raise ValueError(f"`{what}` converts 2D models only (diffusers' UNet2DModel); this config has `dims`={dims!r} "
-                         "(allowed: [2]).")
-_UNET2D_UP = ("UpBlock2D", "AttnUpBlock2D")
+        raise ValueError(f"`{what}` converts 2D models only (diffusers' UNet2DModel); this config has "
+                         f"`dims`={dims!r} (allowed: [2]).")
 
 
 def _strip_unetres(name: str) -> str:

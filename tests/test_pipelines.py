@@ -21,11 +21,11 @@ NUM_CLASSES = 3
 
 
 
-def tiny_unet(num_class_embeds=NUM_CLASSES, learned_variance=False, seed=0):
+def tiny_unet(num_class_embeds=NUM_CLASSES, learned_variance=False, seed=0, dims=2):
     torch.manual_seed(seed)
     return DDPMUNet2DModel(
         sample_size=8, in_channels=1, out_channels=2 if learned_variance else 1, block_out_channels=(8, 16),
-        layers_per_block=1, norm_num_groups=4, attention_resolutions=(), num_class_embeds=num_class_embeds,
+        layers_per_block=1, norm_num_groups=4, attention_resolutions=(), num_class_embeds=num_class_embeds, dims=dims,
     ).eval()
 
 
@@ -154,6 +154,13 @@ def test_unconditional_unet_is_rejected():
     pipe = ClassConditionalDDPMPipeline(unet=tiny_unet(num_class_embeds=None), scheduler=tiny_scheduler())
     with pytest.raises(ValueError, match="num_class_embeds"):
         pipe(class_labels=[0], num_inference_steps=2)
+
+
+def test_1d_and_3d_unets_are_rejected_before_sampling():
+    for dims in (1, 3):
+        pipe = ClassConditionalDDPMPipeline(unet=tiny_unet(dims=dims), scheduler=tiny_scheduler())
+        with pytest.raises(ValueError, match=rf"`dims`={dims} \(allowed: \[2\]\)"):
+            pipe(class_labels=[0], num_inference_steps=2)
 
 
 def test_ddim_pipeline_with_our_unet():

@@ -369,6 +369,23 @@ def test_truncated_or_tampered_checkpoints_name_the_file_and_latest_skips_half_w
     assert tu.load_checkpoint(bad).step == 4
 
 
+def test_latest_skips_an_altered_newest_checkpoint_and_the_resumed_run_rewrites_it(tmp_path):
+    """A same-size corruption of the newest checkpoint: `latest` resumes from the one before, moves the altered
+    folder aside, and the resumed run writes a fresh, verifiable checkpoint at that step again."""
+    out = tmp_path / "run"
+    common = ["--max_train_steps", 4, "--checkpointing_steps", 2, *FAST]
+    run_train("--output_dir", out, *common)
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
+    weights = out / "checkpoint-4" / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    run_train("--output_dir", out, "--resume_from_checkpoint", "latest", *common)
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
+    assert tu.load_checkpoint(str(out / "checkpoint-4"), check_hashes=True).step == 4
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("checkpoint-4.corrupt-")]
+    assert (aside / "model.safetensors").read_bytes() != blob  # the altered copy is kept, not deleted
+
+
 def test_resume_from_a_truncated_checkpoint_fails_before_training(tmp_path):
     out = tmp_path / "run"
     path = _fake_checkpoint(out, 3)

@@ -257,6 +257,24 @@ def test_tampered_or_truncated_checkpoints_are_detected_and_skipped(tmp_path, ca
         tu.resolve_resume_path("checkpoint-99", str(tmp_path))
     assert tu.resolve_resume_path("latest", str(tmp_path / "empty")) is None
     assert tu.clean_stale_temporaries(str(tmp_path)) == [".tmp-checkpoint-12-1-1"]
+    # quarantine (what train.py's main process asks for): the altered one is kept, renamed out of the listing
+    assert tu.resolve_resume_path("latest", str(tmp_path), quarantine=True) == good
+    assert not os.path.exists(tampered)
+    (aside,) = [n for n in os.listdir(tmp_path) if n.startswith("checkpoint-8.corrupt-")]
+    assert Path(tmp_path, aside, "model.safetensors").read_bytes() == bytes(blob)
+    assert [os.path.basename(p) for p in tu.list_checkpoints(str(tmp_path))] == ["checkpoint-5"]
+
+
+def test_latest_refuses_when_no_checkpoint_is_intact(tmp_path):
+    """Resuming from nothing would silently restart a run: all-altered checkpoints are an error, and untouched."""
+    only, _ = save_tiny_checkpoint(tmp_path, step=3)
+    weights = Path(only, "model.safetensors")
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(tu.CheckpointError, match=r"none of the 1 checkpoints .* is intact.*checkpoint-3"):
+        tu.resolve_resume_path("latest", str(tmp_path), quarantine=True)
+    assert os.path.isdir(only)
 
 
 def test_rotate_checkpoints_keeps_newest(tmp_path):

@@ -7,8 +7,8 @@
 A superset of diffusers' examples/unconditional_image_generation/train_unconditional.py (same flag names) with
 its faults fixed: --overwrite_output_dir and --hub_private_repo are honoured, only the exported pipeline is
 pushed (with a model card; at every --save_model_epochs save and at the end, as there), checkpoints are atomic
-and resume exactly, EMA weights never overwrite the training weights. The building blocks live in `diffusers_ddpm_ext.training_utils`; this file parses flags and
-wires them together.
+and resume exactly, EMA weights never overwrite the training weights. The building blocks live in
+`diffusers_ddpm_ext.training_utils`; this file parses flags and wires them together.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
       "one commit per push: at every --save_model_epochs export (message 'Epoch E, step S') and at the end. A "
       "token is required before training starts. A failed intermediate push is logged as a warning and training "
       "goes on (the next save point pushes the newer pipeline again); a failed final push is an error (exit code "
-      "4), raised after the local pipeline and metrics.json are written. Every push's outcome is listed in metrics.json "
-      "(hub_pushes).")
+      "4), raised after the local pipeline and metrics.json are written. Every push's outcome is listed in "
+      "metrics.json (hub_pushes).")
     a("--hub_strategy", default="every_save", choices=["every_save", "end"], help="With --push_to_hub: push at "
       "every --save_model_epochs export and at the end (every_save), or only the final pipeline (end).")
     a("--hub_token", default=None, help="Hub write token (default: $HF_TOKEN or `hf auth login`).")
@@ -219,7 +219,7 @@ def _on_main(accelerator, fn):
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run training; returns the metrics dict (also written to ``<output_dir>/metrics.json``)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, gather_object
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -318,9 +318,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "loss_steps": [], "losses": [],
              "skipped_steps": 0, "train_time_s": 0.0}
-    resume_path = tu.resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+    # The main process picks (and hashes) the checkpoint and moves altered newer ones aside; every process then
+    # loads the same one.
+    resume_path = [None]
+    _on_main(accelerator, lambda: resume_path.__setitem__(
+        0, tu.resolve_resume_path(args.resume_from_checkpoint, args.output_dir, quarantine=True)))
+    if world > 1:
+        broadcast_object_list(resume_path)
+    resume_path = resume_path[0]
     if resume_path is not None:
-        data = tu.load_checkpoint(resume_path)
+        # `latest` has just checked every SHA-256; an explicitly named checkpoint is checked here.
+        data = tu.load_checkpoint(resume_path, check_hashes=args.resume_from_checkpoint != "latest")
         tu.check_checkpoint_matches(data, unwrapped)
         unwrapped.load_state_dict(data.model_state, strict=True)
         optimizer.load_state_dict(data.optimizer_state)
@@ -700,7 +708,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             f"{_push_failure(push_error)} The run itself completed: {out} holds the pipeline, metrics.json and "
             f"checkpoints. Retry the upload with `python -m diffusers_ddpm_ext.hub export {out} {export_dir} "
             f"--repo-id {hub_repo_id} --metrics {os.path.join(out, 'metrics.json')}` then "
-            f"`python -m diffusers_ddpm_ext.hub push {export_dir} {hub_repo_id}`.") from push_error
+            f"`python -m diffusers_ddpm_ext.hub push {export_dir} {hub_repo_id}"
+            f"{' --private' if args.hub_private_repo else ''}`.") from push_error
     return metrics
 
 
