@@ -245,6 +245,15 @@ def test_two_process_run_synchronises_and_writes_one_output(tmp_path):
                                               tu.RUN_MARKER_NAME, "unet"])
     data = tu.load_checkpoint(str(out / "checkpoint-2"))
     assert len(data.rng_states) == 2 and data.rng_states[0] != data.rng_states[1]
+    # Resume both processes with `latest`: the main process picks the checkpoint and broadcasts it.
+    resume = [a if a != "2" or cmd[i - 1] != "--max_train_steps" else "4" for i, a in enumerate(cmd)]
+    proc = subprocess.run([*resume, "--resume_from_checkpoint", "latest"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr and "checkpoint-2" in proc.stdout + proc.stderr
+    lines = re.findall(r"\[rank (\d)\] weight checksum (\w+) ema (\w+)", proc.stdout)
+    assert sorted(rank for rank, _, _ in lines) == ["0", "1"] and len({(w, e) for _, w, e in lines}) == 1
+    assert tu.load_checkpoint(str(out / "checkpoint-4")).step == 4
 
 
 # ---- Hub pushes at save points (HfApi replaced by train_helpers.FakeHubApi: nothing leaves the machine)
