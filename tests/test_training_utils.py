@@ -1,6 +1,5 @@
 """Unit tests of the training script's building blocks (diffusers_ddpm_ext.training_utils)."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -19,17 +18,7 @@ from diffusers_ddpm_ext import training_utils as tu
 from diffusers_ddpm_ext.timestep_sampler import create_timestep_sampler
 from diffusers_ddpm_ext.unet import DDPMUNet2DModel
 
-TRAIN_PY = Path(__file__).resolve().parents[1] / "training" / "train.py"
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("ddpm_ext_train_script", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN = _train_module()
+from train_helpers import TRAIN
 
 
 def tiny_unet(**overrides):
