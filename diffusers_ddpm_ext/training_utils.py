@@ -240,6 +240,8 @@ def validate_args(args) -> None:
             validate_repo_id(args.hub_model_id)
         except HFValidationError as exc:
             _fail(f"--hub_model_id {args.hub_model_id!r} is not a valid repo id ('user/name'): {exc}")
+    if getattr(args, "hub_strategy", None) is not None and not args.push_to_hub:
+        _fail(f"--hub_strategy {args.hub_strategy} has no effect without --push_to_hub")
     if args.hub_private_repo and not args.push_to_hub:
         logger.warning("--hub_private_repo has no effect without --push_to_hub")
 

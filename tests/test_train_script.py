@@ -335,7 +335,7 @@ def test_failed_intermediate_push_warns_and_trains_on_failed_final_push_raises(p
 def test_hub_strategy_end_pushes_once_and_a_missing_token_fails_before_training(push_images, tmp_path,
                                                                                monkeypatch):
     fake = FakeHubApi().install(monkeypatch)
-    assert TRAIN.parse_args([]).hub_strategy == "every_save"  # diffusers' behaviour is the default
+    assert TRAIN.parse_args([]).hub_strategy is None  # unset means every_save, diffusers' behaviour
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # no `hf auth login` token either
     argv = push_argv(tmp_path / "no-token", push_images, "--save_model_epochs", 1)

@@ -86,6 +86,7 @@ def parse(*argv):
         (["--unet_config", "/nonexistent/c.json"], ["--unet_config", "not a file"]),
         (["--ema_max_decay", "1.5"], ["--ema_max_decay"]),
         (["--push_to_hub", "--hub_model_id", "a/b/c"], ["--hub_model_id"]),
+        (["--hub_strategy", "end"], ["--hub_strategy end", "--push_to_hub"]),
         (["--image_column", "img"], ["--image_column"]),
     ],
 )

@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
       "goes on (the next save point pushes the newer pipeline again); a failed final push is an error (exit code "
       "4), raised after the local pipeline and metrics.json are written. Every push's outcome is listed in "
       "metrics.json (hub_pushes).")
-    a("--hub_strategy", default="every_save", choices=["every_save", "end"], help="With --push_to_hub: push at "
-      "every --save_model_epochs export and at the end (every_save), or only the final pipeline (end).")
+    a("--hub_strategy", default=None, choices=["every_save", "end"], help="With --push_to_hub: push at "
+      "every --save_model_epochs export and at the end (every_save, the default), or only the final pipeline (end).")
     a("--hub_token", default=None, help="Hub write token (default: $HF_TOKEN or `hf auth login`).")
     a("--hub_model_id", default=None, help="Repo id (default: the --output_dir folder name).")
     a("--hub_private_repo", action="store_true", help="Create the Hub repo private.")
@@ -634,7 +634,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 grid.save(path)
             if args.save_model_epochs and (epoch + 1) % args.save_model_epochs == 0:
-                push = args.push_to_hub and args.hub_strategy == "every_save"
+                push = args.push_to_hub and args.hub_strategy != "end"
                 message = f"Epoch {epoch + 1}, step {state['global_step']}"
                 error = export(commit_message=message if push else None)
                 if error is not None:  # hours of training are worth more than one snapshot: go on
