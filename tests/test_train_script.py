@@ -311,8 +311,10 @@ def test_failed_intermediate_push_warns_and_trains_on_failed_final_push_raises(p
     fake = FakeHubApi(fail_commits={1, 3}).install(monkeypatch)  # the epoch-1 push and the final one fail
     out = tmp_path / "run"
     with pytest.raises(HubPushError, match=r"create_commit: Name or service not known.*run itself completed.*"
-                                           r"diffusers_ddpm_ext.hub export .* diffusers_ddpm_ext.hub push"):
-        run_train(*push_argv(out, push_images, "--save_model_epochs", 1))
+                                           r"Retry the upload with `python -m diffusers_ddpm_ext.hub push \S+run-hub "
+                                           r"\S+ --private`") as failure:
+        run_train(*push_argv(out, push_images, "--save_model_epochs", 1, "--hub_private_repo"))
+    assert " export " not in str(failure.value)  # the built export was kept: the retry is one push
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "push" in r.getMessage()]
     assert len(warnings) == 1 and "'Epoch 1, step 2'" in warnings[0] and "training goes on" in warnings[0]
     assert "Name or service not known" in warnings[0]
@@ -330,6 +332,14 @@ def test_failed_intermediate_push_warns_and_trains_on_failed_final_push_raises(p
     assert (out / name).read_bytes() == (ok_out / name).read_bytes() and (out / "checkpoint-6").is_dir()
     assert load_pipeline(str(out)).unet.config.sample_size == 8
     assert not [p for p in os.listdir(out) if p.startswith(".")]
+    # The kept export is the one the final commit tried to send (model card included); its retry goes through.
+    kept = tmp_path / "run-hub"
+    assert "bits/dim" in (kept / "README.md").read_text() and (kept / "model_index.json").is_file()
+    from diffusers_ddpm_ext.hub import push_to_hub
+
+    push_to_hub(str(kept), "me/pushes", token="hf_dummy", private=True, commit_message="retry")
+    assert fake.messages[-1] == "retry" and fake.calls[-1][0] == "upload"
+    assert sorted(fake.calls[-1][2]) == sorted(tu.files_under(str(kept)))
 
 
 def test_hub_strategy_end_pushes_once_and_a_missing_token_fails_before_training(push_images, tmp_path,

@@ -435,8 +435,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     hub_repo_id = args.hub_model_id or tu.default_repo_name(args.output_dir)
     hub_pushes = []  # outcome of every push of this process: written to metrics.json
+    kept_export = []  # the Hub export folder kept after a failed final upload, for the retry command
 
-    def export(final_metrics=None, commit_message=None):
+    def export(final_metrics=None, commit_message=None, keep_failed_upload=False):
         """Publish the pipeline (EMA weights) into --output_dir; with a `commit_message`, also push a Hub export.
 
         The local folder is a plain `save_pretrained` folder (model_index.json names `diffusers_ddpm_ext.*`, so
@@ -445,6 +446,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         so plain diffusers can load the repo), built in a temporary folder and deleted after the upload.
         Both are assembled in temporary folders first; the local one is published file by file before the
         upload starts, so neither a failed nor a killed upload costs the local pipeline.
+
+        With `keep_failed_upload`, a complete export whose upload failed is moved next to --output_dir
+        (`<output_dir>-hub`, numbered if taken) and recorded in `kept_export`, so the retry is one push.
 
         Returns:
             The exception that stopped the Hub export or push (main process; None when it succeeded or there
@@ -489,7 +493,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     except Exception as exc:
                         error = exc
             finally:
-                tu.remove_tree_safely(hub_dir)
+                built = os.path.isfile(os.path.join(hub_dir, "model_index.json"))
+                if keep_failed_upload and error is not None and built:
+                    base = kept = os.path.normpath(args.output_dir) + "-hub"
+                    number = 1
+                    while os.path.exists(kept):  # never overwrite an earlier kept export
+                        number += 1
+                        kept = f"{base}-{number}"
+                    os.replace(hub_dir, kept)
+                    kept_export.append(kept)
+                else:
+                    tu.remove_tree_safely(hub_dir)
             if commit_message is not None:
                 failure = None if error is None else _push_failure(error)
                 hub_pushes.append({"commit_message": commit_message, "step": state["global_step"],
@@ -689,7 +703,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         final_message = f"End of training: epoch {state['epoch'] + 1}, step {state['global_step']}"
         if accelerator.is_main_process:
             final_message += f", bits/dim {card_metrics['bits/dim']}"
-    push_error = export(card_metrics if accelerator.is_main_process else None, commit_message=final_message)
+    push_error = export(card_metrics if accelerator.is_main_process else None, commit_message=final_message,
+                        keep_failed_upload=True)
     if accelerator.is_main_process:
         metrics["wall_time_s"] = time.time() - wall_start
         if args.push_to_hub:
@@ -702,14 +717,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if push_error is not None:  # the final upload must not fail quietly; everything local is written by now
         from diffusers_ddpm_ext.hub import HubPushError
 
-        # The retry commands: the export goes to a sibling folder (an export may not lie inside its source).
-        out, export_dir = args.output_dir, os.path.normpath(args.output_dir) + "-hub"
-        raise HubPushError(
-            f"{_push_failure(push_error)} The run itself completed: {out} holds the pipeline, metrics.json and "
-            f"checkpoints. Retry the upload with `python -m diffusers_ddpm_ext.hub export {out} {export_dir} "
-            f"--repo-id {hub_repo_id} --metrics {os.path.join(out, 'metrics.json')}` then "
-            f"`python -m diffusers_ddpm_ext.hub push {export_dir} {hub_repo_id}"
-            f"{' --private' if args.hub_private_repo else ''}`.") from push_error
+        out, private = args.output_dir, " --private" if args.hub_private_repo else ""
+        if kept_export:  # the export (model card included) was built; only its upload failed
+            retry = f"`python -m diffusers_ddpm_ext.hub push {kept_export[0]} {hub_repo_id}{private}`"
+        else:  # the export itself failed: rebuild it beside the output folder (an export may not lie inside it)
+            export_dir = os.path.normpath(out) + "-hub"
+            retry = (f"`python -m diffusers_ddpm_ext.hub export {out} {export_dir} --repo-id {hub_repo_id} --metrics "
+                     f"{os.path.join(out, 'metrics.json')}` then `python -m diffusers_ddpm_ext.hub push {export_dir} "
+                     f"{hub_repo_id}{private}`")
+        raise HubPushError(f"{_push_failure(push_error)} The run itself completed: {out} holds the pipeline, "
+                           f"metrics.json and checkpoints. Retry the upload with {retry}.") from push_error
     return metrics
 
 
