@@ -108,10 +108,13 @@ def _unet_forward(model: DDPMUNet2DModel, config: dict) -> None:
     assert sum(p.numel() for p in clone.parameters()) == sum(p.numel() for p in model.parameters())
 
 
-def _check_rejection(exc: Exception, changed: list) -> None:
+def _check_rejection(exc: Exception, changed: list, bad: bool, stats: Counter) -> None:
+    """A rejection must name a changed field; count it (bad value vs. valid values that do not fit together)."""
     message = str(exc)
     assert any(name in message for name in changed), (
         f"{type(exc).__name__} does not name any changed field {changed}: {message}")
+    stats["rejected"] += 1
+    stats["rejected_with_bad_value" if bad else "rejected_inconsistent_valid_values"] += 1
 
 
 def test_unet_config_fuzz():
@@ -125,9 +128,7 @@ def test_unet_config_fuzz():
         try:
             model = DDPMUNet2DModel(**config)
         except (ValueError, TypeError) as exc:
-            _check_rejection(exc, changed)
-            stats["rejected"] += 1
-            stats["rejected_with_bad_value" if bad else "rejected_inconsistent_valid_values"] += 1
+            _check_rejection(exc, changed, bad, stats)
             return
         assert not bad, f"accepted a bad value: {config}"
         model.eval()
@@ -250,9 +251,7 @@ def test_scheduler_config_fuzz():
         try:
             scheduler = GaussianDiffusionScheduler(**config)
         except (ValueError, TypeError) as exc:
-            _check_rejection(exc, changed)
-            stats["rejected"] += 1
-            stats["rejected_with_bad_value" if bad else "rejected_inconsistent_valid_values"] += 1
+            _check_rejection(exc, changed, bad, stats)
             return
         assert not bad, f"accepted a bad value: {config}"
         _scheduler_steps(scheduler, n_steps)

@@ -4,6 +4,7 @@ readers and a recording stand-in for the Hub API (imported by test_train_script.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -50,6 +51,18 @@ def checkpoint_tensors(path):
         for key, value in state.items():
             out[f"optimizer:{index}:{key}"] = value
     return out
+
+
+def assert_same_checkpoint(path_a, path_b) -> tuple[dict, dict]:
+    """Assert two checkpoint folders hold bit-identical tensors (EMA included) and the same loss history; return
+    both training_state.json dicts for further checks."""
+    a, b = checkpoint_tensors(path_a), checkpoint_tensors(path_b)
+    assert a.keys() == b.keys() and any(k.startswith("ema") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    state_a, state_b = (json.loads((Path(p) / "training_state.json").read_text()) for p in (path_a, path_b))
+    assert state_a["losses"] == state_b["losses"]
+    return state_a, state_b
 
 
 class FakeHubApi:
