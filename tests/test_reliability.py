@@ -1,7 +1,7 @@
 """Reliability: kill -9 at any point resumes exactly, NaN handling, safe loading, bad CLI combinations.
 
 The crash tests run the real training script in separate processes and kill them with SIGKILL, either at exact
-points through the fault-injection hook (`DDPM_EXT_FAULT=<point>:<n>`, `training_utils.fault_point`) or from
+points through the fault-injection hook (`DDPM_EXT_FAULT=<point>:<n>`, `rundir.fault_point`) or from
 outside at a moment chosen by the clock. To keep nine process starts affordable, the processes are forked from a
 multiprocessing forkserver that has imported torch/diffusers/accelerate once (each child is still a fresh
 process: it loads `training/train.py`, trains, and dies by SIGKILL when told to).
@@ -26,7 +26,9 @@ import train_helpers
 from train_helpers import ROOT, TRAIN, TRAIN_PY, assert_same_checkpoint, run_train
 
 import diffusers_ddpm_ext  # noqa: F401
-from diffusers_ddpm_ext import training_utils as tu
+from diffusers_ddpm_ext import checkpoints as ck
+from diffusers_ddpm_ext import rundir
+from diffusers_ddpm_ext import trainer as tr
 from diffusers_ddpm_ext.unet import DDPMUNet2DModel
 
 PACKAGE = ROOT / "diffusers_ddpm_ext"
@@ -55,8 +57,9 @@ spec.loader.exec_module(train)
 train.main(ARGV)
 """
 _PRELOAD = ["torch", "numpy", "accelerate", "diffusers", "diffusers.training_utils", "diffusers.optimization",
-            "diffusers_ddpm_ext", "diffusers_ddpm_ext.training_utils", "diffusers_ddpm_ext.likelihood",
-            "diffusers_ddpm_ext.losses", "diffusers_ddpm_ext.data", "diffusers_ddpm_ext.hub"]
+            "diffusers_ddpm_ext", "diffusers_ddpm_ext.trainer", "diffusers_ddpm_ext.build", "diffusers_ddpm_ext.publish",
+            "diffusers_ddpm_ext.likelihood", "diffusers_ddpm_ext.losses", "diffusers_ddpm_ext.data",
+            "diffusers_ddpm_ext.hub"]
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +98,14 @@ def digest(path):
 def pipeline_files(folder):
     """sha256 of every exported-pipeline file (weights, configs, card, grid) in an output folder."""
     folder = Path(folder)
-    names = [f for f in tu.files_under(str(folder))
+    names = [f for f in rundir.files_under(str(folder))
              if f.split(os.sep)[0] in ("unet", "scheduler") or f in ("model_index.json", "README.md",
                                                                       "sample_grid.png")]
     return {f: digest(folder / f) for f in names}
 
 
 def checkpoint_names(folder):
-    return [os.path.basename(p) for p in tu.list_checkpoints(str(folder))]
+    return [os.path.basename(p) for p in ck.list_checkpoints(str(folder))]
 
 
 def test_kill9_at_every_point_resumes_to_the_uninterrupted_result(spawner, tmp_path):
@@ -130,9 +133,9 @@ def test_kill9_at_every_point_resumes_to_the_uninterrupted_result(spawner, tmp_p
     train_process(spawner, log, *resume, fault="checkpoint_write:1", expect=SIGKILLED)
     partial = [p for p in out.iterdir() if p.name.startswith(".tmp-checkpoint-6")]
     assert len(partial) == 1 and (partial[0] / "model.safetensors").exists()
-    assert not (partial[0] / tu.MANIFEST_NAME).exists()
+    assert not (partial[0] / ck.MANIFEST_NAME).exists()
     assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
-    assert tu.resolve_resume_path("latest", str(out)).endswith("checkpoint-4")
+    assert ck.resolve_resume_path("latest", str(out)).endswith("checkpoint-4")
 
     # 3. killed with checkpoint-6 complete but not yet renamed: still not chosen; the stale folder is cleaned.
     train_process(spawner, log, *resume, fault="checkpoint_rename:1", expect=SIGKILLED)
@@ -158,7 +161,7 @@ def test_kill9_at_every_point_resumes_to_the_uninterrupted_result(spawner, tmp_p
     # 6. killed after two files of the new pipeline were moved in: every file is a complete old or new file,
     # and the journal tells the next start to finish the swap.
     train_process(spawner, log, *resume, fault="publish:2", expect=SIGKILLED)
-    assert (out / tu.PUBLISH_JOURNAL_NAME).exists()
+    assert (out / rundir.PUBLISH_JOURNAL_NAME).exists()
     final = pipeline_files(straight)
     mixed = pipeline_files(out)
     assert mixed.keys() == finished.keys() and mixed["README.md"] != finished["README.md"]  # the card moved first
@@ -172,7 +175,7 @@ def test_kill9_at_every_point_resumes_to_the_uninterrupted_result(spawner, tmp_p
 
     # 7. the last start completes the swap, re-exports, and everything equals the uninterrupted run.
     train_process(spawner, log, *resume)
-    assert not (out / tu.PUBLISH_JOURNAL_NAME).exists()
+    assert not (out / rundir.PUBLISH_JOURNAL_NAME).exists()
     assert not [p for p in out.iterdir() if p.name.startswith((".tmp", ".trash"))]
     state_a, _ = assert_same_checkpoint(straight / "checkpoint-8", out / "checkpoint-8")
     assert len(state_a["losses"]) == 8
@@ -194,7 +197,7 @@ HUGE_LR = ["--learning_rate", "1e12", "--lr_scheduler", "constant", "--lr_warmup
 
 
 def _assert_finite_checkpoint(path):
-    data = tu.load_checkpoint(str(path))
+    data = ck.load_checkpoint(str(path))
     for name, tensors in (("model", data.model_state), ("ema", data.ema_state)):
         assert all(torch.isfinite(v).all() for v in tensors.values()), name
     return data
@@ -202,7 +205,7 @@ def _assert_finite_checkpoint(path):
 
 def test_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "diverged"
-    with pytest.raises(tu.NonFiniteLossError) as err:
+    with pytest.raises(tr.NonFiniteLossError) as err:
         run_train("--output_dir", out, "--max_train_steps", 10, "--checkpointing_steps", 100, *FAST, *HUGE_LR)
     message = str(err.value)
     import re
@@ -218,7 +221,7 @@ def test_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
 
 def test_skip_policy_gives_up_after_20_bad_steps_without_saving_nan(tmp_path):
     out = tmp_path / "skipping"
-    with pytest.raises(tu.NonFiniteLossError, match=r"20 consecutive non-finite steps before optimizer step (\d+).*"
+    with pytest.raises(tr.NonFiniteLossError, match=r"20 consecutive non-finite steps before optimizer step (\d+).*"
                                                     r"checkpoint-\d+"):
         run_train("--output_dir", out, "--max_train_steps", 40, "--checkpointing_steps", 100, "--nan_policy",
                   "skip", *FAST, *HUGE_LR)
@@ -235,13 +238,13 @@ def test_weights_with_nan_are_never_written(tmp_path):
     with torch.no_grad():
         next(model.parameters())[0] = float("nan")
     with pytest.raises(ValueError, match="model weights.*NaN"):
-        tu.save_checkpoint(str(tmp_path), 3, model=model)
+        ck.save_checkpoint(str(tmp_path), 3, model=model)
     good = _tiny_unet()
     ema = EMAModel(good.parameters())
     with torch.no_grad():
         ema.shadow_params[0][0] = float("inf")
     with pytest.raises(ValueError, match="EMA weights.*NaN or infinite"):
-        tu.save_checkpoint(str(tmp_path), 3, model=good, ema=ema)
+        ck.save_checkpoint(str(tmp_path), 3, model=good, ema=ema)
     assert os.listdir(tmp_path) == []  # no checkpoint, no temporary folder left behind
 
 
@@ -305,15 +308,15 @@ def _fake_checkpoint(folder, step, model=None, with_optimizer=True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(2, 1, 8, 8), 1).sample.mean().backward()
     optimizer.step()
-    return tu.save_checkpoint(str(folder), step, model=model, optimizer=optimizer if with_optimizer else None,
-                              training_state={"global_step": step}, rng_states=[tu.capture_rng_state()])
+    return ck.save_checkpoint(str(folder), step, model=model, optimizer=optimizer if with_optimizer else None,
+                              training_state={"global_step": step}, rng_states=[ck.capture_rng_state()])
 
 
 def test_checkpoint_files_are_safetensors_json_and_weights_only_pickles(tmp_path, monkeypatch):
     path = _fake_checkpoint(tmp_path, 2)
     names = sorted(os.listdir(path))
     assert names == sorted(["model.safetensors", "optimizer.pt", "training_state.json", "rng_states.json",
-                            tu.MANIFEST_NAME]), names
+                            ck.MANIFEST_NAME]), names
     calls = []
     real_load = torch.load
 
@@ -322,7 +325,7 @@ def test_checkpoint_files_are_safetensors_json_and_weights_only_pickles(tmp_path
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    data = tu.load_checkpoint(path)
+    data = ck.load_checkpoint(path)
     assert calls == [True] and data.optimizer_state["state"]
 
 
@@ -336,12 +339,12 @@ def test_malicious_pickle_in_a_checkpoint_is_refused_without_running_it(tmp_path
     path = _fake_checkpoint(tmp_path / "run", 2)
     torch.save({"state": {0: Payload()}, "param_groups": []}, os.path.join(path, "optimizer.pt"))
     # The attacker also rewrites the manifest, so sizes and hashes match.
-    manifest = json.loads(Path(path, tu.MANIFEST_NAME).read_text())
+    manifest = json.loads(Path(path, ck.MANIFEST_NAME).read_text())
     for name, info in manifest["files"].items():
         info.update(size=os.path.getsize(os.path.join(path, name)), sha256=digest(os.path.join(path, name)))
-    Path(path, tu.MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(tu.CheckpointError, match=r"cannot read checkpoint .*checkpoint-2.*Unpickl|weights_only"):
-        tu.load_checkpoint(path)
+    Path(path, ck.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ck.CheckpointError, match=r"cannot read checkpoint .*checkpoint-2.*Unpickl|weights_only"):
+        ck.load_checkpoint(path)
     assert not marker.exists()
     assert pickle.dumps(Payload())  # (the payload itself is fine: it is the loader that refused it)
 
@@ -352,16 +355,16 @@ def test_truncated_or_tampered_checkpoints_name_the_file_and_latest_skips_half_w
     weights = os.path.join(bad, "model.safetensors")
     blob = Path(weights).read_bytes()
     Path(weights).write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(tu.CheckpointError, match=r"checkpoint-4/model.safetensors is truncated"):
-        tu.load_checkpoint(bad)
-    assert tu.resolve_resume_path("latest", str(tmp_path)) == good  # the broken one is never chosen
+    with pytest.raises(ck.CheckpointError, match=r"checkpoint-4/model.safetensors is truncated"):
+        ck.load_checkpoint(bad)
+    assert ck.resolve_resume_path("latest", str(tmp_path)) == good  # the broken one is never chosen
 
     # Same size, one byte flipped: the SHA-256 in the manifest catches it.
     Path(weights).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
-    with pytest.raises(tu.CheckpointError, match=r"checkpoint-4/model.safetensors does not match its SHA-256"):
-        tu.load_checkpoint(bad)
+    with pytest.raises(ck.CheckpointError, match=r"checkpoint-4/model.safetensors does not match its SHA-256"):
+        ck.load_checkpoint(bad)
     Path(weights).write_bytes(blob)
-    assert tu.load_checkpoint(bad).step == 4
+    assert ck.load_checkpoint(bad).step == 4
 
 
 def test_latest_skips_an_altered_newest_checkpoint_and_the_resumed_run_rewrites_it(tmp_path):
@@ -376,7 +379,7 @@ def test_latest_skips_an_altered_newest_checkpoint_and_the_resumed_run_rewrites_
     weights.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
     run_train("--output_dir", out, "--resume_from_checkpoint", "latest", *common)
     assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
-    assert tu.load_checkpoint(str(out / "checkpoint-4"), check_hashes=True).step == 4
+    assert ck.load_checkpoint(str(out / "checkpoint-4"), check_hashes=True).step == 4
     (aside,) = [p for p in out.iterdir() if p.name.startswith("checkpoint-4.corrupt-")]
     assert (aside / "model.safetensors").read_bytes() != blob  # the altered copy is kept, not deleted
 
@@ -386,7 +389,7 @@ def test_resume_from_a_truncated_checkpoint_fails_before_training(tmp_path):
     path = _fake_checkpoint(out, 3)
     weights = os.path.join(path, "model.safetensors")
     Path(weights).write_bytes(Path(weights).read_bytes()[:100])
-    with pytest.raises(tu.CheckpointError, match=r"model.safetensors is truncated or altered: 100 bytes"):
+    with pytest.raises(ck.CheckpointError, match=r"model.safetensors is truncated or altered: 100 bytes"):
         run_train("--output_dir", out, "--resume_from_checkpoint", path, "--max_train_steps", 4, *FAST)
     assert checkpoint_names(out) == [] and not (out / "unet").exists()
 
@@ -498,7 +501,7 @@ BAD_COMMAND_LINES = [
     (["--train_data_dir", "{c}/images"], ValueError, ["broken.png", "corrupt", "--skip_bad_images"]),
     (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], ValueError,
      ["--resume_from_checkpoint", "--overwrite_output_dir"]),
-    (["--resume_from_checkpoint", "checkpoint-999"], tu.CheckpointError, ["'checkpoint-999'", "checkpoint-3"]),
+    (["--resume_from_checkpoint", "checkpoint-999"], ck.CheckpointError, ["'checkpoint-999'", "checkpoint-3"]),
     (["--push_to_hub", "--hub_model_id", "not a valid/repo id!"], ValueError, ["--hub_model_id", "not a valid"]),
     (["--model_type", "unet2d", "--num_class_embeds", "10", "--class_dropout_prob", "0.1"], ValueError,
      ["--class_dropout_prob", "--model_type ours"]),
@@ -523,14 +526,14 @@ def test_bad_command_line_fails_before_touching_the_output_folder(flags, error, 
     out = tmp_path / "previous-run"
     shutil.copytree(previous_run, out)
     previous = out / "checkpoint-3"
-    before = sorted(tu.files_under(str(out)))
+    before = sorted(rundir.files_under(str(out)))
     flags = [f.replace("{c}", str(configs)) for f in flags]
     overwrite = [] if "--resume_from_checkpoint" in flags else ["--overwrite_output_dir"]
     with pytest.raises(error) as err:
         run_train("--output_dir", out, *overwrite, "--max_train_steps", 2, *FAST, *flags)
     for fragment in fragments:
         assert fragment in str(err.value), f"{fragment!r} not in: {err.value}"
-    assert sorted(tu.files_under(str(out))) == before and os.path.isdir(previous)
+    assert sorted(rundir.files_under(str(out))) == before and os.path.isdir(previous)
 
 
 def test_unknown_choice_is_rejected_by_the_parser(capsys):
@@ -544,7 +547,7 @@ def test_unknown_choice_is_rejected_by_the_parser(capsys):
 def test_resume_from_a_checkpoint_of_another_architecture_fails_before_training(tmp_path):
     other = _fake_checkpoint(tmp_path / "elsewhere", 5, model=_tiny_unet(out_channels=2))
     out = tmp_path / "new"
-    with pytest.raises(tu.CheckpointError) as err:
+    with pytest.raises(ck.CheckpointError) as err:
         run_train("--output_dir", out, "--resume_from_checkpoint", other, "--max_train_steps", 6, *FAST)
     message = str(err.value)
     assert other in message and "another architecture" in message and "block_out_channels" in message

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from train_helpers import FAST, TRAIN, TRAIN_PY, FakeHubApi, assert_same_checkpoint, run_train
 
 import diffusers_ddpm_ext  # noqa: F401
-from diffusers_ddpm_ext import training_utils as tu
+from diffusers_ddpm_ext import checkpoints as ck
+from diffusers_ddpm_ext import rundir
+from diffusers_ddpm_ext import trainer as tr
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_default_run_writes_a_loadable_pipeline(default_run):
     out, metrics = default_run
     for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "unet/config.json",
                  "scheduler/scheduler_config.json", "sample_grid.png", "loss_curve.png", "metrics.json", "README.md",
-                 tu.RUN_MARKER_NAME, "checkpoint-4/checkpoint.json"):
+                 rundir.RUN_MARKER_NAME, "checkpoint-4/checkpoint.json"):
         assert (out / name).is_file(), name
     assert list((out / "logs").rglob("events.out.tfevents.*")), "no tensorboard events"
     assert not list(out.rglob("*.bin")) and not [p for p in os.listdir(out) if p.startswith(".")]
@@ -46,7 +48,7 @@ def test_default_run_writes_a_loadable_pipeline(default_run):
     assert saved["final_loss"] > 0 and saved["wall_time_s"] > 0 and saved["num_processes"] == 1
     assert saved["loss_type"] == "hybrid" and saved["variance_type"] == "learned_range"
     assert sorted(os.listdir(out)).count("checkpoint-2") == 1 and (out / "checkpoint-2").is_dir()
-    assert "hub_token" not in (out / tu.RUN_MARKER_NAME).read_text()
+    assert "hub_token" not in (out / rundir.RUN_MARKER_NAME).read_text()
     assert "bits/dim" in (out / "README.md").read_text()
 
     pipe = DiffusionPipeline.from_pretrained(str(out))
@@ -75,7 +77,7 @@ def test_output_dir_of_another_run_is_refused_and_bad_combos_fail_before_trainin
 
     fresh = tmp_path / "fresh"
     # Resume from a checkpoint of another architecture (fixed variance: C output channels, not 2C).
-    with pytest.raises(tu.CheckpointError, match="another architecture.*out_channels"):
+    with pytest.raises(ck.CheckpointError, match="another architecture.*out_channels"):
         run_train("--output_dir", fresh, "--resume_from_checkpoint", out / "checkpoint-4", "--variance_type",
                   "fixed_small", "--loss_type", "simple", *FAST)
     assert not list(fresh.glob("checkpoint-*"))
@@ -117,6 +119,55 @@ def test_help_lists_flags_with_defaults(capsys):
     assert "default: hybrid" in text and "default: learned_range" in text and "debug_" not in text
 
 
+# ---- flag validation (before anything is built)
+
+
+def parse(*argv):
+    return TRAIN.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--loss_type", "hybrid", "--variance_type", "fixed_small"], ["--loss_type hybrid", "learned"]),
+        (["--loss_type", "simple", "--variance_type", "learned_range"], ["--loss_type simple", "never trains"]),
+        (["--class_column", "label"], ["--class_column", "--num_class_embeds"]),
+        (["--class_dropout_prob", "0.1"], ["--class_dropout_prob", "--num_class_embeds"]),
+        (["--num_class_embeds", "3", "--dataset_name", "x"], ["--class_column"]),
+        (["--num_class_embeds", "3", "--class_column", "y", "--train_data_dir", "x"], ["--class_column",
+                                                                                      "sub-folder"]),
+        (["--dataset_name", "a", "--train_data_dir", "b"], ["--dataset_name", "--train_data_dir"]),
+        (["--snr_gamma", "5", "--loss_type", "kl"], ["--snr_gamma", "kl"]),
+        (["--snr_gamma", "-1"], ["--snr_gamma", "positive"]),
+        (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], ["--resume_from_checkpoint",
+                                                                            "--overwrite_output_dir"]),
+        (["--train_batch_size", "0"], ["--train_batch_size", "0"]),
+        (["--learning_rate", "0"], ["--learning_rate"]),
+        (["--ddpm_num_inference_steps", "2000"], ["--ddpm_num_inference_steps", "2000", "1000"]),
+        (["--unet_preset", "digits-small", "--unet_config", "c.json"], ["--unet_preset", "--unet_config"]),
+        (["--unet_config", "/nonexistent/c.json"], ["--unet_config", "not a file"]),
+        (["--ema_max_decay", "1.5"], ["--ema_max_decay"]),
+        (["--push_to_hub", "--hub_model_id", "a/b/c"], ["--hub_model_id"]),
+        (["--hub_strategy", "end"], ["--hub_strategy end", "--push_to_hub"]),
+        (["--image_column", "img"], ["--image_column"]),
+    ],
+)
+def test_validate_args_rejects_bad_combinations(argv, words):
+    args = parse(*argv)
+    with pytest.raises(ValueError) as info:
+        TRAIN.validate_args(args)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_validate_args_accepts_defaults_and_common_variants():
+    TRAIN.validate_args(parse())
+    TRAIN.validate_args(parse("--loss_type", "simple", "--variance_type", "fixed_small", "--prediction_type",
+                           "v_prediction", "--snr_gamma", "5"))
+    TRAIN.validate_args(parse("--num_class_embeds", "10", "--class_dropout_prob", "0.1"))
+    TRAIN.validate_args(parse("--loss_type", "kl", "--variance_type", "fixed_large"))
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """20 small grey images in two class sub-folders (resized to 16 by the loader)."""
@@ -149,9 +200,9 @@ def test_resume_is_exact_class_conditional_image_folder(image_folder, tmp_path):
               "--checkpointing_steps", 3, "--checkpoints_total_limit", 5, *FAST[2:]]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_train("--output_dir", straight, *common)
-    with pytest.raises(tu.SimulatedInterrupt):
+    with pytest.raises(tr.SimulatedInterrupt):
         run_train("--output_dir", resumed, *common, "--debug_interrupt_after_step", 4)
-    assert sorted(os.listdir(resumed)) == ["checkpoint-3", tu.RUN_MARKER_NAME]  # no pipeline from a dead run
+    assert sorted(os.listdir(resumed)) == ["checkpoint-3", rundir.RUN_MARKER_NAME]  # no pipeline from a dead run
     run_train("--output_dir", resumed, *common, "--resume_from_checkpoint", "latest")
 
     state_a, _ = assert_same_checkpoint(straight / "checkpoint-7", resumed / "checkpoint-7")
@@ -180,11 +231,11 @@ def test_v_prediction_with_nan_skip(tmp_path):
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
-    with pytest.raises(tu.NonFiniteLossError, match=r"step 3 .*checkpoint-2"):
+    with pytest.raises(tr.NonFiniteLossError, match=r"step 3 .*checkpoint-2"):
         run_train("--output_dir", out, "--max_train_steps", 6, "--debug_nan_at_step", 3, "--checkpointing_steps",
                   100, *FAST)
     assert not (out / "model_index.json").exists()  # nothing exported from a diverged run
-    data = tu.load_checkpoint(str(out / "checkpoint-2"))
+    data = ck.load_checkpoint(str(out / "checkpoint-2"))
     assert data.step == 2 and all(torch.isfinite(v).all() for v in data.model_state.values())
     # It resumes (the injected NaN is gone on the second try): the guard kept a usable state.
     metrics = run_train("--output_dir", out, "--max_train_steps", 6, "--checkpointing_steps", 100,
@@ -237,8 +288,8 @@ def test_two_process_run_synchronises_and_writes_one_output(tmp_path):
     assert [c["rank"] for c in metrics["rank_checksums"]] == [0, 1]
     assert sorted(os.listdir(out)) == sorted(["README.md", "checkpoint-2", "loss_curve.png", "metrics.json",
                                               "model_index.json", "sample_grid.png", "scheduler",
-                                              tu.RUN_MARKER_NAME, "unet"])
-    data = tu.load_checkpoint(str(out / "checkpoint-2"))
+                                              rundir.RUN_MARKER_NAME, "unet"])
+    data = ck.load_checkpoint(str(out / "checkpoint-2"))
     assert len(data.rng_states) == 2 and data.rng_states[0] != data.rng_states[1]
     # Resume both processes with `latest`: the main process picks the checkpoint and broadcasts it.
     resume = [a if a != "2" or cmd[i - 1] != "--max_train_steps" else "4" for i, a in enumerate(cmd)]
@@ -248,7 +299,7 @@ def test_two_process_run_synchronises_and_writes_one_output(tmp_path):
     assert "resumed from" in proc.stdout + proc.stderr and "checkpoint-2" in proc.stdout + proc.stderr
     lines = re.findall(r"\[rank (\d)\] weight checksum (\w+) ema (\w+)", proc.stdout)
     assert sorted(rank for rank, _, _ in lines) == ["0", "1"] and len({(w, e) for _, w, e in lines}) == 1
-    assert tu.load_checkpoint(str(out / "checkpoint-4")).step == 4
+    assert ck.load_checkpoint(str(out / "checkpoint-4")).step == 4
 
 
 # ---- Hub pushes at save points (HfApi replaced by train_helpers.FakeHubApi: nothing leaves the machine)
@@ -334,7 +385,7 @@ def test_failed_intermediate_push_warns_and_trains_on_failed_final_push_raises(p
 
     push_to_hub(str(kept), "me/pushes", token="hf_dummy", private=True, commit_message="retry")
     assert fake.messages[-1] == "retry" and fake.calls[-1][0] == "upload"
-    assert sorted(fake.calls[-1][2]) == sorted(tu.files_under(str(kept)))
+    assert sorted(fake.calls[-1][2]) == sorted(rundir.files_under(str(kept)))
 
 
 def test_hub_strategy_end_pushes_once_and_a_missing_token_fails_before_training(push_images, tmp_path,

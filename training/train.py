@@ -7,15 +7,15 @@
 A superset of diffusers' examples/unconditional_image_generation/train_unconditional.py (same flag names) with
 its faults fixed: --overwrite_output_dir and --hub_private_repo are honoured, only the exported pipeline is
 pushed (with a model card; at every --save_model_epochs save and at the end, as there), checkpoints are atomic
-and resume exactly, EMA weights never overwrite the training weights. The building blocks live in
-`diffusers_ddpm_ext.training_utils`; this file parses flags and wires them together.
+and resume exactly, EMA weights never overwrite the training weights. This file is flags -> build -> train ->
+publish: the loop is `diffusers_ddpm_ext.trainer.Trainer`, the export `diffusers_ddpm_ext.publish.RunPublisher`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import math
 import os
 import sys
 import time
@@ -23,12 +23,20 @@ from typing import Optional, Sequence
 
 import torch
 
-import diffusers_ddpm_ext  # noqa: F401  (registers our classes for DiffusionPipeline loading)
-from diffusers_ddpm_ext import training_utils as tu
+from diffusers_ddpm_ext.build import MODEL_TYPES, build_data, build_model, check_flags
+from diffusers_ddpm_ext.losses import LOSS_TYPES
+from diffusers_ddpm_ext.processes import on_main_process
+from diffusers_ddpm_ext.publish import RunPublisher, public_training_config
+from diffusers_ddpm_ext.rundir import RUN_MARKER_NAME, prepare_output_dir, write_json_atomic
+from diffusers_ddpm_ext.scheduler import BETA_SCHEDULE_ALIASES, BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
+from diffusers_ddpm_ext.timestep_sampler import SAMPLER_NAMES
+from diffusers_ddpm_ext.trainer import (NAN_POLICIES, NonFiniteLossError, TrainConfig, Trainer, check_objective,
+                                        process_seed, seed_everything, steps_per_epoch)
 
 logger = logging.getLogger("train")
 
 DEFAULT_OUTPUT_DIR = "ddpm-digits"
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
       "one) instead of a preset.")
     a("--model_config_name_or_path", default=None, help="train_unconditional.py's name for --unet_config (local "
       "config only).")
-    a("--model_type", default="ours", choices=["ours", "unet2d"], help="'ours' trains DDPMUNet2DModel; 'unet2d' "
+    a("--model_type", default="ours", choices=MODEL_TYPES, help="'ours' trains DDPMUNet2DModel; 'unet2d' "
       "trains diffusers' UNet2DModel with the same architecture (converted with to_unet2d) for comparisons.")
     a("--num_class_embeds", type=int, default=None, help="Number of classes: trains a class-conditional UNet "
       "(with a null class for classifier-free guidance). Unset = unconditional.")
@@ -74,17 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ddpm_num_steps", type=int, default=1000, help="Training timesteps T.")
     a("--ddpm_num_inference_steps", type=int, default=100, help="Sampling steps for sample grids (respaced "
       "chain, IDM: learned variances keep sample quality at ~100 steps).")
-    a("--ddpm_beta_schedule", default="squaredcos_cap_v2", choices=["linear", "scaled_linear", "squaredcos_cap_v2",
-      "cosine", "sigmoid", "laplace"], help="Beta schedule ('cosine' = squaredcos_cap_v2, IDM).")
-    a("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"],
+    a("--ddpm_beta_schedule", default="squaredcos_cap_v2", choices=[*BETA_SCHEDULES, *BETA_SCHEDULE_ALIASES],
+      help="Beta schedule ('cosine' = squaredcos_cap_v2, IDM).")
+    a("--prediction_type", default="epsilon", choices=PREDICTION_TYPES,
       help="What the UNet predicts.")
-    a("--variance_type", default="learned_range", choices=list(tu.VARIANCE_TYPES), help="Reverse-process variance. "
+    a("--variance_type", default="learned_range", choices=VARIANCE_TYPES, help="Reverse-process variance. "
       "learned/learned_range make the UNet output 2×C channels: a preset's out_channels is set automatically; "
       "an explicit out_channels in --unet_config must match. Needs --loss_type hybrid or kl.")
-    a("--loss_type", default="hybrid", choices=list(tu.LOSS_TYPES), help="simple = MSE (Ho et al.); hybrid = MSE "
+    a("--loss_type", default="hybrid", choices=LOSS_TYPES, help="simple = MSE (Ho et al.); hybrid = MSE "
       "+ 0.001·T·L_vlb with the mean detached (IDM, needs a learned variance); kl = T·L_vlb only.")
     a("--snr_gamma", type=float, default=None, help="Min-SNR-γ weighting of the MSE term (5 is the paper's value).")
-    a("--timestep_sampler", default="uniform", choices=["uniform", "loss-second-moment"], help="How training "
+    a("--timestep_sampler", default="uniform", choices=SAMPLER_NAMES, help="How training "
       "timesteps are drawn; loss-second-moment is IDM's importance sampling (best with --loss_type kl).")
     # ---- optimisation (train_unconditional.py names)
     a("--output_dir", default=DEFAULT_OUTPUT_DIR, help="Where the pipeline, checkpoints, logs and metrics go.")
@@ -114,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inverse gamma.")
     a("--ema_power", type=float, default=3 / 4, help="EMA warm-up power.")
     a("--ema_max_decay", type=float, default=0.9999, help="EMA maximum decay.")
-    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="Autocast precision; default: "
+    a("--mixed_precision", default=None, choices=MIXED_PRECISIONS, help="Autocast precision; default: "
       "accelerate config / 'no'. fp16 needs a GPU.")
-    a("--nan_policy", default="stop", choices=list(tu.NAN_POLICIES), help="On a NaN/inf loss or gradient: stop "
+    a("--nan_policy", default="stop", choices=NAN_POLICIES, help="On a NaN/inf loss or gradient: stop "
       "(after saving the last good state as a checkpoint) or skip the step (stops after 20 in a row).")
     # ---- checkpoints
     a("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
@@ -166,567 +174,117 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def validate_args(args) -> None:
+    """Reject bad flag combinations before anything is built, naming the flags, the value and what is allowed.
+
+    `TrainConfig`, `check_objective` and `build.check_flags` check the flags they consume; argparse's `choices`
+    the allowed values; this function the rest.
+    """
+    TrainConfig.from_flags(args)
+    check_objective(args.loss_type, args.variance_type)
+    check_flags(args)
+    if not isinstance(args.num_epochs, int) or args.num_epochs < 1:
+        raise ValueError(f"--num_epochs must be a positive integer, got {args.num_epochs!r}")
+    for name in ("max_train_steps", "save_model_epochs"):
+        value = getattr(args, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"--{name} must be a positive integer (or left unset), got {value!r}")
+    if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
+        raise ValueError("--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir would "
+                         "delete its checkpoints. Pass one of them.")
+    if args.push_to_hub and args.hub_model_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.hub_model_id)
+        except HFValidationError as exc:
+            raise ValueError(f"--hub_model_id {args.hub_model_id!r} is not a valid repo id ('user/name'): {exc}") \
+                from exc
+    if args.hub_strategy is not None and not args.push_to_hub:
+        raise ValueError(f"--hub_strategy {args.hub_strategy} has no effect without --push_to_hub")
+    if args.hub_private_repo and not args.push_to_hub:
+        logger.warning("--hub_private_repo has no effect without --push_to_hub")
+
+
 def _check_environment(args, accelerator) -> None:
-    if args.dataset_config_name is not None:
-        raise ValueError("--dataset_config_name is not supported by diffusers_ddpm_ext.data yet; save the config "
-                         "you want with datasets' save_to_disk and pass that folder as --dataset_name")
     if args.enable_xformers_memory_efficient_attention:
-        if args.model_type != "unet2d":
-            raise ValueError("--enable_xformers_memory_efficient_attention applies to --model_type unet2d only")
         try:
             import xformers  # noqa: F401
         except ImportError as exc:
             raise ValueError("--enable_xformers_memory_efficient_attention needs xformers installed") from exc
     if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("--mixed_precision fp16 needs a GPU; on CPU use bf16 or no")
-    if args.class_dropout_prob > 0 and args.model_type == "unet2d":
-        raise ValueError("--class_dropout_prob needs a null class, which UNet2DModel's class table lacks; use "
-                         "--model_type ours for classifier-free guidance")
+    if args.push_to_hub:  # fail before training, not hours later at the first push, when no token is available
+        import huggingface_hub
 
-
-def _check_hub_token(args) -> None:
-    """--push_to_hub: fail before training, not hours later at the first push, when no token is available."""
-    import huggingface_hub
-
-    if not (args.hub_token or os.environ.get("HF_TOKEN") or huggingface_hub.get_token()):
-        raise ValueError("--push_to_hub needs a Hub write token: pass --hub_token, set HF_TOKEN or run "
-                         "`hf auth login`")
-
-
-def _push_failure(exc: Exception) -> str:
-    """One line for a failed push, without hub.push_to_hub's advice to re-push its export folder (ours is gone)."""
-    return f"{type(exc).__name__}: " + str(exc).split(" Nothing local was changed (")[0]
-
-
-def _on_main(accelerator, fn):
-    """Run fn on the main process; if it raises, raise the same message on every process (no hang)."""
-    from accelerate.utils import broadcast_object_list
-
-    error = [None]
-    if accelerator.is_main_process:
-        try:
-            fn()
-        except Exception as exc:  # re-raised below on every rank
-            error = [(type(exc).__name__, str(exc))]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(error)
-    if error[0] is not None:
-        name, message = error[0]
-        kind = {"FileExistsError": FileExistsError, "CheckpointError": tu.CheckpointError}.get(name, ValueError)
-        raise kind(message)
+        if not (args.hub_token or os.environ.get("HF_TOKEN") or huggingface_hub.get_token()):
+            raise ValueError("--push_to_hub needs a Hub write token: pass --hub_token, set HF_TOKEN or run "
+                             "`hf auth login`")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run training; returns the metrics dict (also written to ``<output_dir>/metrics.json``)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
-    from diffusers_ddpm_ext.data import DIGITS_NUM_LEVELS, load_heldout_digits, load_training_dataset, make_dataloader
-    from diffusers_ddpm_ext.losses import diffusion_loss
-    from diffusers_ddpm_ext.timestep_sampler import create_timestep_sampler
+    from accelerate.utils import ProjectConfiguration
 
     wall_start = time.time()
     args = parse_args(argv)
-    tu.validate_args(args)
+    validate_args(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.logger == "none" else args.logger,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    _check_environment(args, accelerator)
-    if args.push_to_hub:
-        _on_main(accelerator, lambda: _check_hub_token(args))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    resuming = args.resume_from_checkpoint is not None
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+    on_main_process(accelerator, functools.partial(_check_environment, args, accelerator))
 
-    # ---- model, scheduler, data (identical initial weights on every rank: seeded before building)
-    model = tu.build_unet(preset=args.unet_preset, config_path=args.unet_config, resolution=args.resolution,
-                          variance_type=args.variance_type, num_class_embeds=args.num_class_embeds,
-                          model_type=args.model_type, seed=args.seed)
-    noise_scheduler = tu.build_noise_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type,
-                                               args.variance_type)
-    tu.check_model_scheduler(model, noise_scheduler, args.num_class_embeds)
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
-        model.enable_xformers_memory_efficient_attention()
-    in_channels, resolution = model.config.in_channels, model.config.sample_size
-    if not isinstance(resolution, int):  # (H, W) configs: the data pipeline makes square images
-        if len(set(resolution)) != 1:
-            raise ValueError(f"the UNet's sample_size {resolution} is not square; pass --resolution")
-        resolution = int(resolution[0])
-    builtin = args.dataset_name is None and args.train_data_dir is None
-    class_column = args.class_column if args.dataset_name is not None else None  # folders/digits: own labels
-    with accelerator.main_process_first():
-        dataset = load_training_dataset(
-            dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, image_column=args.image_column,
-            class_column=class_column, resolution=resolution, in_channels=in_channels, center_crop=args.center_crop,
-            random_flip=args.random_flip, skip_bad_images=args.skip_bad_images, cache_dir=args.cache_dir,
-        )
-    conditional = args.num_class_embeds is not None
-    if conditional:
-        num_classes = getattr(dataset, "num_classes", None)
-        if num_classes is None:
-            raise ValueError("--num_class_embeds was given but the dataset has no class labels (pass --class_column, "
-                             "or use an image folder with one sub-folder per class)")
-        if num_classes > args.num_class_embeds:
-            raise ValueError(f"the dataset has {num_classes} classes but --num_class_embeds is {args.num_class_embeds}")
-    loader = make_dataloader(dataset, args.train_batch_size, seed=args.seed, shuffle=True, drop_last=True,
-                             num_workers=args.dataloader_num_workers, num_replicas=world, rank=rank)
-    batch_sampler = loader.batch_sampler
-    micro_per_epoch = (batch_sampler.batches_per_epoch // args.gradient_accumulation_steps) * \
-        args.gradient_accumulation_steps
-    if micro_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} training images are fewer than one optimizer step needs (batch "
-                         f"{args.train_batch_size} × {world} processes × {args.gradient_accumulation_steps} "
-                         f"accumulation steps)")
-    steps_per_epoch = micro_per_epoch // args.gradient_accumulation_steps
-    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # ---- build: model and scheduler (identical initial weights on every rank: seeded before building), data
+    model, noise_scheduler = build_model(args)
+    loader, eval_set, num_levels = build_data(args, model, accelerator)
+    epoch_steps = steps_per_epoch(loader, args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * epoch_steps
 
     # Only now that the flags, the model and the data are known to be good may the output folder be touched:
     # --overwrite_output_dir deletes the previous run's checkpoints, which a typo in a flag must never cost.
-    _on_main(accelerator, lambda: tu.prepare_output_dir(args.output_dir, args.overwrite_output_dir, resuming))
+    resuming = args.resume_from_checkpoint is not None
+    on_main_process(accelerator, functools.partial(prepare_output_dir, args.output_dir, args.overwrite_output_dir,
+                                                   resuming))
     accelerator.wait_for_everyone()
 
-    # ---- optimisation state
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    # Stepped by us once per optimizer step (not through accelerate, which steps it once per process).
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=max_train_steps)
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-                       power=args.ema_power, model_cls=type(model), model_config=model.config)
-    sampler = create_timestep_sampler(args.timestep_sampler, args.ddpm_num_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    if ema is not None:
-        ema.to(device)
-    # Per-rank randomness (dropout, noise, t, label dropout); data order comes from the sampler's (seed, epoch).
-    noise_gen = torch.Generator(device=device)
-    tu.seed_everything(args.seed * 7919 + 1000 + rank, noise_gen)
-    generators = {"noise": noise_gen}
-
-    state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "loss_steps": [], "losses": [],
-             "skipped_steps": 0, "train_time_s": 0.0}
-    # The main process picks (and hashes) the checkpoint and moves altered newer ones aside; every process then
-    # loads the same one.
-    resume_path = [None]
-    _on_main(accelerator, lambda: resume_path.__setitem__(
-        0, tu.resolve_resume_path(args.resume_from_checkpoint, args.output_dir, quarantine=True)))
-    if world > 1:
-        broadcast_object_list(resume_path)
-    resume_path = resume_path[0]
-    if resume_path is not None:
-        # `latest` has just checked every SHA-256; an explicitly named checkpoint is checked here.
-        data = tu.load_checkpoint(resume_path, check_hashes=args.resume_from_checkpoint != "latest")
-        tu.check_checkpoint_matches(data, unwrapped)
-        unwrapped.load_state_dict(data.model_state, strict=True)
-        optimizer.load_state_dict(data.optimizer_state)
-        lr_scheduler.load_state_dict(data.lr_scheduler_state)
-        if data.scaler_state is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(data.scaler_state)
-        if ema is not None:
-            tu.load_ema_state(ema, unwrapped, data)
-        sampler.load_state_dict(data.sampler_state)
-        if len(data.rng_states) != world:
-            raise tu.CheckpointError(f"{resume_path} was written by {len(data.rng_states)} processes, this run has "
-                                     f"{world}: exact resume needs the same number of processes")
-        tu.restore_rng_state(data.rng_states[rank], generators)
-        for key in state:
-            state[key] = data.training_state.get(key, state[key])
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, state["global_step"],
-                    state["epoch"], state["batch_in_epoch"])
-    elif args.resume_from_checkpoint == "latest":
-        logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", args.output_dir)
-
-    run_config = tu.training_config_for_card(args)
+    # ---- train. Per-rank randomness (dropout, noise, t, label dropout); the data order is the sampler's.
+    generator = torch.Generator(device=accelerator.device)
+    seed_everything(process_seed(args.seed, accelerator.process_index), generator)
+    trainer = Trainer(model, noise_scheduler, TrainConfig.from_flags(args, num_levels=num_levels),
+                      max_train_steps=max_train_steps, accelerator=accelerator, generator=generator,
+                      output_dir=args.output_dir, eval_set=eval_set)
+    trainer.resume(args.resume_from_checkpoint)
+    run_config = public_training_config(vars(args))
     if accelerator.is_main_process:
-        tu.write_json_atomic(os.path.join(args.output_dir, tu.RUN_MARKER_NAME), run_config)
-        if args.logger != "none":
-            accelerator.init_trackers("train", config=tu.tracker_config(run_config))
+        write_json_atomic(os.path.join(args.output_dir, RUN_MARKER_NAME), run_config)
+        if args.logger != "none":  # tensorboard's hparams take int/float/str/bool only
+            accelerator.init_trackers("train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                       for k, v in run_config.items()})
+    publisher = RunPublisher(trainer, run_config, dataset_name=args.dataset_name,
+                             save_model_epochs=args.save_model_epochs, push_to_hub=args.push_to_hub,
+                             hub_model_id=args.hub_model_id, hub_token=args.hub_token,
+                             hub_private_repo=args.hub_private_repo, hub_strategy=args.hub_strategy)
+    trainer.run(loader, on_epoch_end=publisher.on_epoch_end)
 
-    # ---- evaluation data
-    if builtin:
-        eval_images, eval_labels = load_heldout_digits(resolution, in_channels)
-        num_levels, eval_split = DIGITS_NUM_LEVELS, "heldout"
-    else:
-        count = min(args.eval_num_images, len(dataset))
-        items = [dataset[i] for i in range(count)]
-        eval_images = torch.stack([it["pixel_values"] for it in items])
-        eval_labels = torch.stack([it["class_labels"] for it in items]) if "class_labels" in items[0] else None
-        num_levels, eval_split = 256, "train"
-    eval_images, eval_labels = eval_images[: args.eval_num_images], (
-        eval_labels[: args.eval_num_images] if eval_labels is not None else None)
-    if not conditional:
-        eval_labels = None
-    guidance = args.guidance_scale if args.guidance_scale is not None else (2.0 if args.class_dropout_prob > 0 else 1.0)
-
-    def make_pipeline():
-        from diffusers import DDPMPipeline
-
-        from diffusers_ddpm_ext.pipelines import ClassConditionalDDPMPipeline
-
-        cls = ClassConditionalDDPMPipeline if conditional else DDPMPipeline
-        pipe = cls(unet=unwrapped, scheduler=tu.build_noise_scheduler(
-            args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type, args.variance_type))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def sample_grid():
-        """EMA-weight samples as a PIL grid (fixed seed; the global RNG is left untouched)."""
-        tu.fault_point("sample")
-        with torch.random.fork_rng(devices=[]), tu.ema_weights(ema, unwrapped), tu.eval_mode(unwrapped):
-            pipe = make_pipeline()
-            generator = torch.Generator(device="cpu").manual_seed(args.seed)
-            kwargs = dict(num_inference_steps=args.ddpm_num_inference_steps, generator=generator, output_type="np")
-            if conditional:
-                labels = [i % args.num_class_embeds for i in range(args.eval_batch_size)]
-                images = pipe(class_labels=labels, guidance_scale=guidance, **kwargs).images
-                nrow = args.num_class_embeds if args.eval_batch_size % args.num_class_embeds == 0 else None
-            else:
-                images = pipe(batch_size=args.eval_batch_size, **kwargs).images
-                nrow = None
-        return tu.make_image_grid(images, nrow=nrow, scale=max(1, 64 // max(images.shape[1], 1)))
-
-    # The bound of the model as it samples: with clip_sample the reverse mean uses the clipped x̂_0 (as IDM's
-    # NLL evaluation, clip_denoised=True). Unclipped, the cosine schedule's last step (β = 0.999, ᾱ ≈ 2e-9)
-    # turns a small ε error into several bits/dim of KL for a model that samples exactly the same.
-    clip_denoised = bool(noise_scheduler.config.clip_sample)
-
-    def evaluate_bpd():
-        from diffusers_ddpm_ext.likelihood import estimate_bits_per_dim
-
-        with torch.random.fork_rng(devices=[]), tu.ema_weights(ema, unwrapped), tu.eval_mode(unwrapped):
-            result = estimate_bits_per_dim(
-                unwrapped, noise_scheduler, eval_images.to(device), num_timesteps_sampled=args.eval_bpd_steps,
-                num_levels=num_levels, class_labels=None if eval_labels is None else eval_labels.to(device),
-                batch_size=256, generator=torch.Generator(device=device).manual_seed(args.seed),
-                progress=accelerator.is_local_main_process, clip_denoised=clip_denoised)
-        return result
-
-    def save_checkpoint(snapshot):
-        """Every rank contributes its RNG state; the main process writes. `snapshot` = last step boundary."""
-        rng_states = gather_object([snapshot["rng"]])
-        existing = os.path.join(args.output_dir, f"{tu.CHECKPOINT_PREFIX}{snapshot['global_step']}")
-        if accelerator.is_main_process and existing in tu.list_checkpoints(args.output_dir):
-            logger.info("%s already holds this state", existing)  # e.g. the NaN guard right after a save
-        elif accelerator.is_main_process:
-            n = snapshot["num_losses"]
-            training_state = {k: snapshot[k] for k in ("global_step", "epoch", "batch_in_epoch", "skipped_steps",
-                                                        "train_time_s")}
-            training_state.update(loss_steps=state["loss_steps"][:n], losses=state["losses"][:n])
-            path = tu.save_checkpoint(
-                args.output_dir, snapshot["global_step"], model=unwrapped, ema=ema, optimizer=optimizer,
-                lr_scheduler=lr_scheduler, scaler=accelerator.scaler, sampler_state=sampler.state_dict(),
-                training_state=training_state, rng_states=rng_states)
-            tu.rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
-            logger.info("saved %s", path)
-        accelerator.wait_for_everyone()
-
-    hub_repo_id = args.hub_model_id or tu.default_repo_name(args.output_dir)
-    hub_pushes = []  # outcome of every push of this process: written to metrics.json
-    kept_export = []  # the Hub export folder kept after a failed final upload, for the retry command
-
-    def export(final_metrics=None, commit_message=None, keep_failed_upload=False):
-        """Publish the pipeline (EMA weights) into --output_dir; with a `commit_message`, also push a Hub export.
-
-        The local folder is a plain `save_pretrained` folder (model_index.json names `diffusers_ddpm_ext.*`, so
-        `DiffusionPipeline.from_pretrained` loads it after `import diffusers_ddpm_ext`, no remote code) plus the
-        model card and sample grid. The Hub copy is `hub.export_pipeline`'s folder (self-contained module files
-        so plain diffusers can load the repo), built in a temporary folder and deleted after the upload.
-        Both are assembled in temporary folders first; the local one is published file by file before the
-        upload starts, so neither a failed nor a killed upload costs the local pipeline.
-
-        With `keep_failed_upload`, a complete export whose upload failed is moved next to --output_dir
-        (`<output_dir>-hub`, numbered if taken) and recorded in `kept_export`, so the retry is one push.
-
-        Returns:
-            The exception that stopped the Hub export or push (main process; None when it succeeded or there
-            was none). The caller decides whether it is fatal.
-        """
-        from diffusers_ddpm_ext import hub
-
-        error = None
-        if accelerator.is_main_process:
-            grid = sample_grid()
-            stage = os.path.join(args.output_dir, f".tmp-pipeline-{os.getpid()}")
-            hub_dir = os.path.join(args.output_dir, f".tmp-hub-{os.getpid()}")
-            repo_id = args.hub_model_id or f"your-username/{tu.default_repo_name(args.output_dir)}"
-            datasets = [args.dataset_name] if args.dataset_name else None
-            try:
-                with tu.ema_weights(ema, unwrapped):
-                    tu.assert_finite(dict(unwrapped.state_dict()), "exported weights")
-                    pipe = make_pipeline()
-                    pipe.save_pretrained(stage, safe_serialization=True)
-                    grid.save(os.path.join(stage, hub.GRID_NAME))
-                    hub.render_model_card(pipe, repo_id=repo_id, metrics=final_metrics, training_config=run_config,
-                                          datasets=datasets, sample_grid=hub.GRID_NAME,
-                                          num_inference_steps=args.ddpm_num_inference_steps,
-                                          sample_grid_caption=f"EMA samples, {args.ddpm_num_inference_steps} "
-                                                              f"steps, seed {args.seed}.",
-                                          ).save(os.path.join(stage, "README.md"))
-                    if commit_message is not None:
-                        try:
-                            hub.export_pipeline(pipe, hub_dir, sample_grid=grid, metrics=final_metrics,
-                                                training_config=run_config, repo_id=repo_id, datasets=datasets)
-                        except Exception as exc:  # the local pipeline is still published below
-                            error = exc
-                tu.fsync_tree(stage)
-                new_files = tu.files_under(stage)
-                stale = [f for f in tu.files_under(args.output_dir)
-                         if f.split(os.sep)[0] in ("unet", "scheduler") and f not in new_files]
-                tu.publish_dir(stage, args.output_dir, remove=stale)
-                if commit_message is not None and error is None:
-                    try:
-                        hub.push_to_hub(hub_dir, hub_repo_id, token=args.hub_token, private=args.hub_private_repo,
-                                        commit_message=commit_message)
-                    except Exception as exc:
-                        error = exc
-            finally:
-                built = os.path.isfile(os.path.join(hub_dir, "model_index.json"))
-                if keep_failed_upload and error is not None and built:
-                    base = kept = os.path.normpath(args.output_dir) + "-hub"
-                    number = 1
-                    while os.path.exists(kept):  # never overwrite an earlier kept export
-                        number += 1
-                        kept = f"{base}-{number}"
-                    os.replace(hub_dir, kept)
-                    kept_export.append(kept)
-                else:
-                    tu.remove_tree_safely(hub_dir)
-            if commit_message is not None:
-                failure = None if error is None else _push_failure(error)
-                hub_pushes.append({"commit_message": commit_message, "step": state["global_step"],
-                                   "ok": error is None, "error": failure})
-        accelerator.wait_for_everyone()
-        return error
-
-    # ---- training loop
-    def snapshot_now():
-        epoch, batch = state["epoch"], state["batch_in_epoch"]
-        if batch >= micro_per_epoch:
-            epoch, batch = epoch + 1, 0
-        # Loss lists only grow: remember their length instead of copying them every step.
-        return dict(state, epoch=epoch, batch_in_epoch=batch, num_losses=len(state["losses"]),
-                    rng=tu.capture_rng_state(generators))
-
-    snapshot = snapshot_now()
-    progress = tu.progress_bar(max_train_steps, state["global_step"], disable=not accelerator.is_local_main_process)
-    model.train()
-    null_label = args.num_class_embeds
-    window, window_loss, consecutive_skips, nan_injected = [], [], 0, False
-    segment_start = time.time()
-    first_epoch, first_batch = snapshot["epoch"], snapshot["batch_in_epoch"]
-    done = state["global_step"] >= max_train_steps
-    for epoch in range(first_epoch, num_epochs):
-        if done:
-            break
-        state["epoch"], state["batch_in_epoch"] = epoch, first_batch if epoch == first_epoch else 0
-        batch_sampler.set_epoch(epoch)
-        batch_sampler.skip(state["batch_in_epoch"])
-        with torch.random.fork_rng(devices=[]):  # creating a DataLoader iterator draws from the global RNG
-            batches = iter(loader)
-        for batch in batches:
-            if state["batch_in_epoch"] >= micro_per_epoch:
-                break
-            x0 = batch["pixel_values"].to(device)  # (B, C, H, W) in [-1, 1]
-            bsz = x0.shape[0]
-            noise = torch.randn(x0.shape, generator=noise_gen, device=device)
-            timesteps, weights = sampler.sample(bsz, device, generator=noise_gen)
-            labels = None
-            if conditional:
-                labels = batch["class_labels"].to(device).long()
-                if args.class_dropout_prob > 0:
-                    drop = torch.rand(bsz, generator=noise_gen, device=device) < args.class_dropout_prob
-                    labels = torch.where(drop, torch.full_like(labels, null_label), labels)
-            noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    extra = {"class_labels": labels} if conditional else {}
-                    model_output = model(noisy, timesteps, **extra).sample  # (B, C or 2C, H, W)
-                out = diffusion_loss(model_output.float(), x0, noise, timesteps, noise_scheduler,
-                                     loss_type=args.loss_type, snr_gamma=args.snr_gamma, num_levels=num_levels,
-                                     weights=weights, noisy_samples=noisy)
-                loss = out.loss.mean()
-                if args.debug_nan_at_step == state["global_step"] + 1 and not nan_injected:
-                    loss, nan_injected = loss * float("nan"), True  # once: a skipped step is retried with new data
-                finite, mean_loss = tu.all_finite_and_mean(accelerator, loss)
-                if not finite:
-                    if args.nan_policy == "stop":
-                        progress.close()
-                        save_checkpoint(snapshot)
-                        raise tu.NonFiniteLossError(
-                            f"non-finite loss ({loss.item()}) at optimizer step {state['global_step'] + 1} (epoch "
-                            f"{epoch}); the last good state is checkpoint-{snapshot['global_step']} in "
-                            f"{args.output_dir}. Lower --learning_rate, set --max_grad_norm, or pass --nan_policy skip.")
-                    window = None  # the whole accumulation window is dropped
-                else:
-                    accelerator.backward(loss)
-                    tu.fault_point("step")  # crash tests: a kill between backward and the optimizer step
-                    if window is not None:
-                        window.append((timesteps, out.unweighted_loss.detach()))
-                        window_loss.append(mean_loss)
-                grad_norm = None
-                if accelerator.sync_gradients and window is not None:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                    if not math.isfinite(float(grad_norm)) and accelerator.scaler is None:
-                        if args.nan_policy == "stop":
-                            progress.close()
-                            save_checkpoint(snapshot)
-                            raise tu.NonFiniteLossError(
-                                f"non-finite gradient norm at optimizer step {state['global_step'] + 1}; the last "
-                                f"good state is checkpoint-{snapshot['global_step']} in {args.output_dir}")
-                        window = None
-                if accelerator.sync_gradients:
-                    if window is None:
-                        optimizer.zero_grad(set_to_none=True)
-                    else:
-                        optimizer.step()
-                        lr_scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-            state["batch_in_epoch"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            if window is None:  # skipped step
-                state["skipped_steps"] += 1
-                consecutive_skips += 1
-                logger.warning("skipped a step with a non-finite loss/gradient before step %d (%d skipped so far)",
-                               state["global_step"] + 1, state["skipped_steps"])
-                window, window_loss = [], []
-                snapshot = snapshot_now()
-                if consecutive_skips >= 20:
-                    progress.close()
-                    save_checkpoint(snapshot)  # skipped steps never changed the weights: the last good state
-                    raise tu.NonFiniteLossError(
-                        f"20 consecutive non-finite steps before optimizer step {state['global_step'] + 1}; giving "
-                        f"up. The last good state is checkpoint-{snapshot['global_step']} in {args.output_dir}. "
-                        f"Lower --learning_rate or set --max_grad_norm.")
-                continue
-            consecutive_skips = 0
-            sampler.update(torch.cat([t for t, _ in window]), torch.cat([l for _, l in window]))
-            if ema is not None:
-                ema.step(unwrapped.parameters())
-            state["global_step"] += 1
-            step_loss = sum(window_loss) / len(window_loss)
-            state["loss_steps"].append(state["global_step"])
-            state["losses"].append(step_loss)
-            window, window_loss = [], []
-            now = time.time()
-            state["train_time_s"] += now - segment_start
-            segment_start = now
-            snapshot = snapshot_now()
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
-            accelerator.log(logs, step=state["global_step"])
-            if args.checkpointing_steps and state["global_step"] % args.checkpointing_steps == 0:
-                save_checkpoint(snapshot)
-            if args.debug_interrupt_after_step == state["global_step"]:
-                raise tu.SimulatedInterrupt(f"stopped after step {state['global_step']} (--debug_interrupt_after_step)")
-            if args.eval_every and state["global_step"] % args.eval_every == 0 and accelerator.is_main_process:
-                accelerator.log({"bits_per_dim": evaluate_bpd().mean}, step=state["global_step"])
-            if state["global_step"] >= max_train_steps:
-                done = True
-                break
-        epoch_finished = state["batch_in_epoch"] >= micro_per_epoch
-        if epoch_finished and not done:
-            if args.save_images_epochs and (epoch + 1) % args.save_images_epochs == 0 and accelerator.is_main_process:
-                grid = sample_grid()
-                path = os.path.join(args.output_dir, "samples", f"epoch_{epoch + 1:04d}.png")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                grid.save(path)
-            if args.save_model_epochs and (epoch + 1) % args.save_model_epochs == 0:
-                push = args.push_to_hub and args.hub_strategy != "end"
-                message = f"Epoch {epoch + 1}, step {state['global_step']}"
-                error = export(commit_message=message if push else None)
-                if error is not None:  # hours of training are worth more than one snapshot: go on
-                    logger.warning("pushing %r to %s failed; training goes on (the next save point and the end "
-                                   "of training push again). %s", message, hub_repo_id, _push_failure(error))
-    progress.close()
-
-    # ---- final checkpoint, evaluation, export
-    if args.checkpointing_steps and not os.path.isdir(
-            os.path.join(args.output_dir, f"{tu.CHECKPOINT_PREFIX}{state['global_step']}")):
-        save_checkpoint(snapshot)
-    checksums = gather_object([{"rank": rank, "weights": tu.parameter_checksum(unwrapped),
-                                "ema": tu.ema_checksum(ema)}])
-    for entry in checksums if accelerator.is_main_process else []:
-        print(f"[rank {entry['rank']}] weight checksum {entry['weights']} ema {entry['ema']}", flush=True)
-    metrics = {}
-    if accelerator.is_main_process:
-        if len({(c["weights"], c["ema"]) for c in checksums}) != 1:
-            raise RuntimeError(f"processes ended with different weights: {checksums}")
-        bpd = evaluate_bpd()
-        metrics = {
-            "bits_per_dim": bpd.mean,
-            "bits_per_dim_standard_error": bpd.mean_standard_error,
-            "bits_per_dim_split": eval_split,
-            "bits_per_dim_num_images": int(eval_images.shape[0]),
-            "bits_per_dim_clip_denoised": clip_denoised,
-            "eval_bpd_steps": bpd.timesteps_per_image,
-            "train_steps": state["global_step"],
-            "skipped_steps": state["skipped_steps"],
-            "final_loss": state["losses"][-1] if state["losses"] else None,
-            "final_loss_mean_last_50": (sum(state["losses"][-50:]) / len(state["losses"][-50:]))
-            if state["losses"] else None,
-            "train_time_s": state["train_time_s"],
-            "wall_time_s": None,
-            "num_processes": world,
-            "global_batch_size": args.train_batch_size * world * args.gradient_accumulation_steps,
-            "num_parameters": tu.count_parameters(unwrapped),
-            "model_type": args.model_type,
-            "loss_type": args.loss_type,
-            "variance_type": args.variance_type,
-            "beta_schedule": noise_scheduler.config.beta_schedule,
-            "prediction_type": args.prediction_type,
-            "rank_checksums": checksums,
-        }
-        if state["losses"]:
-            tu.save_loss_curve(state["loss_steps"], state["losses"], os.path.join(args.output_dir, "loss_curve.png"),
-                               title=f"{args.loss_type} loss, {args.variance_type}, {noise_scheduler.config.beta_schedule}")
-        card_metrics = {"bits/dim": round(bpd.mean, 4), "train_steps": state["global_step"]}
+    # ---- measure and publish
+    metrics = trainer.report()
     accelerator.wait_for_everyone()
-    final_message = None
-    if args.push_to_hub:
-        final_message = f"End of training: epoch {state['epoch'] + 1}, step {state['global_step']}"
-        if accelerator.is_main_process:
-            final_message += f", bits/dim {card_metrics['bits/dim']}"
-    push_error = export(card_metrics if accelerator.is_main_process else None, commit_message=final_message,
-                        keep_failed_upload=True)
+    push_error = publisher.publish_final(metrics)
     if accelerator.is_main_process:
         metrics["wall_time_s"] = time.time() - wall_start
         if args.push_to_hub:
-            metrics["hub_pushes"] = hub_pushes
-        tu.write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
-        logger.info("done: %d steps, final loss %.4f, bits/dim (%s) %.3f ± %.3f, %.0f s",
-                    metrics["train_steps"], metrics["final_loss"] or float("nan"), eval_split, metrics["bits_per_dim"],
+            metrics["hub_pushes"] = publisher.pushes
+        write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
+        logger.info("done: %d steps, final loss %.4f, bits/dim (%s) %.3f ± %.3f, %.0f s", metrics["train_steps"],
+                    metrics["final_loss"] or float("nan"), eval_set.split, metrics["bits_per_dim"],
                     metrics["bits_per_dim_standard_error"], metrics["wall_time_s"])
     accelerator.end_training()
     if push_error is not None:  # the final upload must not fail quietly; everything local is written by now
-        from diffusers_ddpm_ext.hub import HubPushError
-
-        out, private = args.output_dir, " --private" if args.hub_private_repo else ""
-        if kept_export:  # the export (model card included) was built; only its upload failed
-            retry = f"`python -m diffusers_ddpm_ext.hub push {kept_export[0]} {hub_repo_id}{private}`"
-        else:  # the export itself failed: rebuild it beside the output folder (an export may not lie inside it)
-            export_dir = os.path.normpath(out) + "-hub"
-            retry = (f"`python -m diffusers_ddpm_ext.hub export {out} {export_dir} --repo-id {hub_repo_id} --metrics "
-                     f"{os.path.join(out, 'metrics.json')}` then `python -m diffusers_ddpm_ext.hub push {export_dir} "
-                     f"{hub_repo_id}{private}`")
-        raise HubPushError(f"{_push_failure(push_error)} The run itself completed: {out} holds the pipeline, "
-                           f"metrics.json and checkpoints. Retry the upload with {retry}.") from push_error
+        raise publisher.final_push_error(push_error) from push_error
     return metrics
 
 
@@ -735,7 +293,7 @@ if __name__ == "__main__":
 
     try:
         main()
-    except (ValueError, FileExistsError, tu.NonFiniteLossError, HubPushError) as exc:
+    except (ValueError, FileExistsError, NonFiniteLossError, HubPushError) as exc:
         # Bad flags, a protected output folder, a diverged run or a failed final upload: one clear line.
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(3 if isinstance(exc, tu.NonFiniteLossError) else 4 if isinstance(exc, HubPushError) else 2)
+        sys.exit(3 if isinstance(exc, NonFiniteLossError) else 4 if isinstance(exc, HubPushError) else 2)

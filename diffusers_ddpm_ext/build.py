@@ -1,0 +1,257 @@
+"""Building a training run from the training script's flags: the UNet, the noise scheduler and the data.
+
+Every bad value fails here, before any output is written, with a message naming the flag it came from:
+a UNet config that does not fit the variance type (C output channels for a fixed variance, 2C for a learned
+one, IDM), a preset or resolution the UNet rejects, a class-conditional model on data without labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from .scheduler import LEARNED_VARIANCE_TYPES
+from .trainer import EvalSet
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = ("ours", "unet2d")
+
+
+def check_flags(flags) -> None:
+    """Reject bad combinations of the flags :func:`build_model` and :func:`build_data` read, before anything is
+    built: the data source, the model source, class conditioning, positive sizes.
+
+    Raises:
+        ValueError: naming the flag(s), the bad value and what is allowed.
+    """
+    for name in ("train_batch_size", "ddpm_num_steps"):
+        if not isinstance(getattr(flags, name), int) or getattr(flags, name) < 1:
+            _fail(f"--{name} must be a positive integer, got {getattr(flags, name)!r}")
+    for name in ("resolution", "num_class_embeds"):
+        value = getattr(flags, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            _fail(f"--{name} must be a positive integer (or left unset), got {value!r}")
+    if flags.ddpm_num_inference_steps > flags.ddpm_num_steps:
+        _fail(f"--ddpm_num_inference_steps ({flags.ddpm_num_inference_steps}) cannot exceed --ddpm_num_steps "
+              f"({flags.ddpm_num_steps})")
+    if flags.dataset_name is not None and flags.train_data_dir is not None:
+        _fail("pass either --dataset_name or --train_data_dir, not both")
+    if flags.image_column is not None and flags.dataset_name is None:
+        _fail("--image_column only applies to --dataset_name (image folders and the built-in digits have no columns)")
+    if flags.dataset_config_name is not None:
+        _fail("--dataset_config_name is not supported by diffusers_ddpm_ext.data yet; save the config you want with "
+              "datasets' save_to_disk and pass that folder as --dataset_name")
+    if flags.unet_preset is not None and flags.unet_config is not None:
+        _fail("pass either --unet_preset or --unet_config, not both")
+    if flags.unet_config is not None and not os.path.isfile(flags.unet_config):
+        _fail(f"--unet_config {flags.unet_config!r} is not a file (expected a JSON UNet config)")
+    if flags.enable_xformers_memory_efficient_attention and flags.model_type != "unet2d":
+        _fail("--enable_xformers_memory_efficient_attention applies to --model_type unet2d only")
+    if flags.class_column is not None and flags.num_class_embeds is None:
+        _fail(f"--class_column {flags.class_column!r} needs --num_class_embeds (the number of classes) so the UNet "
+              f"gets a class embedding")
+    if flags.num_class_embeds is not None and flags.class_column is None and flags.dataset_name is not None:
+        _fail("--num_class_embeds with --dataset_name needs --class_column naming the label column")
+    if flags.train_data_dir is not None and (flags.class_column is not None or flags.image_column is not None):
+        _fail("--class_column/--image_column apply to --dataset_name; with --train_data_dir the labels come from one "
+              "sub-folder per class")
+    if flags.class_dropout_prob > 0 and flags.num_class_embeds is None:
+        _fail("--class_dropout_prob drops class labels for classifier-free guidance and needs --num_class_embeds")
+    if flags.class_dropout_prob > 0 and flags.model_type == "unet2d":
+        _fail("--class_dropout_prob needs a null class, which UNet2DModel's class table lacks; use --model_type ours "
+              "for classifier-free guidance")
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def resolve_out_channels(in_channels: int, variance_type: str, out_channels: Optional[int] = None) -> int:
+    """Output channels the UNet needs for ``variance_type``: C, or 2C with a learned variance (IDM).
+
+    Args:
+        in_channels: image channels C.
+        variance_type: the scheduler's variance type.
+        out_channels: what a user config asked for (``None`` = derive it).
+
+    Raises:
+        ValueError: when ``out_channels`` is given and does not match.
+    """
+    needed = 2 * in_channels if variance_type in LEARNED_VARIANCE_TYPES else in_channels
+    if out_channels is not None and out_channels != needed:
+        kind = "a learned variance needs 2×C" if needed != in_channels else "a fixed variance needs C"
+        raise ValueError(
+            f"the UNet has out_channels={out_channels} but --variance_type {variance_type} with in_channels="
+            f"{in_channels} needs out_channels={needed} ({kind}); drop out_channels from the config to have "
+            f"it set automatically"
+        )
+    return needed
+
+
+def load_unet_config(path: str) -> Dict[str, Any]:
+    """Read a UNet config: a JSON file, or a folder holding ``config.json`` (e.g. a saved ``unet/`` folder).
+
+    A diffusers ``UNet2DModel`` config (recognised by ``down_block_types``) is translated to ours with
+    :func:`diffusers_ddpm_ext.unet.unet2d_config_to_ours`; diffusers' private ``_``-keys are dropped.
+    """
+    from .unet import unet2d_config_to_ours
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read UNet config {file!r}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"UNet config {file!r} must be a JSON object, got {type(config).__name__}")
+    if "down_block_types" in config:
+        config = unet2d_config_to_ours(config)
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def build_unet(
+    *,
+    preset: Optional[str] = "digits-small",
+    config_path: Optional[str] = None,
+    resolution: Optional[int] = None,
+    variance_type: str = "fixed_small",
+    num_class_embeds: Optional[int] = None,
+    model_type: str = "ours",
+    seed: Optional[int] = None,
+):
+    """Build the UNet the script trains.
+
+    Args:
+        preset: a :meth:`DDPMUNet2DModel.list_presets` name (used when ``config_path`` is None).
+        config_path: a JSON config (ours or ``UNet2DModel``'s) or a folder with ``config.json``.
+        resolution: overrides ``sample_size`` (None keeps the preset's).
+        variance_type: the scheduler's variance type; a preset's ``out_channels`` is set to C or 2C to match,
+            an explicit ``out_channels`` in ``config_path`` must already match (see :func:`resolve_out_channels`).
+        num_class_embeds: classes for class conditioning (None = unconditional; overrides the config).
+        model_type: ``"ours"`` (``DDPMUNet2DModel``) or ``"unet2d"`` (diffusers' ``UNet2DModel`` with the same
+            architecture, converted with ``to_unet2d``).
+        seed: seeds the weight initialisation (identical on every process).
+
+    Returns:
+        The model, in training mode.
+    """
+    from .unet import UNET_PRESETS, DDPMUNet2DModel
+
+    if config_path is not None:
+        config = load_unet_config(config_path)
+        explicit_out = config.get("out_channels")
+    else:
+        if preset not in UNET_PRESETS:
+            raise ValueError(f"--unet_preset {preset!r} is unknown; choose one of {sorted(UNET_PRESETS)}")
+        config = dict(UNET_PRESETS[preset]["config"])
+        explicit_out = None  # presets are adapted to the variance type
+    if resolution is not None:
+        config["sample_size"] = resolution
+    in_channels = config.get("in_channels", 3)
+    config["out_channels"] = resolve_out_channels(in_channels, variance_type, explicit_out)
+    if config.get("num_class_embeds") != num_class_embeds:
+        if config.get("num_class_embeds") is not None and num_class_embeds is None:
+            logger.warning("the UNet config has num_class_embeds=%s but no --num_class_embeds was given: training "
+                           "an unconditional model", config.get("num_class_embeds"))
+        config["num_class_embeds"] = num_class_embeds
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        model = DDPMUNet2DModel(**config)
+    except (TypeError, ValueError) as exc:  # name the flag the bad config came from
+        source = f"--unet_config {config_path!r}" if config_path is not None else f"--unet_preset {preset!r}"
+        extra = f" with --resolution {resolution}" if resolution is not None else ""
+        raise ValueError(f"{source}{extra} gives an invalid UNet config: {exc}") from exc
+    if model_type == "unet2d":
+        model = model.to_unet2d()
+    elif model_type != "ours":
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    return model.train()
+
+
+def build_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
+                          prediction_type: str = "epsilon", variance_type: str = "learned_range", **kwargs):
+    """The training/sampling scheduler (:class:`GaussianDiffusionScheduler`) from the script's flags."""
+    from .scheduler import GaussianDiffusionScheduler
+
+    return GaussianDiffusionScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type,
+        variance_type=variance_type, **kwargs
+    )
+
+
+def check_model_scheduler(model, noise_scheduler, num_class_embeds: Optional[int] = None) -> None:
+    """Cross-check a built model against the scheduler and the class flags (after building, before training)."""
+    cfg = model.config
+    out_channels = cfg.get("out_channels") or cfg.in_channels
+    resolve_out_channels(cfg.in_channels, noise_scheduler.config.variance_type, out_channels)
+    if num_class_embeds is not None and cfg.get("num_class_embeds") is None:
+        raise ValueError("--num_class_embeds was given but the UNet has no class embedding")
+
+
+def build_model(flags):
+    """The UNet and its scheduler from the script's flags (``unet_preset``/``unet_config``, ``resolution``,
+    ``variance_type``, ``num_class_embeds``, ``model_type``, ``seed``, ``ddpm_*``, ``prediction_type``, memory
+    options), cross-checked. The weights are seeded: every process builds the same model.
+
+    Returns:
+        ``(model, noise_scheduler)``.
+    """
+    model = build_unet(preset=flags.unet_preset, config_path=flags.unet_config, resolution=flags.resolution,
+                       variance_type=flags.variance_type, num_class_embeds=flags.num_class_embeds,
+                       model_type=flags.model_type, seed=flags.seed)
+    noise_scheduler = build_noise_scheduler(flags.ddpm_num_steps, flags.ddpm_beta_schedule, flags.prediction_type,
+                                            flags.variance_type)
+    check_model_scheduler(model, noise_scheduler, flags.num_class_embeds)
+    if flags.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if flags.enable_xformers_memory_efficient_attention:
+        model.enable_xformers_memory_efficient_attention()
+    return model, noise_scheduler
+
+
+def build_data(flags, model, accelerator):
+    """The training loader and the bits/dim images at the UNet's resolution and channels, from the script's flags.
+
+    The data is ``dataset_name`` (``datasets``), ``train_data_dir`` (an image folder) or, with neither, the
+    built-in digits; each process gets its shard of every global batch (``data.make_dataloader``). Bits/dim is
+    measured on the held-out digits, else on the first ``eval_num_images`` training images.
+
+    Returns:
+        ``(loader, eval_set, num_levels)``: a DataLoader over a ``ResumableBatchSampler``, a
+        :class:`~diffusers_ddpm_ext.trainer.EvalSet`, and the data's grey levels (17 for the digits, else 256).
+    """
+    from .data import DIGITS_NUM_LEVELS, load_heldout_digits, load_training_dataset, make_dataloader
+
+    in_channels, resolution = model.config.in_channels, model.config.sample_size
+    if not isinstance(resolution, int):  # (H, W) configs: the data pipeline makes square images
+        if len(set(resolution)) != 1:
+            raise ValueError(f"the UNet's sample_size {resolution} is not square; pass --resolution")
+        resolution = int(resolution[0])
+    with accelerator.main_process_first():
+        dataset = load_training_dataset(
+            dataset_name=flags.dataset_name, train_data_dir=flags.train_data_dir, image_column=flags.image_column,
+            class_column=flags.class_column if flags.dataset_name is not None else None,  # folders/digits: own labels
+            resolution=resolution, in_channels=in_channels, center_crop=flags.center_crop,
+            random_flip=flags.random_flip, skip_bad_images=flags.skip_bad_images, cache_dir=flags.cache_dir)
+    num_classes = getattr(dataset, "num_classes", None)
+    if flags.num_class_embeds is not None and num_classes is None:
+        raise ValueError("--num_class_embeds was given but the dataset has no class labels (pass --class_column, "
+                         "or use an image folder with one sub-folder per class)")
+    if flags.num_class_embeds is not None and num_classes > flags.num_class_embeds:
+        raise ValueError(f"the dataset has {num_classes} classes but --num_class_embeds is {flags.num_class_embeds}")
+    loader = make_dataloader(dataset, flags.train_batch_size, seed=flags.seed, shuffle=True, drop_last=True,
+                             num_workers=flags.dataloader_num_workers, num_replicas=accelerator.num_processes,
+                             rank=accelerator.process_index)
+    count = flags.eval_num_images
+    if flags.dataset_name is None and flags.train_data_dir is None:
+        images, labels = load_heldout_digits(resolution, in_channels)
+        return loader, EvalSet(images[:count], labels[:count], "heldout"), DIGITS_NUM_LEVELS
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    labels = torch.stack([it["class_labels"] for it in items]) if "class_labels" in items[0] else None
+    return loader, EvalSet(torch.stack([it["pixel_values"] for it in items]), labels, "train"), 256

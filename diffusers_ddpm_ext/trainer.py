@@ -1,0 +1,843 @@
+"""The training loop: a :class:`Trainer` that turns batches into optimizer steps of a diffusion model.
+
+    trainer = Trainer(unet, scheduler, TrainConfig(loss_type="hybrid"), max_train_steps=1000)
+    for x0 in batches:                      # (B, C, H, W) in [-1, 1], or dicts with "pixel_values"/"class_labels"
+        out = trainer.train_step(x0)        # one micro-batch; a StepOutput when an optimizer step completed
+    trainer.run(loader)                     # or: the whole loop, with checkpoints, samples and logging
+
+One step (:meth:`Trainer.train_step`) is: draw noise ε and timesteps t (from the timestep sampler, with its
+importance weights) and drop class labels to the null class for classifier-free guidance, all from the trainer's
+generator; x_t = q(x_t | x_0) by ``add_noise``; :func:`~diffusers_ddpm_ext.losses.diffusion_loss` of the model
+output; backward through Accelerate's gradient accumulation; clip; AdamW and LR-schedule step; then the EMA and
+the timestep sampler's loss history are updated. A non-finite loss or gradient norm is handled by the NaN policy:
+``stop`` saves the last good state as a checkpoint and raises :class:`NonFiniteLossError`, ``skip`` drops the
+whole accumulation window (and gives up after :data:`MAX_CONSECUTIVE_SKIPS` in a row).
+
+:meth:`Trainer.run` adds the rest of a run: epochs over a :class:`~diffusers_ddpm_ext.data.ResumableBatchSampler`
+loader with an exact data position, a checkpoint every ``checkpointing_steps`` (:meth:`Trainer.resume` restores
+one bit for bit), bits/dim every ``eval_every`` steps, a sample grid every ``save_images_epochs`` epochs, a
+progress bar and tracker logs, and an ``on_epoch_end`` hook (the training script exports the pipeline there).
+
+Without an ``accelerator`` the trainer runs in this process on the model's device (:class:`LocalAccelerator`):
+what a notebook, a benchmark or a side-by-side comparison needs. The training script builds the model, the
+scheduler and the data from its flags with :mod:`diffusers_ddpm_ext.build`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .checkpoints import (
+    CheckpointError,
+    capture_rng_state,
+    check_checkpoint_matches,
+    list_checkpoints,
+    load_checkpoint,
+    load_ema_state,
+    resolve_resume_path,
+    restore_rng_state,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+from .losses import LOSS_TYPES, diffusion_loss
+from .processes import LocalAccelerator, all_finite_and_mean, gather_object, on_main_process
+from .rundir import CHECKPOINT_PREFIX, fault_point
+from .scheduler import LEARNED_VARIANCE_TYPES
+from .timestep_sampler import SAMPLER_NAMES, create_timestep_sampler
+
+logger = logging.getLogger(__name__)
+
+NAN_POLICIES = ("stop", "skip")
+# With --nan_policy skip, this many non-finite optimizer steps in a row stop the run: the model has diverged.
+MAX_CONSECUTIVE_SKIPS = 20
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss (or the gradient norm) of a training step is NaN or infinite."""
+
+
+class SimulatedInterrupt(RuntimeError):
+    """Raised after ``TrainConfig.debug_interrupt_after_step`` steps (tests of resume)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks and seeds
+# --------------------------------------------------------------------------------------------------
+
+
+def check_objective(loss_type: str, variance_type: str) -> None:
+    """Refuse a loss that cannot train the scheduler's variance: hybrid needs a learned one, and simple leaves a
+    learned one untrained (its samples would use whatever the untrained head outputs)."""
+    learned = variance_type in LEARNED_VARIANCE_TYPES
+    if loss_type == "hybrid" and not learned:
+        raise ValueError(f"--loss_type hybrid trains a learned variance and needs --variance_type in "
+                         f"{LEARNED_VARIANCE_TYPES}, got {variance_type!r}; use --loss_type simple with a fixed "
+                         f"variance")
+    if loss_type == "simple" and learned:
+        raise ValueError(f"--variance_type {variance_type} adds a variance head that --loss_type simple never "
+                         f"trains (its samples would use an untrained variance); use --loss_type hybrid or kl, or "
+                         f"a fixed --variance_type")
+
+
+def process_seed(seed: int, rank: int = 0) -> int:
+    """The seed of one process's noise, timesteps, label dropout and dropout masks (different on every rank)."""
+    return seed * 7919 + 1000 + rank
+
+
+def seed_everything(seed: int, *generators: torch.Generator) -> None:
+    """Seed python, numpy, torch (all devices) and the given generators with ``seed``."""
+    seed = int(seed) % (2**32)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    for generator in generators:
+        generator.manual_seed(seed)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes in name order: equal on two ranks iff their weights are equal."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def ema_checksum(ema) -> Optional[str]:
+    """SHA-256 of an EMAModel's shadow weights (None without EMA)."""
+    if ema is None:
+        return None
+    digest = hashlib.sha256()
+    for tensor in ema.shadow_params:
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def ema_weights(ema, model: torch.nn.Module):
+    """Temporarily load EMA weights into ``model`` (store → copy_to → restore, even on error).
+
+    The training weights are restored bit for bit afterwards; EMA weights never overwrite them
+    (the fault of diffusers issue #2321). With ``ema=None`` the model is used as is.
+    """
+    if ema is None:
+        yield model
+        return
+    params = list(model.parameters())
+    ema.store(params)
+    try:
+        ema.copy_to(params)
+        yield model
+    finally:
+        ema.restore(params)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Put ``model`` in eval mode inside the block and restore its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def steps_per_epoch(loader, gradient_accumulation_steps: int = 1) -> int:
+    """Optimizer steps in one pass over ``loader`` (a last, incomplete accumulation window is not trained on)."""
+    sampler = getattr(loader, "batch_sampler", None)
+    steps = (getattr(sampler, "batches_per_epoch", None) or len(loader)) // gradient_accumulation_steps
+    if steps == 0:
+        raise ValueError(f"{len(loader.dataset)} training images are fewer than one optimizer step needs (batch "
+                         f"{sampler.batch_size} × {getattr(sampler, 'num_replicas', 1)} processes × "
+                         f"{gradient_accumulation_steps} accumulation steps)")
+    return steps
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """How to train: objective, optimisation, NaN policy and the loop's periodic work.
+
+    The field names are the training script's flag names (``training/train.py --help`` documents each), so
+    error messages name them as ``--<field>``.
+
+    Args:
+        loss_type: a :data:`~diffusers_ddpm_ext.losses.LOSS_TYPES` objective of :func:`diffusion_loss`.
+        snr_gamma: min-SNR-γ weighting of the MSE term (None = off).
+        num_levels: grey levels of the data (256 for 8-bit images; 17 for the digits): the decoder NLL and
+            bits/dim.
+        class_dropout_prob: probability of replacing a class label by the null class (classifier-free guidance).
+        timestep_sampler: a :data:`~diffusers_ddpm_ext.timestep_sampler.SAMPLER_NAMES` sampler of t.
+        learning_rate, lr_scheduler, lr_warmup_steps, adam_beta1, adam_beta2, adam_weight_decay, adam_epsilon:
+            AdamW and ``diffusers.optimization.get_scheduler`` (stepped once per optimizer step).
+        max_grad_norm: gradient clipping (None = none).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        use_ema, ema_inv_gamma, ema_power, ema_max_decay: ``diffusers.training_utils.EMAModel`` with warm-up.
+        nan_policy: on a non-finite loss or gradient, ``"stop"`` (saving the last good state) or ``"skip"``.
+        seed: seed of the default generator (:func:`process_seed`), of sample grids and of bits/dim.
+        checkpointing_steps, checkpoints_total_limit: a checkpoint every N steps, keeping the newest K (needs
+            ``output_dir``).
+        eval_every, eval_bpd_steps: bits/dim of the trainer's ``eval_set`` every N steps, with this many
+            timesteps per image.
+        save_images_epochs: a sample grid into ``<output_dir>/samples`` every N epochs.
+        eval_batch_size, ddpm_num_inference_steps, guidance_scale: images, sampling steps and guidance scale of
+            sample grids (guidance None = 2 with ``class_dropout_prob > 0``, else 1).
+        debug_nan_at_step, debug_interrupt_after_step: fault injection for tests: make the loss of that
+            optimizer step NaN (once), raise :class:`SimulatedInterrupt` after that step.
+    """
+
+    loss_type: str = "hybrid"
+    snr_gamma: Optional[float] = None
+    num_levels: int = 256
+    class_dropout_prob: float = 0.0
+    timestep_sampler: str = "uniform"
+    learning_rate: float = 2e-3
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 50
+    adam_beta1: float = 0.95
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-6
+    adam_epsilon: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0
+    gradient_accumulation_steps: int = 1
+    use_ema: bool = True
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 3 / 4
+    ema_max_decay: float = 0.9999
+    nan_policy: str = "stop"
+    seed: int = 0
+    checkpointing_steps: Optional[int] = 500
+    checkpoints_total_limit: Optional[int] = 2
+    eval_every: Optional[int] = None
+    eval_bpd_steps: int = 20
+    save_images_epochs: Optional[int] = 10
+    eval_batch_size: int = 64
+    ddpm_num_inference_steps: int = 100
+    guidance_scale: Optional[float] = None
+    debug_nan_at_step: Optional[int] = None
+    debug_interrupt_after_step: Optional[int] = None
+
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def from_flags(cls, flags, **overrides) -> "TrainConfig":
+        """The config of a parsed command line (an ``argparse.Namespace``): every field of that name."""
+        values = {f.name: getattr(flags, f.name) for f in dataclasses.fields(cls) if hasattr(flags, f.name)}
+        return cls(**{**values, **overrides})
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first bad field, its value and what is allowed."""
+        for name, allowed in (("loss_type", LOSS_TYPES), ("timestep_sampler", SAMPLER_NAMES),
+                              ("nan_policy", NAN_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("gradient_accumulation_steps", "num_levels", "eval_batch_size", "ddpm_num_inference_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+        for name in ("checkpointing_steps", "checkpoints_total_limit", "eval_every", "eval_bpd_steps",
+                     "save_images_epochs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name} must be a positive integer (or left unset), got {value!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate!r}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.adam_weight_decay < 0 or not self.adam_epsilon > 0:
+            raise ValueError(f"--adam_weight_decay must be >= 0 and --adam_epsilon > 0, got "
+                             f"{self.adam_weight_decay!r}, {self.adam_epsilon!r}")
+        if not 0.0 <= self.ema_max_decay <= 1.0:
+            raise ValueError(f"--ema_max_decay must be in [0, 1], got {self.ema_max_decay!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"--max_grad_norm must be positive (or unset for no clipping), got "
+                             f"{self.max_grad_norm!r}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"--class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}")
+        if self.snr_gamma is not None:
+            if not self.snr_gamma > 0:
+                raise ValueError(f"--snr_gamma must be positive, got {self.snr_gamma!r}")
+            if self.loss_type == "kl":
+                raise ValueError("--snr_gamma weights the MSE term; --loss_type kl has none")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands (saved in every checkpoint as JSON; everything else a checkpoint holds is tensors).
+
+    Args:
+        global_step: optimizer steps done.
+        epoch, batch_in_epoch: the data position: micro-batches of ``epoch`` consumed.
+        loss_steps, losses: the loss of every optimizer step (mean over the accumulation window and processes).
+        skipped_steps: optimizer steps dropped by ``nan_policy="skip"``.
+        train_time_s: seconds spent training (summed over resumed segments).
+    """
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    loss_steps: List[int] = field(default_factory=list)
+    losses: List[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    train_time_s: float = 0.0
+
+
+@dataclass
+class StepOutput:
+    """What one completed (or skipped) optimizer step reports.
+
+    Args:
+        step: optimizer steps done after it.
+        loss: mean training loss of the step (over its micro-batches and the processes).
+        mse: mean ε/x₀/v MSE of the step's micro-batches on this process (None if the loss function has none).
+        logs: ``{"loss", "lr", "grad_norm"[, "ema_decay"]}`` as logged to the trackers (empty when skipped).
+        skipped: the step was dropped by ``nan_policy="skip"`` (the weights did not change).
+    """
+
+    step: int
+    loss: float
+    mse: Optional[float] = None
+    logs: Dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+
+
+@dataclass
+class EvalSet:
+    """Images the trainer's bits/dim is measured on.
+
+    Args:
+        images: (N, C, H, W) in [-1, 1].
+        class_labels: (N,) labels for a class-conditional model, else None.
+        split: where they come from (``"heldout"`` or ``"train"``), reported in the metrics.
+    """
+
+    images: torch.Tensor
+    class_labels: Optional[torch.Tensor] = None
+    split: str = "train"
+
+
+class Trainer:
+    """Trains a diffusion UNet with a noise scheduler; see the module docstring for one step and one run.
+
+    Args:
+        model: a ``DDPMUNet2DModel`` or diffusers ``UNet2DModel`` (output C or 2C channels for the scheduler's
+            variance type), on the device to train on.
+        noise_scheduler: the scheduler that defines q(x_t | x_0) and the loss (a ``GaussianDiffusionScheduler``;
+            any scheduler with ``add_noise`` together with a ``loss_fn``).
+        config: a :class:`TrainConfig` (default: its defaults).
+        max_train_steps: optimizer steps of the run (the LR schedule's length).
+        accelerator: an ``accelerate.Accelerator`` (multi-process, mixed precision, trackers); None = this
+            process alone (:class:`LocalAccelerator`). Its ``gradient_accumulation_steps`` must be the config's.
+        generator: the generator of noise, timesteps and label dropout (default: seeded with
+            :func:`process_seed` of ``config.seed`` and the process index). Pass one to share a stream.
+        output_dir: where checkpoints and sample grids go (None = nowhere; the NaN guard then saves nothing).
+        eval_set: images for :meth:`evaluate_bpd` and ``eval_every``.
+        loss_fn: replaces :func:`diffusion_loss`: ``loss_fn(model_output, x0, noise, timesteps, noisy)`` returning
+            an object with ``loss`` (its mean is minimised: (B,) per example, or already reduced),
+            ``unweighted_loss`` ((B,), fed to the timestep sampler) and optionally ``mse`` ((B,)), e.g. diffusers'
+            plain ε-MSE for a ``DDPMScheduler``.
+    """
+
+    def __init__(self, model, noise_scheduler, config: Optional[TrainConfig] = None, *, max_train_steps: int,
+                 accelerator=None, generator: Optional[torch.Generator] = None, output_dir: Optional[str] = None,
+                 eval_set: Optional[EvalSet] = None, loss_fn: Optional[Callable] = None):
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        self.config = config = config if config is not None else TrainConfig()
+        if accelerator is None:
+            accelerator = LocalAccelerator(config.gradient_accumulation_steps, next(model.parameters()).device)
+        if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
+            raise ValueError(f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, "
+                             f"the config {config.gradient_accumulation_steps}")
+        if loss_fn is None:
+            check_objective(config.loss_type, noise_scheduler.config.variance_type)
+        if not isinstance(max_train_steps, int) or max_train_steps < 1:
+            raise ValueError(f"max_train_steps must be a positive int, got {max_train_steps!r}")
+        self.accelerator, self.noise_scheduler, self.max_train_steps = accelerator, noise_scheduler, max_train_steps
+        self.output_dir, self.eval_set, self.loss_fn = output_dir, eval_set, loss_fn
+        self.num_class_embeds = model.config.get("num_class_embeds")  # labels in 0..K-1, K = the null class
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                      betas=(config.adam_beta1, config.adam_beta2),
+                                      weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+        # Stepped by us once per optimizer step (not through accelerate, which steps it once per process).
+        self.lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                          num_training_steps=max_train_steps)
+        self.ema = None
+        if config.use_ema:
+            self.ema = EMAModel(model.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
+                                inv_gamma=config.ema_inv_gamma, power=config.ema_power, model_cls=type(model),
+                                model_config=model.config)
+        self.timestep_sampler = create_timestep_sampler(config.timestep_sampler,
+                                                        int(noise_scheduler.config.num_train_timesteps))
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
+        if generator is None:
+            generator = torch.Generator(device=accelerator.device)
+            generator.manual_seed(process_seed(config.seed, accelerator.process_index))
+        self.generator = generator
+        self.state = TrainState()
+        self.micro_batches_per_epoch: Optional[int] = None  # set by run(); normalises the saved data position
+        self.global_batch_size: Optional[int] = None  # set by run(): images per optimizer step, all processes
+        # The accumulation window being trained: (timesteps, unweighted losses) per micro-batch and their mean
+        # losses; None once a non-finite value dropped it.
+        self._window: Optional[list] = []
+        self._window_loss: List[float] = []
+        self._window_mse: List[float] = []
+        self._consecutive_skips = 0
+        self._nan_injected = False
+        self._segment_start = time.time()
+        self._snapshot = self._take_snapshot()
+
+    # ---- one step
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def _unpack(self, batch):
+        """(x0 (B, C, H, W) in [-1, 1], class labels (B,) or None) from a tensor or a data-module batch dict."""
+        if isinstance(batch, torch.Tensor):
+            x0, labels = batch, None
+        else:
+            x0, labels = batch["pixel_values"], batch.get("class_labels")
+        x0 = x0.to(self.device)
+        if self.num_class_embeds is None:
+            return x0, None
+        if labels is None:
+            raise ValueError("the model is class-conditional but the batch has no class_labels")
+        return x0, labels.to(self.device).long()
+
+    def train_step(self, batch) -> Optional[StepOutput]:
+        """Train on one micro-batch.
+
+        Args:
+            batch: a (B, C, H, W) tensor in [-1, 1], or a dict with ``pixel_values`` (and ``class_labels`` for a
+                class-conditional model), as :mod:`diffusers_ddpm_ext.data` yields.
+
+        Returns:
+            A :class:`StepOutput` when this micro-batch completed an optimizer step (or the step was skipped),
+            None inside an accumulation window.
+
+        Raises:
+            NonFiniteLossError: a non-finite loss or gradient with ``nan_policy="stop"`` (after saving the last good
+                state when there is an ``output_dir``), or too many skipped steps in a row.
+        """
+        acc, config, generator = self.accelerator, self.config, self.generator
+        x0, labels = self._unpack(batch)
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        timesteps, weights = self.timestep_sampler.sample(x0.shape[0], self.device, generator=generator)
+        if labels is not None and config.class_dropout_prob > 0:  # the null class (index K) for CFG training
+            drop = torch.rand(x0.shape[0], generator=generator, device=self.device) < config.class_dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_class_embeds), labels)
+        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
+        grad_norm = None
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                extra = {} if labels is None else {"class_labels": labels}
+                model_output = self.model(noisy, timesteps, **extra).sample  # (B, C or 2C, H, W)
+            out = self._loss(model_output.float(), x0, noise, timesteps, noisy, weights)
+            loss = out.loss.mean()
+            if config.debug_nan_at_step == self.state.global_step + 1 and not self._nan_injected:
+                loss, self._nan_injected = loss * float("nan"), True  # once: a skipped step retries with new data
+            finite, mean_loss = all_finite_and_mean(acc, loss)
+            if not finite:
+                self._non_finite(f"non-finite loss ({loss.item()}) at optimizer step {self.state.global_step + 1} "
+                                 f"(epoch {self.state.epoch})",
+                                 "Lower --learning_rate, set --max_grad_norm, or pass --nan_policy skip.")
+            else:
+                acc.backward(loss)
+                fault_point("step")  # crash tests: a kill between backward and the optimizer step
+                if self._window is not None:
+                    self._window.append((timesteps, out.unweighted_loss.detach()))
+                    self._window_loss.append(mean_loss)
+                    if getattr(out, "mse", None) is not None:
+                        self._window_mse.append(float(out.mse.detach().mean()))
+            if acc.sync_gradients and self._window is not None:
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or float("inf"))
+                if not math.isfinite(float(grad_norm)) and acc.scaler is None:
+                    self._non_finite(f"non-finite gradient norm at optimizer step {self.state.global_step + 1}",
+                                     "Lower --learning_rate or set --max_grad_norm.")
+            if acc.sync_gradients:
+                if self._window is not None:
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.state.batch_in_epoch += 1
+        if not acc.sync_gradients:
+            return None
+        return self._end_step(grad_norm)
+
+    def _loss(self, model_output, x0, noise, timesteps, noisy, weights):
+        if self.loss_fn is not None:
+            return self.loss_fn(model_output, x0, noise, timesteps, noisy)
+        config = self.config
+        return diffusion_loss(model_output, x0, noise, timesteps, self.noise_scheduler, loss_type=config.loss_type,
+                              snr_gamma=config.snr_gamma, num_levels=config.num_levels, weights=weights,
+                              noisy_samples=noisy)
+
+    def _non_finite(self, what: str, advice: str) -> None:
+        """The NaN policy: stop with the last good state saved, or drop the accumulation window."""
+        if self.config.nan_policy == "skip":
+            self._window = None
+        else:
+            self._give_up(what, advice)
+
+    def _give_up(self, what: str, advice: str) -> None:
+        if self.output_dir is None:
+            raise NonFiniteLossError(f"{what}; no checkpoint was saved (no output_dir). {advice}")
+        self.save_checkpoint()  # the snapshot of the last step boundary: the last good state
+        raise NonFiniteLossError(f"{what}; the last good state is {CHECKPOINT_PREFIX}{self._snapshot['global_step']} "
+                                 f"in {self.output_dir}. {advice}")
+
+    def _end_step(self, grad_norm) -> StepOutput:
+        """Book-keeping after the last micro-batch of an optimizer step (done or skipped)."""
+        state, window = self.state, self._window
+        self._window, self._window_loss, losses, mses = [], [], self._window_loss, self._window_mse
+        self._window_mse = []
+        if window is None:  # dropped by nan_policy="skip": the weights did not change
+            state.skipped_steps += 1
+            self._consecutive_skips += 1
+            logger.warning("skipped a step with a non-finite loss/gradient before step %d (%d skipped so far)",
+                           state.global_step + 1, state.skipped_steps)
+            self._snapshot = self._take_snapshot()
+            if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                self._give_up(f"{MAX_CONSECUTIVE_SKIPS} consecutive non-finite steps before optimizer step "
+                              f"{state.global_step + 1}; giving up", "Lower --learning_rate or set --max_grad_norm.")
+            return StepOutput(step=state.global_step, loss=float("nan"), skipped=True)
+        self._consecutive_skips = 0
+        self.timestep_sampler.update(torch.cat([t for t, _ in window]), torch.cat([l for _, l in window]))
+        if self.ema is not None:
+            self.ema.step(self.unwrapped.parameters())
+        state.global_step += 1
+        step_loss = sum(losses) / len(losses)
+        state.loss_steps.append(state.global_step)
+        state.losses.append(step_loss)
+        now = time.time()
+        state.train_time_s += now - self._segment_start
+        self._segment_start = now
+        self._snapshot = self._take_snapshot()
+        logs = {"loss": step_loss, "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+        if self.ema is not None:
+            logs["ema_decay"] = self.ema.cur_decay_value
+        mse = sum(mses) / len(mses) if mses else None
+        return StepOutput(step=state.global_step, loss=step_loss, mse=mse, logs=logs)
+
+    # ---- the run
+
+    def run(self, loader, on_epoch_end: Optional[Callable[["Trainer", int], None]] = None,
+            progress: bool = True) -> TrainState:
+        """Train to ``max_train_steps`` over ``loader``, epoch after epoch, from where :attr:`state` stands.
+
+        Args:
+            loader: a DataLoader; with a :class:`~diffusers_ddpm_ext.data.ResumableBatchSampler` as its batch
+                sampler (``data.make_dataloader``) the data order and position are restored exactly on resume.
+            on_epoch_end: called as ``on_epoch_end(trainer, epoch)`` after every complete epoch but the last.
+            progress: show a progress bar (main process).
+
+        Returns:
+            The final :class:`TrainState`. A checkpoint of the last step is written if ``checkpointing_steps``.
+        """
+        from tqdm.auto import tqdm
+
+        acc, config, state = self.accelerator, self.config, self.state
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        per_epoch = steps_per_epoch(loader, config.gradient_accumulation_steps)
+        self.micro_batches_per_epoch = per_epoch * config.gradient_accumulation_steps
+        batch_size = getattr(batch_sampler, "batch_size", None) or getattr(loader, "batch_size", None)
+        if batch_size is not None:
+            self.global_batch_size = batch_size * acc.num_processes * config.gradient_accumulation_steps
+        num_epochs = math.ceil(self.max_train_steps / per_epoch)
+        self._snapshot = self._take_snapshot()
+        first_epoch, first_batch = self._snapshot["epoch"], self._snapshot["batch_in_epoch"]
+        bar = tqdm(total=self.max_train_steps, initial=state.global_step, desc="steps", dynamic_ncols=True,
+                   disable=not (progress and acc.is_local_main_process))
+        self.model.train()
+        self._segment_start = time.time()
+        done = state.global_step >= self.max_train_steps
+        try:
+            for epoch in range(first_epoch, num_epochs):
+                if done:
+                    break
+                state.epoch, state.batch_in_epoch = epoch, first_batch if epoch == first_epoch else 0
+                if hasattr(batch_sampler, "skip"):
+                    batch_sampler.set_epoch(epoch)
+                    batch_sampler.skip(state.batch_in_epoch)
+                with torch.random.fork_rng(devices=[]):  # creating a DataLoader iterator draws from the global RNG
+                    batches = iter(loader)
+                for batch in batches:
+                    if state.batch_in_epoch >= self.micro_batches_per_epoch:
+                        break
+                    out = self.train_step(batch)
+                    if out is None or out.skipped:
+                        continue
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{out.logs['lr']:.2e}")
+                    self._after_step(out)
+                    if state.global_step >= self.max_train_steps:
+                        done = True
+                        break
+                if state.batch_in_epoch >= self.micro_batches_per_epoch and not done:
+                    self._after_epoch(epoch, on_epoch_end)
+        finally:
+            bar.close()
+        if self.output_dir is not None and config.checkpointing_steps and not os.path.isdir(
+                os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")):
+            self.save_checkpoint()
+        return state
+
+    def _after_step(self, out: StepOutput) -> None:
+        """Periodic work after an optimizer step: logs, checkpoint, bits/dim."""
+        acc, config, step = self.accelerator, self.config, self.state.global_step
+        acc.log(out.logs, step=step)
+        if self.output_dir is not None and config.checkpointing_steps and step % config.checkpointing_steps == 0:
+            self.save_checkpoint()
+        if config.debug_interrupt_after_step == step:
+            raise SimulatedInterrupt(f"stopped after step {step} (--debug_interrupt_after_step)")
+        if config.eval_every and step % config.eval_every == 0 and acc.is_main_process and self.eval_set is not None:
+            acc.log({"bits_per_dim": self.evaluate_bpd().mean}, step=step)
+
+    def _after_epoch(self, epoch: int, on_epoch_end) -> None:
+        """Periodic work after a complete epoch: a sample grid, then the caller's hook."""
+        every = self.config.save_images_epochs
+        if every and (epoch + 1) % every == 0 and self.accelerator.is_main_process and self.output_dir is not None:
+            path = os.path.join(self.output_dir, "samples", f"epoch_{epoch + 1:04d}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.sample_grid().save(path)
+        if on_epoch_end is not None:
+            on_epoch_end(self, epoch)
+
+    # ---- checkpoints
+
+    def _take_snapshot(self) -> Dict[str, Any]:
+        """The state at this step boundary, what a checkpoint written now (or after a NaN) must hold."""
+        state = dataclasses.asdict(self.state)
+        epoch, batch = state["epoch"], state["batch_in_epoch"]
+        if self.micro_batches_per_epoch is not None and batch >= self.micro_batches_per_epoch:
+            epoch, batch = epoch + 1, 0
+        # Loss lists only grow: remember their length instead of keeping a copy per step.
+        del state["loss_steps"], state["losses"]
+        return dict(state, epoch=epoch, batch_in_epoch=batch, num_losses=len(self.state.losses),
+                    rng=capture_rng_state({"noise": self.generator}))
+
+    def save_checkpoint(self) -> None:
+        """Write ``<output_dir>/checkpoint-<step>`` of the last step boundary (every process calls this).
+
+        Every process contributes its RNG state; the main process writes and rotates old checkpoints.
+        """
+        snapshot, acc = self._snapshot, self.accelerator
+        if self.output_dir is None:
+            raise ValueError("save_checkpoint needs the trainer's output_dir")
+        rng_states = gather_object(acc, snapshot["rng"])
+        existing = os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{snapshot['global_step']}")
+        if acc.is_main_process and existing in list_checkpoints(self.output_dir):
+            logger.info("%s already holds this state", existing)  # e.g. the NaN guard right after a save
+        elif acc.is_main_process:
+            n = snapshot["num_losses"]
+            training_state = {k: snapshot[k] for k in ("global_step", "epoch", "batch_in_epoch", "skipped_steps",
+                                                        "train_time_s")}
+            training_state.update(loss_steps=self.state.loss_steps[:n], losses=self.state.losses[:n])
+            path = save_checkpoint(
+                self.output_dir, snapshot["global_step"], model=self.unwrapped, ema=self.ema,
+                optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=acc.scaler,
+                sampler_state=self.timestep_sampler.state_dict(), training_state=training_state,
+                rng_states=rng_states)
+            rotate_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
+            logger.info("saved %s", path)
+        acc.wait_for_everyone()
+
+    def resume(self, checkpoint: Optional[str]) -> Optional[str]:
+        """Restore weights, EMA, optimizer, LR schedule, timestep sampler, RNG states and position.
+
+        Args:
+            checkpoint: ``"latest"`` (the newest intact checkpoint in ``output_dir``; None when there is none
+                yet, so a first run starts fresh), a checkpoint folder, or None (nothing to do).
+
+        Returns:
+            The folder resumed from, or None.
+
+        Raises:
+            CheckpointError: missing, altered, from another architecture or another number of processes.
+        """
+        if checkpoint is None:
+            return None
+        acc = self.accelerator
+        # The main process picks (and hashes) the checkpoint and moves altered newer ones aside; every process then
+        # loads the same one.
+        path = on_main_process(acc, lambda: resolve_resume_path(checkpoint, self.output_dir, quarantine=True))
+        if path is None:
+            logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run",
+                        self.output_dir)
+            return None
+        # `latest` has just checked every SHA-256; an explicitly named checkpoint is checked here.
+        data = load_checkpoint(path, check_hashes=checkpoint != "latest")
+        check_checkpoint_matches(data, self.unwrapped)
+        self.unwrapped.load_state_dict(data.model_state, strict=True)
+        self.optimizer.load_state_dict(data.optimizer_state)
+        self.lr_scheduler.load_state_dict(data.lr_scheduler_state)
+        if data.scaler_state is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(data.scaler_state)
+        if self.ema is not None:
+            load_ema_state(self.ema, self.unwrapped, data)
+        self.timestep_sampler.load_state_dict(data.sampler_state)
+        if len(data.rng_states) != acc.num_processes:
+            raise CheckpointError(f"{path} was written by {len(data.rng_states)} processes, this run has "
+                                  f"{acc.num_processes}: exact resume needs the same number of processes")
+        restore_rng_state(data.rng_states[acc.process_index], {"noise": self.generator})
+        defaults = TrainState()
+        self.state = TrainState(**{f.name: data.training_state.get(f.name, getattr(defaults, f.name))
+                                   for f in dataclasses.fields(TrainState)})
+        self._snapshot = self._take_snapshot()
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.global_step,
+                    self.state.epoch, self.state.batch_in_epoch)
+        return path
+
+    # ---- sampling and evaluation (EMA weights)
+
+    def ema_weights(self):
+        """Context manager: the model holds its EMA weights inside (see :func:`ema_weights`)."""
+        return ema_weights(self.ema, self.unwrapped)
+
+    def pipeline(self):
+        """A ``DDPMPipeline`` (or ``ClassConditionalDDPMPipeline``) around the model and a fresh scheduler."""
+        from diffusers import DDPMPipeline
+
+        from .pipelines import ClassConditionalDDPMPipeline
+
+        cls = DDPMPipeline if self.num_class_embeds is None else ClassConditionalDDPMPipeline
+        scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config)
+        pipe = cls(unet=self.unwrapped, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @property
+    def guidance_scale(self) -> float:
+        if self.config.guidance_scale is not None:
+            return self.config.guidance_scale
+        return 2.0 if self.config.class_dropout_prob > 0 else 1.0
+
+    def sample_images(self, num_images: Optional[int] = None) -> np.ndarray:
+        """EMA-weight samples, (N, H, W, C) in [0, 1]; a fixed seed, the global RNG left untouched.
+
+        Class-conditional models cycle through the classes; ``num_images`` defaults to ``eval_batch_size``.
+        """
+        config = self.config
+        num_images = num_images or config.eval_batch_size
+        fault_point("sample")
+        with torch.random.fork_rng(devices=[]), self.ema_weights(), eval_mode(self.unwrapped):
+            pipe = self.pipeline()
+            kwargs = dict(num_inference_steps=config.ddpm_num_inference_steps, output_type="np",
+                          generator=torch.Generator(device="cpu").manual_seed(config.seed))
+            if self.num_class_embeds is None:
+                return pipe(batch_size=num_images, **kwargs).images
+            labels = [i % self.num_class_embeds for i in range(num_images)]
+            return pipe(class_labels=labels, guidance_scale=self.guidance_scale, **kwargs).images
+
+    def sample_grid(self):
+        """:meth:`sample_images` as a PIL grid (one row per class cycle when it fits)."""
+        from .viz import make_image_grid
+
+        images = self.sample_images()
+        classes = self.num_class_embeds
+        nrow = classes if classes is not None and len(images) % classes == 0 else None
+        return make_image_grid(images, nrow=nrow, min_tile=64)
+
+    def evaluate_bpd(self):
+        """Bits/dim of :attr:`eval_set` with the EMA weights (``likelihood.estimate_bits_per_dim``)."""
+        from .likelihood import estimate_bits_per_dim
+
+        if self.eval_set is None:
+            raise ValueError("evaluate_bpd needs the trainer's eval_set")
+        labels = self.eval_set.class_labels if self.num_class_embeds is not None else None
+        with torch.random.fork_rng(devices=[]), self.ema_weights(), eval_mode(self.unwrapped):
+            return estimate_bits_per_dim(
+                self.unwrapped, self.noise_scheduler, self.eval_set.images.to(self.device),
+                num_timesteps_sampled=self.config.eval_bpd_steps, num_levels=self.config.num_levels,
+                class_labels=None if labels is None else labels.to(self.device), batch_size=256,
+                generator=torch.Generator(device=self.device).manual_seed(self.config.seed),
+                progress=self.accelerator.is_local_main_process, clip_denoised=self.clip_denoised)
+
+    @property
+    def clip_denoised(self) -> bool:
+        # The bound of the model as it samples: with clip_sample the reverse mean uses the clipped x̂_0 (as IDM's
+        # NLL evaluation, clip_denoised=True). Unclipped, the cosine schedule's last step (β = 0.999, ᾱ ≈ 2e-9)
+        # turns a small ε error into several bits/dim of KL for a model that samples exactly the same.
+        return bool(self.noise_scheduler.config.get("clip_sample", False))
+
+    def report(self) -> Dict[str, Any]:
+        """Check every process ended with the same weights, then measure the run (main process; {} elsewhere).
+
+        Prints one ``[rank r] weight checksum ... ema ...`` line per process, raises if they differ, and on the
+        main process estimates bits/dim and writes ``<output_dir>/loss_curve.png``.
+
+        Returns:
+            The run's metrics (the keys of ``metrics.json`` but ``wall_time_s``, which is None here).
+        """
+        from .viz import save_loss_curve
+
+        acc, state, sched = self.accelerator, self.state, self.noise_scheduler.config
+        checksums = gather_object(acc, {"rank": acc.process_index, "weights": parameter_checksum(self.unwrapped),
+                                         "ema": ema_checksum(self.ema)})
+        if not acc.is_main_process:
+            return {}
+        for entry in checksums:
+            print(f"[rank {entry['rank']}] weight checksum {entry['weights']} ema {entry['ema']}", flush=True)
+        if len({(c["weights"], c["ema"]) for c in checksums}) != 1:
+            raise RuntimeError(f"processes ended with different weights: {checksums}")
+        bpd = self.evaluate_bpd()
+        last = state.losses[-50:]
+        metrics = {
+            "bits_per_dim": bpd.mean,
+            "bits_per_dim_standard_error": bpd.mean_standard_error,
+            "bits_per_dim_split": self.eval_set.split,
+            "bits_per_dim_num_images": int(self.eval_set.images.shape[0]),
+            "bits_per_dim_clip_denoised": self.clip_denoised,
+            "eval_bpd_steps": bpd.timesteps_per_image,
+            "train_steps": state.global_step,
+            "skipped_steps": state.skipped_steps,
+            "final_loss": state.losses[-1] if state.losses else None,
+            "final_loss_mean_last_50": sum(last) / len(last) if last else None,
+            "train_time_s": state.train_time_s,
+            "wall_time_s": None,
+            "num_processes": acc.num_processes,
+            "global_batch_size": self.global_batch_size,
+            "num_parameters": count_parameters(self.unwrapped),
+            "model_type": "unet2d" if type(self.unwrapped).__name__ == "UNet2DModel" else "ours",
+            "loss_type": self.config.loss_type,
+            "variance_type": sched.variance_type,
+            "beta_schedule": sched.beta_schedule,
+            "prediction_type": sched.prediction_type,
+            "rank_checksums": checksums,
+        }
+        if state.losses and self.output_dir is not None:
+            save_loss_curve(state.loss_steps, state.losses, os.path.join(self.output_dir, "loss_curve.png"),
+                            title=f"{self.config.loss_type} loss, {sched.variance_type}, {sched.beta_schedule}")
+        return metrics
