@@ -1,8 +1,9 @@
 """One process or several: what the trainer asks of Accelerate, and :class:`LocalAccelerator`, which does it in
 this process alone (no ``accelerate launch``, no distributed state), e.g. in a notebook or a benchmark.
 
-Every call that more than one process must make together lives here, so that a branch taken by one process
-(a NaN, a failed check) is taken by all, and none is left waiting at a collective call.
+The collective helpers (gather an object, run a check on the main process and share its result or error, agree
+on a NaN) make every process take the same branch, so none is left waiting at a collective call; with
+one process they call no ``accelerate`` function at all.
 """
 
 from __future__ import annotations

@@ -39,18 +39,8 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .checkpoints import (
-    CheckpointError,
-    capture_rng_state,
-    check_checkpoint_matches,
-    list_checkpoints,
-    load_checkpoint,
-    load_ema_state,
-    resolve_resume_path,
-    restore_rng_state,
-    rotate_checkpoints,
-    save_checkpoint,
-)
+from . import checkpoints
+from .checkpoints import CheckpointError, capture_rng_state, restore_rng_state
 from .losses import LOSS_TYPES, diffusion_loss
 from .processes import LocalAccelerator, all_finite_and_mean, gather_object, on_main_process
 from .rundir import CHECKPOINT_PREFIX, fault_point
@@ -520,9 +510,8 @@ class Trainer:
 
     def _end_step(self, grad_norm) -> StepOutput:
         """Book-keeping after the last micro-batch of an optimizer step (done or skipped)."""
-        state, window = self.state, self._window
-        self._window, self._window_loss, losses, mses = [], [], self._window_loss, self._window_mse
-        self._window_mse = []
+        state, window, losses, mses = self.state, self._window, self._window_loss, self._window_mse
+        self._window, self._window_loss, self._window_mse = [], [], []
         if window is None:  # dropped by nan_policy="skip": the weights did not change
             state.skipped_steps += 1
             self._consecutive_skips += 1
@@ -639,14 +628,14 @@ class Trainer:
 
     def _take_snapshot(self) -> Dict[str, Any]:
         """The state at this step boundary, what a checkpoint written now (or after a NaN) must hold."""
-        state = dataclasses.asdict(self.state)
-        epoch, batch = state["epoch"], state["batch_in_epoch"]
+        state = self.state
+        epoch, batch = state.epoch, state.batch_in_epoch
         if self.micro_batches_per_epoch is not None and batch >= self.micro_batches_per_epoch:
             epoch, batch = epoch + 1, 0
-        # Loss lists only grow: remember their length instead of keeping a copy per step.
-        del state["loss_steps"], state["losses"]
-        return dict(state, epoch=epoch, batch_in_epoch=batch, num_losses=len(self.state.losses),
-                    rng=capture_rng_state({"noise": self.generator}))
+        # Loss lists only grow: remember their length instead of copying them every step.
+        return {"global_step": state.global_step, "epoch": epoch, "batch_in_epoch": batch,
+                "skipped_steps": state.skipped_steps, "train_time_s": state.train_time_s,
+                "num_losses": len(state.losses), "rng": capture_rng_state({"noise": self.generator})}
 
     def save_checkpoint(self) -> None:
         """Write ``<output_dir>/checkpoint-<step>`` of the last step boundary (every process calls this).
@@ -658,19 +647,19 @@ class Trainer:
             raise ValueError("save_checkpoint needs the trainer's output_dir")
         rng_states = gather_object(acc, snapshot["rng"])
         existing = os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{snapshot['global_step']}")
-        if acc.is_main_process and existing in list_checkpoints(self.output_dir):
+        if acc.is_main_process and existing in checkpoints.list_checkpoints(self.output_dir):
             logger.info("%s already holds this state", existing)  # e.g. the NaN guard right after a save
         elif acc.is_main_process:
             n = snapshot["num_losses"]
             training_state = {k: snapshot[k] for k in ("global_step", "epoch", "batch_in_epoch", "skipped_steps",
                                                         "train_time_s")}
             training_state.update(loss_steps=self.state.loss_steps[:n], losses=self.state.losses[:n])
-            path = save_checkpoint(
+            path = checkpoints.save_checkpoint(
                 self.output_dir, snapshot["global_step"], model=self.unwrapped, ema=self.ema,
                 optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=acc.scaler,
                 sampler_state=self.timestep_sampler.state_dict(), training_state=training_state,
                 rng_states=rng_states)
-            rotate_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
+            checkpoints.rotate_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
             logger.info("saved %s", path)
         acc.wait_for_everyone()
 
@@ -692,21 +681,22 @@ class Trainer:
         acc = self.accelerator
         # The main process picks (and hashes) the checkpoint and moves altered newer ones aside; every process then
         # loads the same one.
-        path = on_main_process(acc, lambda: resolve_resume_path(checkpoint, self.output_dir, quarantine=True))
+        path = on_main_process(
+            acc, lambda: checkpoints.resolve_resume_path(checkpoint, self.output_dir, quarantine=True))
         if path is None:
             logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run",
                         self.output_dir)
             return None
         # `latest` has just checked every SHA-256; an explicitly named checkpoint is checked here.
-        data = load_checkpoint(path, check_hashes=checkpoint != "latest")
-        check_checkpoint_matches(data, self.unwrapped)
+        data = checkpoints.load_checkpoint(path, check_hashes=checkpoint != "latest")
+        checkpoints.check_checkpoint_matches(data, self.unwrapped)
         self.unwrapped.load_state_dict(data.model_state, strict=True)
         self.optimizer.load_state_dict(data.optimizer_state)
         self.lr_scheduler.load_state_dict(data.lr_scheduler_state)
         if data.scaler_state is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(data.scaler_state)
         if self.ema is not None:
-            load_ema_state(self.ema, self.unwrapped, data)
+            checkpoints.load_ema_state(self.ema, self.unwrapped, data)
         self.timestep_sampler.load_state_dict(data.sampler_state)
         if len(data.rng_states) != acc.num_processes:
             raise CheckpointError(f"{path} was written by {len(data.rng_states)} processes, this run has "

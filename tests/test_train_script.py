@@ -168,6 +168,15 @@ def test_validate_args_accepts_defaults_and_common_variants():
     TRAIN.validate_args(parse("--loss_type", "kl", "--variance_type", "fixed_large"))
 
 
+def test_trainer_config_defaults_are_the_flag_defaults():
+    """TrainConfig() in a notebook trains as `accelerate launch training/train.py` does (but num_levels, which the
+    script takes from the data: 17 for the built-in digits)."""
+    flags = tr.TrainConfig.from_flags(parse())
+    defaults = tr.TrainConfig()
+    assert {k: v for k, v in vars(flags).items() if k != "num_levels"} == \
+        {k: v for k, v in vars(defaults).items() if k != "num_levels"}
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """20 small grey images in two class sub-folders (resized to 16 by the loader)."""

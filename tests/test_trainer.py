@@ -277,3 +277,15 @@ def test_the_training_loop_is_written_once():
     # compare.py's own loop moves onto the trainer with the comparison harness (issue 13); then drop this line.
     callers.discard("diffusers_ddpm_ext/compare.py")
     assert callers == {"diffusers_ddpm_ext/trainer.py"}
+
+
+def test_readme_trainer_snippet_runs(tmp_path, monkeypatch):
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Training"):text.index("\n## ", text.index("## Training") + 3)]
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "Trainer(" in b]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 3 and namespace["images"].shape == (2, 16, 16, 1)
