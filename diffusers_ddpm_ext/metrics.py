@@ -567,6 +567,7 @@ class PretrainedImageEncoder(nn.Module):
         self.processor = processor
         self.name = name
         self.pooling = pooling
+        self.resolved_pooling = None if pooling == "auto" else pooling  # what "auto" chose, after the first call
         self.batch_size = batch_size
 
     @property
@@ -582,7 +583,8 @@ class PretrainedImageEncoder(nn.Module):
         settings = self.processor.to_dict() if hasattr(self.processor, "to_dict") else vars(self.processor)
         proc = {k: settings[k] for k in keep if settings.get(k) is not None}
         return {"name": self.name, "model_type": getattr(config, "model_type", None),
-                "model_class": type(self.model).__name__, "pooling": self.pooling, "processor": _jsonable(proc)}
+                "model_class": type(self.model).__name__, "pooling": self.resolved_pooling or self.pooling,
+                "processor": _jsonable(proc)}
 
     def preprocess(self, images: ArrayLike) -> torch.Tensor:
         """``(B, C, H, W)`` in ``[-1, 1]`` -> ``pixel_values`` as the image processor makes them."""
@@ -597,6 +599,7 @@ class PretrainedImageEncoder(nn.Module):
         pooling = self.pooling
         if pooling == "auto":
             pooling = "cls" if hidden is not None and hidden.ndim == 3 else ("pooler" if pooled is not None else "mean")
+            self.resolved_pooling = pooling
         if pooling == "cls":
             if hidden is None or hidden.ndim != 3:
                 raise ValueError(f"pooling 'cls' needs a (B, L, D) last_hidden_state; {type(self.model).__name__} "
