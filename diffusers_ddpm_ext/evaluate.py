@@ -123,13 +123,27 @@ def _is_conditional(pipeline) -> bool:
             and "class_labels" in inspect.signature(pipeline.__call__).parameters)
 
 
-def evaluate_bits_per_dim(pipeline, images: torch.Tensor, class_labels: Optional[torch.Tensor], num_levels: int,
-                          split: str, exact: bool = False, num_timesteps_sampled: int = 50, batch_size: int = 256,
-                          seed: int = 0, progress: bool = True) -> dict:
-    """Held-out bits/dim of ``pipeline`` on ``images``, with its split, N, method and standard error.
+def evaluate_bits_per_dim(unet, scheduler, images: torch.Tensor, class_labels: Optional[torch.Tensor],
+                          num_levels: int, split: str, exact: bool = False, num_timesteps_sampled: int = 50,
+                          batch_size: int = 256, seed: int = 0, progress: bool = True) -> dict:
+    """Held-out bits/dim of a model on ``images``, with its split, N, method and standard error.
 
-    The bound is that of the reverse process the pipeline samples with: x̂_0 is clipped iff the scheduler's
-    ``clip_sample`` is set (``clip_denoised``), as in ``train.py``.
+    The bound is that of the reverse process the model samples with: x̂_0 is clipped iff the scheduler's
+    ``clip_sample`` is set (``clip_denoised``), as in ``train.py``. A diffusers ``DDPMScheduler`` is evaluated
+    through ``GaussianDiffusionScheduler.from_config`` of its config (same β and variance).
+
+    Args:
+        unet: the denoiser (on the device to run on).
+        scheduler: the pipeline's scheduler.
+        images: ``(N, C, H, W)`` in ``[-1, 1]`` on the ``num_levels`` grid.
+        class_labels: ``(N,)`` labels for a class-conditional model, else ``None``.
+        num_levels: grey levels per channel (17 for the digits, 256 for 8-bit images).
+        split: the split's name, reported beside the figure.
+        exact: all T terms (T calls per image) instead of the stratified estimate.
+        num_timesteps_sampled: network calls per image of the estimate.
+        batch_size: (image, t) pairs per network call.
+        seed: seed of the draws.
+        progress: show a progress bar.
 
     Returns:
         dict with ``bits_per_dim``, ``standard_error`` (over the population of images: the spread of the
@@ -139,9 +153,8 @@ def evaluate_bits_per_dim(pipeline, images: torch.Tensor, class_labels: Optional
     """
     from .likelihood import bits_per_dim, estimate_bits_per_dim
 
-    scheduler = _bpd_scheduler(pipeline.scheduler)
+    scheduler = _bpd_scheduler(scheduler)
     clip_denoised = bool(getattr(scheduler.config, "clip_sample", False))
-    unet = pipeline.unet
     device = unet.device
     num_timesteps = int(scheduler.config.num_train_timesteps)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -204,17 +217,109 @@ def generate_images(pipeline, num_images: int, num_inference_steps: int, batch_s
     return torch.cat(out) * 2 - 1  # (N, C, H, W) in [-1, 1]
 
 
-def _extractor(feature_extractor, builtin: bool, device, batch_size: int, cache_dir: Optional[str]):
+def load_feature_extractor(feature_extractor: Union[str, Callable, None] = "auto", digits: bool = False,
+                           device: Union[str, torch.device, None] = None, batch_size: int = 64,
+                           cache_dir: Optional[str] = None):
+    """The feature extractor of sample quality.
+
+    Args:
+        feature_extractor: ``"auto"`` (the digits classifier when ``digits``, else
+            :data:`~diffusers_ddpm_ext.metrics.DEFAULT_IMAGE_ENCODER`, i.e. FD_DINOv2), ``"digits-classifier"``,
+            any ``transformers`` image encoder id or folder (:func:`~diffusers_ddpm_ext.metrics.load_image_encoder`),
+            or a callable, returned as it is.
+        digits: the data are the built-in digits.
+        device: where it runs (default :func:`~diffusers_ddpm_ext.metrics.default_device`).
+        batch_size: images per encoder forward pass.
+        cache_dir: ``transformers`` cache folder.
+    """
     from . import metrics
 
     if callable(feature_extractor) and not isinstance(feature_extractor, str):
         return feature_extractor
     name = feature_extractor or "auto"
     if name == "auto":
-        name = DIGITS_EXTRACTOR if builtin else metrics.DEFAULT_IMAGE_ENCODER
+        name = DIGITS_EXTRACTOR if digits else metrics.DEFAULT_IMAGE_ENCODER
+    device = torch.device(device) if device is not None else metrics.default_device()
     if name == DIGITS_EXTRACTOR:
         return metrics.load_digits_classifier().to(device)
     return metrics.load_image_encoder(name, device=device, batch_size=batch_size, cache_dir=cache_dir)
+
+
+def sample_quality_at_steps(
+    pipeline,
+    reference: torch.Tensor,
+    num_inference_steps: Sequence[int],
+    num_images: int,
+    extractor,
+    *,
+    split: str,
+    reference_features: Optional[np.ndarray] = None,
+    sample_batch_size: int = 64,
+    seed: int = 0,
+    num_classes: Optional[int] = None,
+    guidance_scale: float = 1.0,
+    fd_bootstrap: int = 20,
+    kid_num_subsets: int = 100,
+    feature_batch_size: int = 64,
+    progress: bool = True,
+    on_samples: Optional[Callable[[int, torch.Tensor], None]] = None,
+) -> list:
+    """FD/KID/precision/recall of ``num_images`` samples at each step count against ``reference``.
+
+    The same N and the same initial noise at every step count (:func:`generate_images`); the reference's features
+    are extracted once.
+
+    Args:
+        pipeline: a DDPM-style pipeline (``__call__`` with ``num_inference_steps``, ``output_type="np"``).
+        reference: ``(M, C, H, W)`` held-out images in ``[-1, 1]``.
+        num_inference_steps: sampling step counts.
+        num_images: generated images per step count.
+        extractor: a feature extractor (:func:`load_feature_extractor`).
+        split: the reference's split name, reported beside the figures.
+        reference_features: the reference's features if already computed.
+        sample_batch_size, seed, num_classes, guidance_scale: see :func:`generate_images`.
+        fd_bootstrap, kid_num_subsets: see :func:`~diffusers_ddpm_ext.metrics.sample_quality`.
+        feature_batch_size: images per feature-extraction batch.
+        progress: show progress bars.
+        on_samples: called as ``on_samples(steps, images)`` with each step count's samples (e.g. to save a grid).
+
+    Returns:
+        One dict per step count: ``num_inference_steps``, ``split``, ``num_generated``, ``num_reference``,
+        ``network_calls_per_image``, ``sampling_wall_time_s``, ``fd_method``, ``kid_method``, ``pr_method`` and
+        the figures of :func:`~diffusers_ddpm_ext.metrics.sample_quality`.
+    """
+    from .metrics import extract_features, sample_quality
+
+    if reference_features is None:
+        reference_features = extract_features(extractor, reference, feature_batch_size, progress,
+                                              "features (reference)")
+    name = _extractor_info(extractor)["name"]
+    conditional = _is_conditional(pipeline)
+    guided = conditional and guidance_scale not in (0.0, 1.0)  # guided steps run the UNet on 2B samples
+    results = []
+    for steps in num_inference_steps:
+        t0 = time.time()
+        generated = generate_images(pipeline, num_images, steps, sample_batch_size, seed, num_classes,
+                                    guidance_scale, progress)
+        sampling_s = time.time() - t0
+        if on_samples is not None:
+            on_samples(steps, generated)
+        q = sample_quality(generated, reference, extractor, reference_features=reference_features,
+                           fd_bootstrap=fd_bootstrap, kid_num_subsets=kid_num_subsets, seed=seed,
+                           batch_size=feature_batch_size, progress=progress)
+        entry = {"num_inference_steps": int(steps), "split": split, "num_generated": q["n_generated"],
+                 "num_reference": q["n_reference"], "network_calls_per_image": int(steps) * (2 if guided else 1),
+                 "sampling_wall_time_s": sampling_s,
+                 "fd_method": f"Fréchet distance of Gaussians fitted to {name} features; standard error: "
+                              + (f"bootstrap, {fd_bootstrap} resamples" if fd_bootstrap else "not computed"),
+                 "kid_method": f"unbiased MMD², cubic kernel, {q['kid_num_subsets']} subsets of "
+                               f"{q['kid_subset_size']}; ± is the std over subsets",
+                 "pr_method": f"improved precision/recall, k = {q['pr_k']}; ± is binomial"}
+        entry.update({k: v for k, v in q.items() if k != "extractor"})
+        results.append(entry)
+        logger.info("%d steps: FD %.4g (N = %d generated, %d reference, split %s)", steps, q["fd"],
+                    q["n_generated"], q["n_reference"], split)
+    return results
 
 
 def _extractor_info(extractor) -> dict:
@@ -301,7 +406,7 @@ def evaluate_pipeline(
         The report dict (also ``output_dir/report.json``).
     """
     from . import data as D
-    from .metrics import default_device, extract_features, sample_quality
+    from .metrics import default_device, extract_features
 
     wall_start = time.time()
     steps_list = [_check_positive_int("num_inference_steps", s) for s in num_inference_steps]
@@ -336,6 +441,11 @@ def evaluate_pipeline(
     if resolution is not None and resolution != size:
         raise ValueError(f"resolution {resolution} differs from the pipeline's sample_size {size}: bits/dim and "
                          f"sample quality are measured at the model's resolution (omit --resolution or pass {size})")
+    num_train_timesteps = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    too_many = [s for s in steps_list if num_train_timesteps is not None and s > num_train_timesteps]
+    if too_many:
+        raise ValueError(f"num_inference_steps {too_many} exceed the scheduler's num_train_timesteps="
+                         f"{num_train_timesteps}; allowed are 1 to {num_train_timesteps}")
     conditional = _is_conditional(pipe)
     builtin = dataset_name is None and train_data_dir is None
 
@@ -366,7 +476,7 @@ def evaluate_pipeline(
         images, labels = D.dataset_to_tensors(split.validation, bpd_num_images)
         logger.info("bits/dim on %d %s images", len(images), split_name)
         report["bits_per_dim"] = evaluate_bits_per_dim(
-            pipe, images, labels if conditional else None, int(info["num_levels"]), split_name, exact=bpd_exact,
+            pipe.unet, pipe.scheduler, images, labels if conditional else None, int(info["num_levels"]), split_name, exact=bpd_exact,
             num_timesteps_sampled=bpd_timesteps, batch_size=bpd_batch_size, seed=seed, progress=progress)
 
     grids = {}
@@ -375,35 +485,23 @@ def evaluate_pipeline(
         if len(reference) < 4:
             raise ValueError(f"the {split_name} split has {len(reference)} images; sample quality needs at least 4 "
                              f"(pass a larger --validation_size)")
-        extractor = _extractor(feature_extractor, builtin, device, feature_batch_size, cache_dir)
+        extractor = load_feature_extractor(feature_extractor, builtin, device, feature_batch_size, cache_dir)
         reference_features = extract_features(extractor, reference, feature_batch_size, progress,
                                               "features (reference)")
         report["feature_extractor"] = _extractor_info(extractor)
-        for steps in steps_list:
-            t0 = time.time()
-            generated = generate_images(pipe, num_images, steps, sample_batch_size, seed,
-                                        num_classes if conditional else None, guidance_scale, progress)
-            sampling_s = time.time() - t0
-            q = sample_quality(generated, reference, extractor, reference_features=reference_features,
-                               fd_bootstrap=fd_bootstrap, kid_num_subsets=kid_num_subsets, seed=seed,
-                               batch_size=feature_batch_size, progress=progress)
-            guided = conditional and guidance_scale not in (0.0, 1.0)
-            entry = {"num_inference_steps": steps, "split": split_name, "num_generated": q["n_generated"],
-                     "num_reference": q["n_reference"],
-                     "network_calls_per_image": steps * (2 if guided else 1), "sampling_wall_time_s": sampling_s,
-                     "fd_method": f"Fréchet distance of Gaussians fitted to {report['feature_extractor']['name']} "
-                                  f"features; standard error: bootstrap, {fd_bootstrap} resamples",
-                     "kid_method": f"unbiased MMD², cubic kernel, {q['kid_num_subsets']} subsets of "
-                                   f"{q['kid_subset_size']}; ± is the std over subsets",
-                     "pr_method": f"improved precision/recall, k = {q['pr_k']}; ± is binomial"}
-            entry.update({k: v for k, v in q.items() if k != "extractor"})
-            report["sample_quality"].append(entry)
+
+        def save_grid(steps, generated):
             if output_dir is not None:
                 os.makedirs(output_dir, exist_ok=True)
                 _save_grid(generated, os.path.join(output_dir, _grid_file(steps)), grid_num_images)
                 grids[steps] = _grid_file(steps)
-            logger.info("%d steps: FD %.4g (N = %d generated, %d reference)", steps, q["fd"], q["n_generated"],
-                        q["n_reference"])
+
+        report["sample_quality"] = sample_quality_at_steps(
+            pipe, reference, steps_list, num_images, extractor, split=split_name,
+            reference_features=reference_features, sample_batch_size=sample_batch_size, seed=seed,
+            num_classes=num_classes if conditional else None, guidance_scale=guidance_scale,
+            fd_bootstrap=fd_bootstrap, kid_num_subsets=kid_num_subsets, feature_batch_size=feature_batch_size,
+            progress=progress, on_samples=save_grid)
     report["sample_grids"] = {str(k): v for k, v in grids.items()}
     report["fd_small_n_warning"] = FD_SMALL_N_WARNING
     report["wall_time_s"] = time.time() - wall_start

@@ -20,12 +20,12 @@ from test_metrics import save_tiny_dinov2
 T = 20  # training timesteps of the tiny pipelines
 
 
-def save_tiny_pipeline(folder, in_channels=3, num_class_embeds=None, sample_size=8, seed=0):
+def save_tiny_pipeline(folder, in_channels=3, num_class_embeds=None, sample_size=8, seed=0, num_train_timesteps=T):
     torch.manual_seed(seed)
     unet = DDPMUNet2DModel(sample_size=sample_size, in_channels=in_channels, block_out_channels=(8, 16),
                            layers_per_block=1, norm_num_groups=4, attention_resolutions=(),
                            num_class_embeds=num_class_embeds)
-    scheduler = GaussianDiffusionScheduler(num_train_timesteps=T)
+    scheduler = GaussianDiffusionScheduler(num_train_timesteps=num_train_timesteps)
     cls = DDPMPipeline if num_class_embeds is None else ClassConditionalDDPMPipeline
     cls(unet=unet, scheduler=scheduler).save_pretrained(folder)
     return str(folder)
@@ -45,7 +45,8 @@ def write_rgb_folder(root, n=24, size=12):
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("evaluate")
     return {"rgb_pipe": save_tiny_pipeline(base / "rgb_pipe"), "folder": write_rgb_folder(base / "photos"),
-            "encoder": str(save_tiny_dinov2(base / "tiny-dinov2")), "base": base}
+            "encoder": str(save_tiny_dinov2(base / "tiny-dinov2")), "base": base,
+            "classifier_cache": str(base / "clf_cache")}  # the real default digits classifier, trained once here
 
 
 def _quick(**over):
@@ -119,7 +120,7 @@ class LabelSpy:
 
 
 def test_digits_with_the_digits_classifier_through_the_command_line(setup, tmp_path, monkeypatch):
-    monkeypatch.setenv(M.CACHE_ENV, str(tmp_path / "clf_cache"))  # the real default classifier, trained here
+    monkeypatch.setenv(M.CACHE_ENV, setup["classifier_cache"])
     pipe_dir = save_tiny_pipeline(tmp_path / "digits_pipe", in_channels=1, num_class_embeds=10)
     out = tmp_path / "eval"
     report = E.main(["--pipeline", pipe_dir, "--output_dir", str(out), "--num_inference_steps", "3",
@@ -161,6 +162,8 @@ def test_bad_arguments_fail_early(setup, tmp_path):
         E.evaluate_pipeline(setup["rgb_pipe"], None, resolution=16, **kw)
     with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got 0"):
         E.evaluate_pipeline(setup["rgb_pipe"], None, num_inference_steps=[0], **kw)
+    with pytest.raises(ValueError, match=r"num_inference_steps \[25\] exceed the scheduler's num_train_timesteps=20"):
+        E.evaluate_pipeline(setup["rgb_pipe"], None, num_inference_steps=[5, 25], **kw)
     with pytest.raises(ValueError, match="repeated"):
         E.evaluate_pipeline(setup["rgb_pipe"], None, num_inference_steps=[5, 5], **kw)
     with pytest.raises(ValueError, match="num_images must be an int >= 4"):
@@ -169,6 +172,24 @@ def test_bad_arguments_fail_early(setup, tmp_path):
         E.evaluate_pipeline(str(tmp_path / "nothing"), None, **kw)
     cc = save_tiny_pipeline(tmp_path / "cc", num_class_embeds=3)
     with pytest.raises(ValueError, match="class-conditional but the data has no class labels"):
-        E.evaluate_pipeline(cc, None, **kw)
+        E.evaluate_pipeline(cc, None, num_inference_steps=[5], **kw)
     with pytest.raises(SystemExit):
         E.main(["--pipeline", "x", "--output_dir", "y", "--validation_size", "lots"])
+
+
+def test_readme_snippet_runs(setup, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("## Evaluate a trained pipeline")
+    section = text[start:text.find("\n## ", start + 3)]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(M.CACHE_ENV, setup["classifier_cache"])
+    save_tiny_pipeline(tmp_path / "ddpm-digits", in_channels=1, num_train_timesteps=100)  # a stand-in for train.py's
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    report = namespace["report"]
+    assert [q["num_generated"] for q in report["sample_quality"]] == [200, 200]
+    assert report["data"]["split"] == "heldout" and os.path.isfile(tmp_path / "eval-digits" / "report.md")
