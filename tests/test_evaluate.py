@@ -193,3 +193,19 @@ def test_readme_snippet_runs(setup, tmp_path, monkeypatch):
     report = namespace["report"]
     assert [q["num_generated"] for q in report["sample_quality"]] == [200, 200]
     assert report["data"]["split"] == "heldout" and os.path.isfile(tmp_path / "eval-digits" / "report.md")
+
+
+def test_split_matches_training_when_bad_images_are_skipped(setup, tmp_path):
+    import shutil
+
+    folder = tmp_path / "with_bad"
+    shutil.copytree(setup["folder"], folder)
+    (folder / "zz_corrupt.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipped 1 of 25"):
+        training = D.load_train_validation_split(train_data_dir=str(folder), resolution=8, in_channels=3,
+                                                 skip_bad_images=True, validation_size=0.25)
+    with pytest.warns(UserWarning, match="skipped 1 of 25"):
+        report = E.evaluate_pipeline(setup["rgb_pipe"], None, train_data_dir=str(folder), skip_bad_images=True,
+                                     validation_size=0.25, **_quick(num_inference_steps=[]))
+    assert report["data"] == json.loads(json.dumps(training.info))
+    assert report["bits_per_dim"]["num_images"] == 4
