@@ -429,7 +429,7 @@ def evaluate_pipeline(
         check_output_dir(output_dir, overwrite)  # before any expensive work
 
     device = torch.device(device) if device is not None else default_device()
-    pipe_name = pipeline if isinstance(pipeline, str) else type(pipeline).__name__
+    pipe_name = str(pipeline) if isinstance(pipeline, (str, os.PathLike)) else type(pipeline).__name__
     pipe = load_pipeline(pipeline, device)
     unet = pipe.unet
     in_channels = int(unet.config.in_channels)
