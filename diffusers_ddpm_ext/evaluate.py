@@ -167,9 +167,10 @@ def evaluate_bits_per_dim(unet, scheduler, images: torch.Tensor, class_labels: O
             per_image, mc_se, calls = result.bits_per_dim, None, num_timesteps
             method = f"exact: all {num_timesteps} terms of the bound per image plus the prior term"
         else:
-            result = estimate_bits_per_dim(unet, scheduler, images.to(device), num_timesteps_sampled=num_timesteps_sampled,
-                                           num_levels=num_levels, class_labels=labels, batch_size=batch_size,
-                                           generator=generator, progress=progress, clip_denoised=clip_denoised)
+            result = estimate_bits_per_dim(unet, scheduler, images.to(device),
+                                           num_timesteps_sampled=num_timesteps_sampled, num_levels=num_levels,
+                                           class_labels=labels, batch_size=batch_size, generator=generator,
+                                           progress=progress, clip_denoised=clip_denoised)
             per_image, mc_se, calls = result.bits_per_dim, result.mean_standard_error, result.timesteps_per_image
             method = (f"stratified unbiased estimate: {calls} of the {num_timesteps} terms per image "
                       f"(estimate_bits_per_dim)")
@@ -480,8 +481,9 @@ def evaluate_pipeline(
         images, labels = D.dataset_to_tensors(split.validation, bpd_num_images)
         logger.info("bits/dim on %d %s images", len(images), split_name)
         report["bits_per_dim"] = evaluate_bits_per_dim(
-            pipe.unet, pipe.scheduler, images, labels if conditional else None, int(info["num_levels"]), split_name, exact=bpd_exact,
-            num_timesteps_sampled=bpd_timesteps, batch_size=bpd_batch_size, seed=seed, progress=progress)
+            pipe.unet, pipe.scheduler, images, labels if conditional else None, int(info["num_levels"]), split_name,
+            exact=bpd_exact, num_timesteps_sampled=bpd_timesteps, batch_size=bpd_batch_size, seed=seed,
+            progress=progress)
 
     grids = {}
     if steps_list:
@@ -543,11 +545,11 @@ def report_markdown(report: dict) -> str:
     """The human-readable report: every figure with its split, N, method and standard error."""
     data = report["data"]
     lines = [f"# Evaluation of `{report['pipeline']}`", ""]
+    conditioning = (f", class-conditional, guidance scale {report['guidance_scale']:g}"
+                    if report["class_conditional"] else "")
     lines.append(f"- Pipeline: `{report['pipeline_class']}` (UNet `{report['unet_class']}`, scheduler "
                  f"`{report['scheduler_class']}`), {report['resolution']}×{report['resolution']}, "
-                 f"{report['in_channels']} channel(s)" + (f", class-conditional, guidance scale "
-                                                           f"{report['guidance_scale']:g}" if report["class_conditional"]
-                                                           else ""))
+                 f"{report['in_channels']} channel(s){conditioning}")
     lines.append(f"- Data: {data['source']}; held-out split **{data['split']}**, {data['num_images']} images "
                  f"({data['method']}); {data['num_train_images']} training images.")
     lines.append(f"- Seed {report['seed']}, device `{report['device']}`, wall time {report['wall_time_s']:.1f} s.")
