@@ -33,6 +33,14 @@ Minimum image size (:func:`min_image_size`): an image whose shorter side is belo
 ``max(min(8, resolution), resolution // 4)`` pixels is "too small" (upsampling it more than 4x, or from
 fewer than 8 pixels, invents the detail the model would learn).
 
+Held-out split (:func:`load_train_validation_split`, :func:`split_train_validation`): every source has a
+validation split that is never trained on. The digits keep their fixed 300; a ``datasets`` dataset with a
+``validation``/``valid``/``val``/``test`` split uses it; image folders and single-split datasets are carved by
+ranking each image's SHA-256 of ``(seed, file path or row number)`` (default: 10 % of the images, at most
+1,000). The split depends only on the data and the split seed, never on the process, the world size or the
+training seed. Validation images load without augmentation (center crop, no flip); the split's ``info`` says
+which split and how many images, for ``metrics.json``.
+
 Data order (:class:`ResumableBatchSampler`, :func:`make_dataloader`): the order of an epoch depends only on
 ``(seed, epoch)``, the random augmentation of a sample only on ``(seed, epoch, position)`` (the sampler
 hands each index together with its own augmentation seed to the dataset), so the stream is the same for
@@ -44,6 +52,7 @@ training script uses it with Accelerate.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import math
@@ -183,6 +192,7 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     def __init__(self, split="train", resolution=8, in_channels=1, random_flip=False, split_seed=DIGITS_SPLIT_SEED):
         self.images, self.labels = load_digits_tensors(split, resolution, in_channels, split_seed)
+        self.split, self.resolution, self.in_channels, self.split_seed = split, resolution, in_channels, split_seed
         self.random_flip = random_flip
         self.num_classes = DIGITS_NUM_CLASSES
         self.class_names = [str(i) for i in range(DIGITS_NUM_CLASSES)]
@@ -429,6 +439,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, transform: ImageTransform, skip_bad_images=False, validate=True, min_size=None):
         paths, labels, self.class_names = scan_image_folder(root)
+        self.root = root
         self.transform = transform
         self.scan_report = ScanReport(total=len(paths))
         keep = list(range(len(paths)))
@@ -529,10 +540,14 @@ class HFImageDataset(torch.utils.data.Dataset):
         skip_bad_images: skip unusable rows with a counted warning instead of raising.
         validate: check every image up front.
         min_size: override of :func:`min_image_size`.
+        name: how messages name the dataset.
+        class_names: the class names of a string ``class_column`` to index by (e.g. the training split's, so
+            that a validation split lacking a class maps labels the same way); default: this split's sorted
+            values.
     """
 
     def __init__(self, ds, transform: ImageTransform, image_column=None, class_column=None,
-                 skip_bad_images=False, validate=True, min_size=None, name="dataset"):
+                 skip_bad_images=False, validate=True, min_size=None, name="dataset", class_names=None):
         import datasets
 
         self.image_column = resolve_image_column(ds.features, image_column)
@@ -554,8 +569,12 @@ class HFImageDataset(torch.utils.data.Dataset):
                     raise ValueError(f"class_column {class_column!r} has negative labels (min {min(labels)})")
                 self.class_names = [str(i) for i in range(max(labels) + 1)]
             elif isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string"):
-                self.class_names = sorted(set(raw))
+                self.class_names = sorted(set(raw)) if class_names is None else list(class_names)
                 lookup = {c: i for i, c in enumerate(self.class_names)}
+                unknown = sorted(set(raw) - set(lookup))
+                if unknown:
+                    raise ValueError(f"class_column {class_column!r} has labels {unknown[:10]} that the training split "
+                                     f"does not have; known labels: {self.class_names}")
                 labels = [lookup[v] for v in raw]
             else:
                 raise ValueError(f"class_column {class_column!r} has feature {feat!r}; expected ClassLabel, an integer "
@@ -658,6 +677,315 @@ def load_training_dataset(
     ds = load_hf_dataset(dataset_name, split, cache_dir)
     return HFImageDataset(ds, transform, image_column, class_column, skip_bad_images, validate, min_size,
                           name=f"dataset {dataset_name!r} (split {split!r})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Held-out validation split
+# ----------------------------------------------------------------------------------------------------
+
+DEFAULT_VALIDATION_FRACTION = 0.1
+"""Default validation size: this fraction of the images (at least 1) ..."""
+DEFAULT_VALIDATION_MAX_IMAGES = 1000
+"""... but at most this many (enough for bits/dim and for FD at N = 1000; the rest is trained on)."""
+VALIDATION_SPLIT_SEED = 0
+"""Default seed of the carved split. Independent of the training seed on purpose: runs with different training
+seeds are then evaluated on the same images."""
+DATASET_VALIDATION_SPLITS = ("validation", "valid", "val", "test")
+"""Splits of a ``datasets`` dataset used as its own held-out split, in this order of preference."""
+
+
+def parse_validation_size(text: str) -> Union[int, float]:
+    """Parse ``--validation_size``: ``"500"`` is a number of images, ``"0.1"`` a fraction of the dataset."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"validation size must be a number of images (e.g. 500) or a fraction in (0, 1) (e.g. "
+                         f"0.1), got {text!r}") from None
+    if value.is_integer() and "." not in str(text) and "e" not in str(text).lower():
+        return int(value)
+    return value
+
+
+def resolve_validation_size(validation_size: Optional[Union[int, float]], num_items: int) -> int:
+    """Number of validation items out of ``num_items``.
+
+    Args:
+        validation_size: ``None`` (default: :data:`DEFAULT_VALIDATION_FRACTION` of the items, at least 1, at most
+            :data:`DEFAULT_VALIDATION_MAX_IMAGES`), an int ``>= 1`` (a count) or a float in ``(0, 1)`` (a
+            fraction, rounded, at least 1).
+        num_items: items to split; at least one must be left for training.
+    """
+    if num_items < 2:
+        raise ValueError(f"a validation split needs at least 2 images (one to train on), got {num_items}")
+    if validation_size is None:
+        size = min(DEFAULT_VALIDATION_MAX_IMAGES, max(1, round(DEFAULT_VALIDATION_FRACTION * num_items)))
+    elif isinstance(validation_size, (bool, np.bool_)):
+        raise ValueError(f"validation_size must be an int >= 1 or a float in (0, 1), got {validation_size!r}")
+    elif isinstance(validation_size, (int, np.integer)):
+        if validation_size < 1:
+            raise ValueError(f"validation_size must be an int >= 1 (a number of images) or a float in (0, 1) (a "
+                             f"fraction), got {validation_size!r}")
+        size = int(validation_size)
+    elif isinstance(validation_size, (float, np.floating)):
+        if not 0.0 < validation_size < 1.0:
+            raise ValueError(f"a fractional validation_size must lie in (0, 1), got {validation_size!r}; give a "
+                             f"number of images as an int")
+        size = max(1, round(float(validation_size) * num_items))
+    else:
+        raise ValueError(f"validation_size must be None, an int >= 1 or a float in (0, 1), got {validation_size!r}")
+    if size >= num_items:
+        raise ValueError(f"validation_size {validation_size!r} leaves no training images: it asks for {size} of "
+                         f"{num_items} images; allowed are 1 to {num_items - 1} images or a fraction in (0, 1)")
+    return size
+
+
+def validation_split_indices(
+    keys: list, validation_size: Optional[Union[int, float]] = None, seed: int = VALIDATION_SPLIT_SEED
+) -> tuple[list[int], list[int]]:
+    """Seeded split of items named by ``keys`` into training and validation positions.
+
+    Every item is ranked by ``SHA-256(seed, key)`` and the first ``n`` (:func:`resolve_validation_size`) are the
+    validation split. The split therefore depends only on the seed and the items' names (file paths, row
+    numbers), never on their listing order, the process (rank, world size, ``PYTHONHASHSEED``) or the run (a
+    resumed run gets the same split); adding items moves at most the items at the boundary.
+
+    Args:
+        keys: one distinct string per item.
+        validation_size: see :func:`resolve_validation_size`.
+        seed: split seed.
+
+    Returns:
+        ``(train_positions, validation_positions)``: disjoint, sorted, covering ``range(len(keys))``.
+    """
+    keys = [str(k) for k in keys]
+    if len(set(keys)) != len(keys):
+        raise ValueError("validation_split_indices needs distinct keys (one per item)")
+    size = resolve_validation_size(validation_size, len(keys))
+    rank = sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"{int(seed)}\0{keys[i]}".encode()).digest())
+    return sorted(rank[size:]), sorted(rank[:size])
+
+
+class SubsetDataset(torch.utils.data.Dataset):
+    """The items ``indices`` of a dataset of this module, keeping its ``(index, seed)`` key protocol and its
+    ``num_classes``, ``class_names``, ``scan_report`` (and ``num_levels`` where it has one).
+
+    Args:
+        dataset: the full dataset.
+        indices: positions in ``dataset``.
+    """
+
+    def __init__(self, dataset, indices):
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        self.num_classes = getattr(dataset, "num_classes", None)
+        self.class_names = getattr(dataset, "class_names", None)
+        self.scan_report = getattr(dataset, "scan_report", None)
+        if hasattr(dataset, "num_levels"):
+            self.num_levels = dataset.num_levels
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        if isinstance(key, (tuple, list)):
+            return self.dataset[(self.indices[int(key[0])], int(key[1]))]
+        return self.dataset[self.indices[int(key)]]
+
+
+@dataclass
+class TrainValidationSplit:
+    """A training dataset and its held-out validation split.
+
+    Args:
+        train: the images to train on (the training transform: random crop/flip as requested).
+        validation: the held-out images, never in ``train``, with a deterministic transform (center crop, no
+            flip), as used for bits/dim and as the reference set of sample quality.
+        info: JSON-ready description for ``metrics.json`` / reports: ``split`` (its name), ``num_images``,
+            ``num_train_images``, ``method``, ``seed``, ``validation_size`` (as requested), ``source`` and
+            ``num_levels`` (grey levels of the data: 17 for the digits, 256 for 8-bit images).
+    """
+
+    train: torch.utils.data.Dataset
+    validation: torch.utils.data.Dataset
+    info: dict
+
+
+def _item_keys(dataset) -> list[str]:
+    """Names of the items that the split hashes: file paths relative to the folder, original row numbers."""
+    if isinstance(dataset, ImageFolderDataset):
+        return [os.path.relpath(p, dataset.root).replace(os.sep, "/") for p in dataset.paths]
+    if isinstance(dataset, HFImageDataset):
+        return [f"row {row}" for row in dataset.indices]
+    return [f"item {i}" for i in range(len(dataset))]
+
+
+def _deterministic(dataset):
+    """A shallow copy of ``dataset`` that loads its images without random augmentation (center crop, no flip)."""
+    import copy
+
+    out = copy.copy(dataset)
+    if isinstance(dataset, DigitsDataset):
+        out.random_flip = False
+    elif isinstance(getattr(dataset, "transform", None), ImageTransform):
+        t = dataset.transform
+        out.transform = ImageTransform(t.resolution, t.in_channels, center_crop=True, random_flip=False)
+    return out
+
+
+def _digits_split(dataset: DigitsDataset, validation_size, seed) -> TrainValidationSplit:
+    if dataset.split != "train":
+        raise ValueError(f"the validation split of the digits is their fixed held-out split; give the 'train' split "
+                         f"to split, got {dataset.split!r}")
+    heldout = DigitsDataset("heldout", dataset.resolution, dataset.in_channels, random_flip=False,
+                            split_seed=dataset.split_seed)
+    method = f"the fixed {DIGITS_HELDOUT_SIZE} held-out digits (permutation seed {dataset.split_seed})"
+    if validation_size is not None:
+        _, chosen = validation_split_indices(_item_keys(heldout), validation_size, seed)
+        heldout = SubsetDataset(heldout, chosen)
+        method += f", seeded subset (seed {seed})"
+    info = {"split": "heldout", "num_images": len(heldout), "num_train_images": len(dataset), "method": method,
+            "seed": seed if validation_size is not None else None, "validation_size": validation_size,
+            "source": "built-in digits (scikit-learn load_digits)", "num_levels": DIGITS_NUM_LEVELS}
+    return TrainValidationSplit(dataset, heldout, info)
+
+
+def split_train_validation(
+    dataset: torch.utils.data.Dataset,
+    validation_size: Optional[Union[int, float]] = None,
+    seed: int = VALIDATION_SPLIT_SEED,
+    source: Optional[str] = None,
+) -> TrainValidationSplit:
+    """Carve a seeded held-out validation split out of a training dataset of this module.
+
+    Image folders are split by file path and ``datasets`` datasets by original row number
+    (:func:`validation_split_indices`); the built-in digits keep their fixed held-out 300 (a ``validation_size``
+    then takes a seeded subset of those 300, never training digits).
+
+    Args:
+        dataset: an :class:`ImageFolderDataset`, :class:`HFImageDataset` or ``DigitsDataset("train")`` (any other
+            map-style dataset is split by position).
+        validation_size: see :func:`resolve_validation_size`.
+        seed: split seed (default :data:`VALIDATION_SPLIT_SEED`, independent of the training seed).
+        source: how ``info`` names the data (default: the folder or the dataset's name).
+
+    Returns:
+        :class:`TrainValidationSplit`.
+    """
+    if isinstance(dataset, DigitsDataset):
+        return _digits_split(dataset, validation_size, seed)
+    keys = _item_keys(dataset)
+    train_idx, val_idx = validation_split_indices(keys, validation_size, seed)
+    what = "file path" if isinstance(dataset, ImageFolderDataset) else "row number"
+    if source is None:
+        source = f"train_data_dir {dataset.root}" if isinstance(dataset, ImageFolderDataset) else type(dataset).__name__
+    info = {"split": "validation", "num_images": len(val_idx), "num_train_images": len(train_idx),
+            "method": f"carved from the training data: the {len(val_idx)} of {len(keys)} images ranking first by "
+                      f"SHA-256 of (seed, {what})",
+            "seed": int(seed), "validation_size": validation_size, "source": source, "num_levels": 256}
+    return TrainValidationSplit(SubsetDataset(dataset, train_idx), SubsetDataset(_deterministic(dataset), val_idx),
+                                info)
+
+
+def dataset_split_names(dataset_name: str, cache_dir: Optional[str] = None) -> list[str]:
+    """The splits of a ``datasets`` dataset (Hub id, local folder, or ``save_to_disk`` folder); ``[]`` when unknown."""
+    import datasets
+
+    if _is_saved_to_disk(dataset_name):
+        dict_file = os.path.join(dataset_name, "dataset_dict.json")
+        if os.path.isfile(dict_file):
+            import json
+
+            with open(dict_file) as f:
+                return list(json.load(f).get("splits", []))
+        return []
+    try:
+        return list(datasets.get_dataset_split_names(dataset_name, cache_dir=cache_dir))
+    except Exception as e:  # offline without cached metadata, private repo, ...: carve a split instead
+        warnings.warn(f"could not list the splits of dataset {dataset_name!r} ({type(e).__name__}: {e}); a validation "
+                      f"split is carved out of the training split", stacklevel=2)
+        return []
+
+
+def load_train_validation_split(
+    dataset_name: Optional[str] = None,
+    train_data_dir: Optional[str] = None,
+    image_column: Optional[str] = None,
+    class_column: Optional[str] = None,
+    resolution: int = 16,
+    in_channels: int = 1,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    skip_bad_images: bool = False,
+    cache_dir: Optional[str] = None,
+    validation_size: Optional[Union[int, float]] = None,
+    validation_split_seed: int = VALIDATION_SPLIT_SEED,
+    split: str = "train",
+    validate: bool = True,
+    min_size: Optional[int] = None,
+) -> TrainValidationSplit:
+    """:func:`load_training_dataset` plus its held-out validation split; what the training and evaluation scripts call.
+
+    * built-in digits: the fixed 300 held-out digits;
+    * ``dataset_name`` with a split named in :data:`DATASET_VALIDATION_SPLITS` (besides ``split``): that split,
+      whole, or a seeded subset of ``validation_size`` of it;
+    * otherwise (image folders, single-split datasets): :func:`split_train_validation` carves it.
+
+    The split never depends on the process (rank, world size) nor on the training seed, so resumed and
+    multi-process runs train and evaluate on the same images.
+
+    Args:
+        dataset_name, train_data_dir, image_column, class_column, resolution, in_channels, center_crop,
+        random_flip, skip_bad_images, cache_dir, split, validate, min_size: as in :func:`load_training_dataset`.
+        validation_size: see :func:`resolve_validation_size` (for a dataset's own split: ``None`` = all of it).
+        validation_split_seed: seed of the split (:data:`VALIDATION_SPLIT_SEED` by default).
+
+    Returns:
+        :class:`TrainValidationSplit`; ``info`` is ready for ``metrics.json``.
+    """
+    dataset = load_training_dataset(
+        dataset_name=dataset_name, train_data_dir=train_data_dir, image_column=image_column, class_column=class_column,
+        resolution=resolution, in_channels=in_channels, center_crop=center_crop, random_flip=random_flip,
+        skip_bad_images=skip_bad_images, cache_dir=cache_dir, split=split, validate=validate, min_size=min_size)
+    if dataset_name is None:
+        return split_train_validation(dataset, validation_size, validation_split_seed)
+    own = [s for s in DATASET_VALIDATION_SPLITS if s != split and s in dataset_split_names(dataset_name, cache_dir)]
+    if not own:
+        return split_train_validation(dataset, validation_size, validation_split_seed,
+                                      source=f"dataset_name {dataset_name} (split {split!r})")
+    name = own[0]
+    transform = ImageTransform(resolution, in_channels, center_crop=True, random_flip=False)
+    validation = HFImageDataset(
+        load_hf_dataset(dataset_name, name, cache_dir), transform, dataset.image_column, class_column,
+        skip_bad_images, validate, min_size, name=f"dataset {dataset_name!r} (split {name!r})",
+        class_names=dataset.class_names if class_column is not None else None)
+    method = f"the dataset's own {name!r} split"
+    if validation_size is not None:
+        _, chosen = validation_split_indices(_item_keys(validation), validation_size, validation_split_seed)
+        validation = SubsetDataset(validation, chosen)
+        method += f", seeded subset (seed {validation_split_seed})"
+    info = {"split": name, "num_images": len(validation), "num_train_images": len(dataset), "method": method,
+            "seed": int(validation_split_seed) if validation_size is not None else None,
+            "validation_size": validation_size, "source": f"dataset_name {dataset_name} (split {split!r})",
+            "num_levels": 256}
+    return TrainValidationSplit(dataset, validation, info)
+
+
+def dataset_to_tensors(
+    dataset: torch.utils.data.Dataset, max_images: Optional[int] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Load the first ``max_images`` items of a dataset of this module into memory.
+
+    Returns:
+        ``(images, labels)``: ``(N, C, R, R)`` float32 in ``[-1, 1]`` and ``(N,)`` int64, or ``None`` when the
+        dataset has no class labels.
+    """
+    count = len(dataset) if max_images is None else min(int(max_images), len(dataset))
+    if count < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images!r}")
+    items = [dataset[i] for i in range(count)]
+    images = torch.stack([it["pixel_values"] for it in items])  # (N, C, R, R)
+    labels = torch.stack([it["class_labels"] for it in items]) if "class_labels" in items[0] else None  # (N,)
+    return images, labels
 
 
 # ----------------------------------------------------------------------------------------------------

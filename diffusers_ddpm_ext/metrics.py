@@ -1,4 +1,4 @@
-"""Sample-quality metrics that need no downloaded weights.
+"""Sample-quality metrics: distances between feature sets and the feature extractors that feed them.
 
 * :func:`frechet_distance` - Fréchet distance between Gaussians fitted to two feature sets (the formula of
   FID, Heusel et al. 2017), computed in float64 through symmetric eigendecompositions so that singular or
@@ -11,7 +11,13 @@
   trained on the digits training split (seeded, seconds on CPU), cached as safetensors together with its
   held-out accuracy. Calling it gives penultimate-layer features; ``predict`` gives class probabilities,
   from which :func:`class_coverage` computes mode coverage.
+* :func:`load_image_encoder` - any pretrained ``transformers`` image encoder (``AutoModel`` +
+  ``AutoImageProcessor``, by Hub id or local folder) as a feature extractor, preprocessing exactly as its
+  image processor says; the default ``facebook/dinov2-base`` with CLS-token features gives FD_DINOv2 (Stein et
+  al., NeurIPS 2023), the recommended replacement of Inception-FID for data other than the digits.
 * :func:`sample_quality` - all of the above in one dict, with the sample counts beside the figures.
+
+FD is biased upward at small N (the bias shrinks like 1/N): compare FDs only at equal N, and state N.
 
 Any callable ``images -> features`` is a feature extractor (:class:`FeatureExtractor`), so the standard
 Inception features plug in when their weights are available, e.g. with ``pytorch-fid``::
@@ -131,12 +137,41 @@ def _sqrtm_psd(c: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(features_a: ArrayLike, features_b: ArrayLike) -> FrechetDistanceOutput:
-    """Fréchet distance ``||μa − μb||² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½`` (Dowson & Landau 1982).
+def frechet_distance_from_statistics(mu_a: ArrayLike, cov_a: ArrayLike, mu_b: ArrayLike, cov_b: ArrayLike) -> float:
+    """Fréchet distance between ``N(μa, Σa)`` and ``N(μb, Σb)`` (Dowson & Landau 1982)::
+
+        ||μa − μb||² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½
 
     The trace term equals ``tr (Σa Σb)^½`` used by FID but is computed from the symmetric PSD matrix
     ``Σa^½ Σb Σa^½``, whose eigenvalues are real and clipped at 0; no complex ``sqrtm`` residue, no
     ``eps`` added to the diagonal. Float64 throughout; the result is clipped at 0.
+
+    Args:
+        mu_a, mu_b: ``(D,)`` means.
+        cov_a, cov_b: ``(D, D)`` covariances (symmetric positive semi-definite).
+    """
+    mu_a, mu_b = np.atleast_1d(np.asarray(mu_a, np.float64)), np.atleast_1d(np.asarray(mu_b, np.float64))
+    cov_a, cov_b = np.atleast_2d(np.asarray(cov_a, np.float64)), np.atleast_2d(np.asarray(cov_b, np.float64))
+    d = len(mu_a)
+    if mu_b.shape != (d,) or cov_a.shape != (d, d) or cov_b.shape != (d, d):
+        raise ValueError(f"statistics do not match: means {mu_a.shape}, {mu_b.shape}, covariances {cov_a.shape}, "
+                         f"{cov_b.shape}")
+    with _small_blas(d**3):
+        root_a = _sqrtm_psd(cov_a)
+        m = root_a @ cov_b @ root_a
+        cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return max(float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross), 0.0)
+
+
+def _mean_cov(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    with _small_blas(len(x) * x.shape[1] ** 2):
+        return x.mean(0), np.atleast_2d(np.cov(x, rowvar=False, ddof=1))
+
+
+def frechet_distance(features_a: ArrayLike, features_b: ArrayLike) -> FrechetDistanceOutput:
+    """Fréchet distance between Gaussians fitted to two feature sets (the formula of FID, Heusel et al. 2017).
+
+    Means and unbiased (``ddof=1``) covariances go to :func:`frechet_distance_from_statistics`.
 
     Args:
         features_a: ``(N_a, D)`` features.
@@ -148,15 +183,25 @@ def frechet_distance(features_a: ArrayLike, features_b: ArrayLike) -> FrechetDis
     a, b = _as_features(features_a, "features_a"), _as_features(features_b, "features_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
-    with _small_blas((len(a) + len(b)) * a.shape[1] ** 2):
-        mu_a, mu_b = a.mean(0), b.mean(0)
-        cov_a, cov_b = np.cov(a, rowvar=False, ddof=1), np.cov(b, rowvar=False, ddof=1)
-        cov_a, cov_b = np.atleast_2d(cov_a), np.atleast_2d(cov_b)
-        root_a = _sqrtm_psd(cov_a)
-        m = root_a @ cov_b @ root_a
-        cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    d = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
-    return FrechetDistanceOutput(distance=max(d, 0.0), n_a=len(a), n_b=len(b), feature_dim=a.shape[1])
+    d = frechet_distance_from_statistics(*_mean_cov(a), *_mean_cov(b))
+    return FrechetDistanceOutput(distance=d, n_a=len(a), n_b=len(b), feature_dim=a.shape[1])
+
+
+def frechet_distance_standard_error(features_a: ArrayLike, features_b: ArrayLike, num_resamples: int = 20,
+                                    seed: int = 0) -> float:
+    """Bootstrap standard error of :func:`frechet_distance`: the standard deviation of the distance over
+    ``num_resamples`` resamplings (with replacement) of both sets (Efron & Tibshirani 1993, ch. 6).
+
+    It measures the sampling noise at these N; it says nothing about FD's bias at small N, which is why FDs are
+    compared only at equal N.
+    """
+    a, b = _as_features(features_a, "features_a"), _as_features(features_b, "features_b")
+    if num_resamples < 2:
+        raise ValueError(f"num_resamples must be >= 2, got {num_resamples}")
+    rng = np.random.default_rng(seed)
+    values = [frechet_distance(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))]).distance
+              for _ in range(num_resamples)]
+    return float(np.std(values, ddof=1))
 
 
 def _cubic_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -467,16 +512,193 @@ def load_digits_classifier(seed: int = 0, cache_dir: Optional[str] = None, retra
 
 
 # ----------------------------------------------------------------------------------------------------
+# A pretrained image encoder through transformers (FD_DINOv2 and friends)
+# ----------------------------------------------------------------------------------------------------
+
+
+DEFAULT_IMAGE_ENCODER = "facebook/dinov2-base"
+"""Default encoder for data other than the digits: DINOv2 ViT-B/14, whose CLS-token features give FD_DINOv2
+(Stein et al., NeurIPS 2023, "Exposing flaws of generative model evaluation metrics"; reported by EDM2)."""
+POOLINGS = ("auto", "cls", "pooler", "mean")
+
+
+def images_to_uint8(images: ArrayLike) -> np.ndarray:
+    """``(B, C, H, W)`` images in ``[-1, 1]`` (C = 1 or 3) to ``(B, H, W, 3)`` uint8 RGB (grey repeated).
+
+    Quantising to 8 bits first makes generated images look to the encoder exactly as if saved as PNG, like
+    the real images they are compared with.
+    """
+    x = torch.as_tensor(images).detach().float().cpu()
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (B, 1 or 3, H, W), got {tuple(x.shape)}")
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)  # grey -> RGB: the encoders are trained on colour images
+    return x.permute(0, 2, 3, 1).contiguous().numpy()  # (B, H, W, 3)
+
+
+class PretrainedImageEncoder(nn.Module):
+    """Features of a ``transformers`` image encoder (``AutoModel`` + ``AutoImageProcessor``) for
+    :func:`sample_quality`; build it with :func:`load_image_encoder`.
+
+    ``self(images)`` takes ``(B, 1 or 3, H, W)`` images in ``[-1, 1]``, quantises them to 8-bit RGB
+    (:func:`images_to_uint8`), preprocesses them exactly as the encoder's image processor says (resize, crop,
+    rescale, normalise: for DINOv2 bicubic resize of the shorter side to 256, center crop 224, ImageNet mean
+    and std), runs the model in chunks of ``batch_size`` on its device and returns ``(B, D)`` features.
+
+    Args:
+        model: the loaded ``transformers`` model (``last_hidden_state`` and/or ``pooler_output``).
+        processor: its image processor.
+        name: the name or path it was loaded from (reported beside the figures).
+        pooling: ``"cls"`` = the first token of ``last_hidden_state`` (the CLS token output; for DINOv2 after
+            its final layer norm, i.e. the feature of FD_DINOv2), ``"pooler"`` = ``pooler_output``,
+            ``"mean"`` = mean over tokens or spatial positions, ``"auto"`` = ``"cls"`` for token outputs
+            ``(B, L, D)``, else ``"pooler"`` when the model has one, else ``"mean"`` (convolutional encoders).
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, model, processor, name: str, pooling: str = "auto", batch_size: int = 64):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        self.name = name
+        self.pooling = pooling
+        self.resolved_pooling = None if pooling == "auto" else pooling  # what "auto" chose, after the first call
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def metadata(self) -> dict:
+        """What the report says about the encoder."""
+        config = self.model.config
+        keep = ("do_resize", "size", "do_center_crop", "crop_size", "resample", "do_normalize", "image_mean",
+                "image_std")
+        settings = self.processor.to_dict() if hasattr(self.processor, "to_dict") else vars(self.processor)
+        proc = {k: settings[k] for k in keep if settings.get(k) is not None}
+        return {"name": self.name, "model_type": getattr(config, "model_type", None),
+                "model_class": type(self.model).__name__, "pooling": self.resolved_pooling or self.pooling,
+                "processor": _jsonable(proc)}
+
+    def preprocess(self, images: ArrayLike) -> torch.Tensor:
+        """``(B, C, H, W)`` in ``[-1, 1]`` -> ``pixel_values`` as the image processor makes them."""
+        from PIL import Image
+
+        pil = [Image.fromarray(a, "RGB") for a in images_to_uint8(images)]
+        return self.processor(images=pil, return_tensors="pt")["pixel_values"]  # (B, 3, H', W')
+
+    def _pool(self, out) -> torch.Tensor:
+        hidden = getattr(out, "last_hidden_state", None)
+        pooled = getattr(out, "pooler_output", None)
+        pooling = self.pooling
+        if pooling == "auto":
+            pooling = "cls" if hidden is not None and hidden.ndim == 3 else ("pooler" if pooled is not None else "mean")
+            self.resolved_pooling = pooling
+        if pooling == "cls":
+            if hidden is None or hidden.ndim != 3:
+                raise ValueError(f"pooling 'cls' needs a (B, L, D) last_hidden_state; {type(self.model).__name__} "
+                                 f"gives {None if hidden is None else tuple(hidden.shape)}")
+            return hidden[:, 0]  # (B, D): the CLS token
+        if pooling == "pooler":
+            if pooled is None:
+                raise ValueError(f"{type(self.model).__name__} has no pooler_output; use pooling 'cls' or 'mean'")
+            return pooled.flatten(1)  # (B, D)
+        if hidden is None:
+            raise ValueError(f"pooling 'mean' needs last_hidden_state, {type(self.model).__name__} has none")
+        return hidden.mean(1) if hidden.ndim == 3 else hidden.flatten(2).mean(-1)  # (B, D)
+
+    @torch.no_grad()
+    def forward(self, images: ArrayLike) -> torch.Tensor:
+        x = torch.as_tensor(images)
+        param = next(self.model.parameters())
+        out = []
+        for i in range(0, len(x), self.batch_size):
+            pixels = self.preprocess(x[i:i + self.batch_size]).to(param.device, param.dtype)
+            out.append(self._pool(self.model(pixel_values=pixels)).float().cpu())
+        return torch.cat(out)  # (B, D)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return int(obj) if hasattr(obj, "__int__") else str(obj)
+
+
+def default_device() -> torch.device:
+    """``cuda`` when available, else ``mps``, else ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_image_encoder(
+    name_or_path: str = DEFAULT_IMAGE_ENCODER,
+    device: Optional[Union[str, torch.device]] = None,
+    torch_dtype: Optional[torch.dtype] = None,
+    pooling: str = "auto",
+    batch_size: int = 64,
+    cache_dir: Optional[str] = None,
+    revision: Optional[str] = None,
+    local_files_only: bool = False,
+) -> PretrainedImageEncoder:
+    """Load any ``transformers`` image encoder by Hub id or local folder as a feature extractor.
+
+    ``AutoModel.from_pretrained`` + ``AutoImageProcessor.from_pretrained`` (both from ``name_or_path``; offline
+    use works from the Hugging Face cache with ``HF_HUB_OFFLINE=1``). The default, :data:`DEFAULT_IMAGE_ENCODER`,
+    gives FD_DINOv2.
+
+    Args:
+        name_or_path: Hub id (e.g. ``"facebook/dinov2-base"``, ``"facebook/dinov2-large"``) or a local folder with
+            the model and ``preprocessor_config.json``.
+        device: where the model runs (default :func:`default_device`).
+        torch_dtype: model dtype (default float32; features are returned as float32 either way).
+        pooling: see :class:`PretrainedImageEncoder`.
+        batch_size: images per forward pass.
+        cache_dir, revision, local_files_only: passed to both ``from_pretrained`` calls.
+
+    Returns:
+        :class:`PretrainedImageEncoder` in eval mode on ``device``.
+    """
+    from transformers import AutoImageProcessor, AutoModel
+
+    kwargs = {"cache_dir": cache_dir, "revision": revision, "local_files_only": local_files_only}
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
+        model = AutoModel.from_pretrained(name_or_path, dtype=torch_dtype or torch.float32, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load the image encoder {name_or_path!r} with transformers' AutoModel and "
+                         f"AutoImageProcessor (a Hub id such as {DEFAULT_IMAGE_ENCODER!r} or a local folder with "
+                         f"config.json, the weights and preprocessor_config.json): {type(e).__name__}: {e}") from e
+    model = model.to(torch.device(device) if device is not None else default_device())
+    return PretrainedImageEncoder(model, processor, name=str(name_or_path), pooling=pooling, batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------
 # One call for a report
 # ----------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def extract_features(extractor: Callable, images: ArrayLike, batch_size: int = 500) -> np.ndarray:
-    """Run ``extractor`` over ``images`` in batches; returns ``(N, D)`` float64."""
+def extract_features(extractor: Callable, images: ArrayLike, batch_size: int = 500, progress: bool = False,
+                     desc: str = "features") -> np.ndarray:
+    """Run ``extractor`` over ``images`` in batches (with a tqdm bar if ``progress``); returns ``(N, D)`` float64."""
+    from tqdm.auto import tqdm
+
     x = torch.as_tensor(images)
     out = []
-    for i in range(0, len(x), batch_size):
+    for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
         f = extractor(x[i:i + batch_size])
         f = f.detach().cpu().double().numpy() if isinstance(f, torch.Tensor) else np.asarray(f, np.float64)
         out.append(f.reshape(len(f), -1))
@@ -500,6 +722,9 @@ def sample_quality(
     k: int = 3,
     seed: int = 0,
     batch_size: int = 500,
+    reference_features: Optional[ArrayLike] = None,
+    fd_bootstrap: int = 0,
+    progress: bool = False,
 ) -> dict:
     """Fréchet distance, KID, precision/recall (and mode coverage) of generated vs reference images.
 
@@ -507,27 +732,36 @@ def sample_quality(
         generated: ``(N_g, C, H, W)`` generated images in ``[-1, 1]``.
         reference: ``(N_r, C, H, W)`` real images in ``[-1, 1]`` (e.g. the held-out digits).
         extractor: callable images -> features; default the digits classifier
-            (:func:`load_digits_classifier`). If it has ``predict``, mode coverage is reported.
+            (:func:`load_digits_classifier`); for other data a :func:`load_image_encoder` encoder. If it has
+            ``predict``, mode coverage is reported.
         kid_num_subsets: KID subsets.
         kid_subset_size: KID subset size; default ``min(1000, min(N_g, N_r) // 2)`` so that the subsets
             differ and ``kid_std`` says something (subsets as large as the sets would all be equal).
         k: neighbour rank of precision/recall.
-        seed: seed of the KID subsets.
+        seed: seed of the KID subsets and of the bootstrap.
         batch_size: feature-extraction batch size.
+        reference_features: the reference's features if already computed (e.g. once for several generated sets).
+        fd_bootstrap: resamples for ``fd_standard_error`` (:func:`frechet_distance_standard_error`); 0 skips it.
+        progress: show a progress bar while extracting features.
 
     Returns:
-        dict with ``fd``, ``kid_mean``, ``kid_std``, ``precision``, ``recall``, ``mode_coverage``,
+        dict with ``fd``, ``fd_standard_error`` (bootstrap, ``None`` without ``fd_bootstrap``), ``kid_mean``,
+        ``kid_std`` (spread over the KID subsets), ``precision``, ``recall``, ``precision_standard_error``,
+        ``recall_standard_error`` (binomial, ``sqrt(p (1 - p) / N)`` at fixed manifolds), ``mode_coverage``,
         ``class_kl_uniform``, ``class_tv_uniform``, ``class_histogram``, ``reference_mode_coverage`` (the
         coverage figures are ``None`` without ``predict``), ``n_generated``, ``n_reference``,
-        ``feature_dim``, ``kid_subset_size``, ``kid_num_subsets``, ``pr_k``, ``extractor`` and
-        ``extractor_heldout_accuracy``.
+        ``feature_dim``, ``kid_subset_size``, ``kid_num_subsets``, ``pr_k``, ``fd_bootstrap``, ``extractor``
+        (its ``name`` or class name) and ``extractor_heldout_accuracy``.
     """
     if extractor is None:
         extractor = load_digits_classifier()
     if isinstance(extractor, nn.Module):
         extractor.eval()
-    fg = extract_features(extractor, generated, batch_size)
-    fr = extract_features(extractor, reference, batch_size)
+    fg = extract_features(extractor, generated, batch_size, progress, "features (generated)")
+    if reference_features is None:
+        fr = extract_features(extractor, reference, batch_size, progress, "features (reference)")
+    else:
+        fr = _as_features(reference_features, "reference_features")
     if kid_subset_size is None:
         kid_subset_size = max(2, min(1000, min(len(fg), len(fr)) // 2))
     fd = frechet_distance(fg, fr)
@@ -535,10 +769,13 @@ def sample_quality(
     pr = precision_recall(fr, fg, k)
     out = {
         "fd": fd.distance,
+        "fd_standard_error": frechet_distance_standard_error(fg, fr, fd_bootstrap, seed) if fd_bootstrap else None,
         "kid_mean": kid.mean,
         "kid_std": kid.std,
         "precision": pr.precision,
         "recall": pr.recall,
+        "precision_standard_error": math.sqrt(pr.precision * (1 - pr.precision) / pr.n_fake),
+        "recall_standard_error": math.sqrt(pr.recall * (1 - pr.recall) / pr.n_real),
         "mode_coverage": None,
         "class_kl_uniform": None,
         "class_tv_uniform": None,
@@ -550,7 +787,8 @@ def sample_quality(
         "kid_subset_size": kid.subset_size,
         "kid_num_subsets": kid.num_subsets,
         "pr_k": k,
-        "extractor": getattr(extractor, "__name__", type(extractor).__name__),
+        "fd_bootstrap": int(fd_bootstrap),
+        "extractor": getattr(extractor, "name", None) or getattr(extractor, "__name__", type(extractor).__name__),
         "extractor_heldout_accuracy": getattr(extractor, "heldout_accuracy", None),
     }
     if callable(getattr(extractor, "predict", None)):

@@ -333,3 +333,157 @@ def test_stream_does_not_depend_on_workers_and_dataset_pickles(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(*streams))
     labels = [int(x) for b in D.make_dataloader(ds, batch_size=8, seed=9) for x in b["class_labels"]]
     assert sorted(labels) == [0] * 4 + [1] * 4
+
+
+# ------------------------------------------------------------------------------- validation split
+
+
+def test_validation_size_parsing_and_bounds():
+    assert D.parse_validation_size("500") == 500 and D.parse_validation_size("0.1") == 0.1
+    with pytest.raises(ValueError, match="'ten'"):
+        D.parse_validation_size("ten")
+    assert D.resolve_validation_size(None, 50) == 5  # 10 %
+    assert D.resolve_validation_size(None, 5) == 1  # at least one
+    assert D.resolve_validation_size(None, 100_000) == D.DEFAULT_VALIDATION_MAX_IMAGES  # capped
+    assert D.resolve_validation_size(0.25, 10) == 2 and D.resolve_validation_size(3, 10) == 3
+    for bad, match in [(0, "int >= 1"), (-2, "int >= 1"), (1.5, r"\(0, 1\)"), (10, "leaves no training"),
+                       (True, "int >= 1"), ("3", "None, an int")]:
+        with pytest.raises(ValueError, match=match):
+            D.resolve_validation_size(bad, 10)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        D.resolve_validation_size(None, 1)
+
+
+def test_split_indices_are_disjoint_seeded_and_order_free():
+    keys = [f"img_{i}.png" for i in range(40)]
+    train, val = D.validation_split_indices(keys, 0.25, seed=3)
+    assert len(val) == 10 and sorted(train + val) == list(range(40)) and not set(train) & set(val)
+    assert D.validation_split_indices(keys, 0.25, seed=3) == (train, val)  # same seed, same split
+    assert D.validation_split_indices(keys, 0.25, seed=4)[1] != val
+    # The split follows the names, not their listing order.
+    rev = keys[::-1]
+    _, val_rev = D.validation_split_indices(rev, 0.25, seed=3)
+    assert {rev[i] for i in val_rev} == {keys[i] for i in val}
+    # Nested sizes: the 5 validation images of a smaller split are among the 10 of the larger one.
+    _, val5 = D.validation_split_indices(keys, 5, seed=3)
+    assert set(val5) < set(val)
+    with pytest.raises(ValueError, match="distinct"):
+        D.validation_split_indices(["a", "a", "b"], 1)
+
+
+def test_image_folder_split_never_overlaps_and_is_deterministic(tmp_path):
+    root = _write_folder(tmp_path / "imgs", per_class=10, size=(20, 16))
+    split = D.load_train_validation_split(train_data_dir=str(root), resolution=16, in_channels=3,
+                                          random_flip=True, validation_size=0.2, validation_split_seed=1)
+    info = split.info
+    assert (info["split"], info["num_images"], info["num_train_images"], info["seed"]) == ("validation", 4, 16, 1)
+    assert info["num_levels"] == 256 and "SHA-256" in info["method"] and str(root) in info["source"]
+    assert len(split.train) == 16 and len(split.validation) == 4
+    assert split.train.class_names == split.validation.class_names == ["cat", "dog"]
+    base = split.train.dataset
+    train_files = {base.paths[i] for i in split.train.indices}
+    val_files = {split.validation.dataset.paths[i] for i in split.validation.indices}
+    assert len(train_files | val_files) == 20 and not train_files & val_files
+    # Validation images are loaded without augmentation (center crop, no flip): every call gives the same pixels.
+    x1, y1 = D.dataset_to_tensors(split.validation)
+    x2, _ = D.dataset_to_tensors(split.validation)
+    assert x1.shape == (4, 3, 16, 16) and torch.equal(x1, x2) and y1.dtype == torch.int64
+    center = D.ImageTransform(16, 3, center_crop=True)
+    for k, i in enumerate(split.validation.indices):
+        with Image.open(base.paths[i]) as im:
+            assert torch.equal(x1[k], center(im))
+    # The training part keeps its augmentation and the (index, seed) key protocol of the sampler.
+    item = split.train[(0, 5)]
+    assert torch.equal(item["pixel_values"], base[(split.train.indices[0], 5)]["pixel_values"])
+    # A fresh load (a resumed run) gives the same split.
+    again = D.load_train_validation_split(train_data_dir=str(root), resolution=16, in_channels=3,
+                                          validation_size=0.2, validation_split_seed=1)
+    assert again.validation.indices == split.validation.indices and again.train.indices == split.train.indices
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sharded_training_never_sees_validation_images(tmp_path, world):
+    root = _write_folder(tmp_path / "imgs", per_class=12, size=(16, 16))
+    split = D.load_train_validation_split(train_data_dir=str(root), resolution=16, in_channels=3, validation_size=6)
+    base = split.train.dataset
+    val_files = {base.paths[i] for i in split.validation.indices}
+    seen = set()
+    for rank in range(world):
+        loader = D.make_dataloader(split.train, batch_size=3, seed=0, num_replicas=world, rank=rank)
+        for epoch in range(2):
+            loader.batch_sampler.set_epoch(epoch)
+            for batch in loader.batch_sampler:
+                seen |= {base.paths[split.train.indices[i]] for i, _ in batch}
+    assert len(seen) == 18 and not seen & val_files
+
+
+def test_split_is_the_same_in_other_processes(tmp_path):
+    """Another process (other PYTHONHASHSEED, other rank/world-size variables) computes the same split."""
+    import json
+    import subprocess
+    import sys
+
+    root = _write_folder(tmp_path / "imgs", per_class=8, size=(16, 16))
+    code = ("import json, sys; from diffusers_ddpm_ext import data as D; "
+            "s = D.load_train_validation_split(train_data_dir=sys.argv[1], resolution=16, in_channels=3, "
+            "validation_size=0.25); d = s.validation.dataset; "
+            "print(json.dumps(sorted(d.paths[i] for i in s.validation.indices)))")
+    runs = []
+    for hash_seed, rank, world in (("1", "0", "1"), ("2", "1", "2")):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed, RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world,
+                   OMP_NUM_THREADS="1")
+        out = subprocess.run([sys.executable, "-c", code, str(root)], env=env, capture_output=True, text=True,
+                             check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1] and len(runs[0]) == 4
+
+
+def test_digits_keep_their_fixed_heldout_split():
+    split = D.load_train_validation_split(resolution=16, in_channels=1)
+    assert (split.info["split"], split.info["num_images"], split.info["num_train_images"]) == ("heldout", 300, 1497)
+    assert split.info["num_levels"] == D.DIGITS_NUM_LEVELS
+    x, y = D.dataset_to_tensors(split.validation)
+    ref_x, ref_y = D.load_heldout_digits(16, 1)
+    assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
+    sub = D.load_train_validation_split(resolution=8, validation_size=50, validation_split_seed=2)
+    assert sub.info["num_images"] == 50 and len(sub.train) == 1497
+    sx, _ = D.dataset_to_tensors(sub.validation)
+    heldout = {r.numpy().tobytes() for r in D.load_heldout_digits(8)[0]}
+    assert all(r.numpy().tobytes() in heldout for r in sx)  # a subset of the 300, never training digits
+    with pytest.raises(ValueError, match="'train' split"):
+        D.split_train_validation(D.DigitsDataset("heldout"))
+
+
+def test_datasets_dataset_uses_its_own_test_split(tmp_path, offline):
+    root = tmp_path / "with_test"
+    os.makedirs(root / "data")
+    _hf_dataset(8).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    test = _hf_dataset(5)
+    test = datasets.Dataset.from_dict({"img": [_rgb((12, 12), 100 + i) for i in range(5)],
+                                       "digit": [2, 2, 0, 2, 0], "name": ["b"] * 5},
+                                      features=test.features)
+    test.to_parquet(str(root / "data" / "test-00000-of-00001.parquet"))
+    split = D.load_train_validation_split(dataset_name=str(root), class_column="name", resolution=8, in_channels=3,
+                                          cache_dir=offline)
+    assert (split.info["split"], split.info["num_images"], split.info["num_train_images"]) == ("test", 5, 8)
+    assert "own 'test' split" in split.info["method"]
+    # String labels map through the training split's names ("a" = 0, "b" = 1) although "a" is absent here.
+    _, labels = D.dataset_to_tensors(split.validation)
+    assert labels.tolist() == [1] * 5 and split.validation.class_names == ["a", "b"]
+    sub = D.load_train_validation_split(dataset_name=str(root), resolution=8, validation_size=2, cache_dir=offline)
+    assert sub.info["num_images"] == 2 and sub.info["seed"] == 0
+    # Without its own split the rows are carved.
+    one = tmp_path / "single"
+    os.makedirs(one / "data")
+    _hf_dataset(10).to_parquet(str(one / "data" / "train-00000-of-00001.parquet"))
+    carved = D.load_train_validation_split(dataset_name=str(one), resolution=8, validation_size=3, cache_dir=offline)
+    assert carved.info["split"] == "validation" and carved.info["num_images"] == 3 and len(carved.train) == 7
+    assert not set(carved.train.indices) & set(carved.validation.indices)
+
+
+def test_saved_dataset_dict_with_validation_split(tmp_path):
+    saved = tmp_path / "dd"
+    datasets.DatasetDict(train=_hf_dataset(6), validation=_hf_dataset(3)).save_to_disk(str(saved))
+    assert D.dataset_split_names(str(saved)) == ["train", "validation"]
+    split = D.load_train_validation_split(dataset_name=str(saved), resolution=8, in_channels=3)
+    assert (split.info["split"], split.info["num_images"], len(split.train)) == ("validation", 3, 6)

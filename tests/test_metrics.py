@@ -231,3 +231,192 @@ def test_sample_quality_with_a_plugged_extractor():
     assert q["mode_coverage"] is None and q["feature_dim"] == 20
     assert (q["n_generated"], q["n_reference"]) == (100, 80)
     assert q["fd"] == pytest.approx(M.frechet_distance(a.flatten(1)[:, :20], b.flatten(1)[:, :20]).distance)
+
+
+# ------------------------------------------------------------------------- FD closed forms, bootstrap
+
+
+def _random_spd(rng, d):
+    a = rng.standard_normal((d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_fd_from_statistics_matches_scipy_and_commuting_closed_form():
+    rng = np.random.default_rng(5)
+    for d in (1, 3, 16):
+        mu_a, mu_b = rng.standard_normal(d), rng.standard_normal(d)
+        ca, cb = _random_spd(rng, d), _random_spd(rng, d)
+        direct = ((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real)
+        assert M.frechet_distance_from_statistics(mu_a, ca, mu_b, cb) == pytest.approx(direct, rel=1e-9, abs=1e-10)
+        assert M.frechet_distance_from_statistics(mu_a, ca, mu_a, ca) == pytest.approx(0.0, abs=1e-9)
+    # Commuting covariances (same eigenvectors): FD = ||Δμ||² + Σ (√λa − √λb)².
+    q, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+    la, lb = np.array([1.0, 4.0, 0.25, 9.0]), np.array([4.0, 1.0, 1.0, 0.0])
+    expected = 1.0 + ((np.sqrt(la) - np.sqrt(lb)) ** 2).sum()
+    got = M.frechet_distance_from_statistics(np.zeros(4), (q * la) @ q.T, np.eye(4)[0], (q * lb) @ q.T)
+    # A zero eigenvalue (singular Σb) costs √(rounding error) ≈ 1e-8 in the square root, hence rel=1e-7.
+    assert got == pytest.approx(expected, rel=1e-7)
+    with pytest.raises(ValueError, match="do not match"):
+        M.frechet_distance_from_statistics(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+def test_fd_of_gaussian_samples_converges_to_the_closed_form():
+    rng = np.random.default_rng(6)
+    d = 5
+    ca, cb = _random_spd(rng, d), _random_spd(rng, d)
+    mu = rng.standard_normal(d)
+    expected = M.frechet_distance_from_statistics(np.zeros(d), ca, mu, cb)
+    x = rng.multivariate_normal(np.zeros(d), ca, 100_000)
+    y = rng.multivariate_normal(mu, cb, 100_000)
+    assert M.frechet_distance(x, y).distance == pytest.approx(expected, rel=0.02)
+
+
+def test_fd_bootstrap_standard_error_shrinks_with_n():
+    rng = np.random.default_rng(7)
+    small = M.frechet_distance_standard_error(rng.standard_normal((100, 4)), rng.standard_normal((100, 4)) + 1, 30)
+    large = M.frechet_distance_standard_error(rng.standard_normal((2000, 4)), rng.standard_normal((2000, 4)) + 1, 30)
+    assert small > 2 * large > 0
+    with pytest.raises(ValueError, match="num_resamples"):
+        M.frechet_distance_standard_error(np.zeros((5, 2)), np.zeros((5, 2)), 1)
+
+
+# ------------------------------------------------------------------- pretrained encoder (tiny DINOv2)
+
+ENCODER_REPO = "tiny-org/tiny-dinov2"
+ENCODER_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def save_tiny_dinov2(folder, seed=0):
+    """A randomly initialised DINOv2 with tiny sizes plus its image processor, saved like a Hub model."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=32, patch_size=8)
+    Dinov2Model(config).save_pretrained(folder)
+    # The preprocessing of facebook/dinov2-base (bicubic resize of the shorter side, center crop, ImageNet
+    # normalisation) at a tiny size.
+    BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, resample=3,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder
+
+
+def build_model_cache(folder, cache, repo_id=ENCODER_REPO, sha=ENCODER_SHA):
+    """Lay ``folder`` out as huggingface_hub's cache holds a downloaded model repo."""
+    import shutil
+
+    root = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, root / "snapshots" / sha)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(sha)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    return save_tiny_dinov2(tmp_path_factory.mktemp("encoders") / "tiny-dinov2")
+
+
+def _images(n, channels=3, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, channels, size, size, generator=g) * 2 - 1)  # (N, C, H, W) in [-1, 1]
+
+
+def test_encoder_from_local_folder_gives_the_cls_token(tiny_dinov2):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    enc = M.load_image_encoder(str(tiny_dinov2), device="cpu", batch_size=3)
+    x = _images(7)
+    feats = enc(x)
+    assert feats.shape == (7, 32) and feats.dtype == torch.float32 and enc.device.type == "cpu"
+    # By hand: uint8 RGB -> the processor -> the model's CLS token output (= DINOv2's pooler_output).
+    model, proc = AutoModel.from_pretrained(str(tiny_dinov2)), AutoImageProcessor.from_pretrained(str(tiny_dinov2))
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = proc(images=[Image.fromarray(a) for a in u8], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (7, 3, 32, 32)  # shorter side -> 40, center crop 32
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    torch.testing.assert_close(feats, out.last_hidden_state[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats, out.pooler_output, rtol=1e-5, atol=1e-5)
+    assert enc.metadata["model_type"] == "dinov2" and enc.metadata["name"] == str(tiny_dinov2)
+    assert enc.metadata["processor"]["crop_size"] == {"height": 32, "width": 32}
+    assert M.load_image_encoder(str(tiny_dinov2), pooling="mean")(x).shape == (7, 32)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        M.load_image_encoder(str(tiny_dinov2), pooling="max")
+
+
+def test_encoder_normalises_as_its_processor_says(tiny_dinov2, tmp_path):
+    from transformers import BitImageProcessor
+
+    folder = tmp_path / "no_resize"
+    import shutil
+
+    shutil.copytree(tiny_dinov2, folder)
+    BitImageProcessor(do_resize=False, do_center_crop=False, image_mean=[0.5, 0.25, 0.1],
+                      image_std=[0.5, 0.2, 0.3]).save_pretrained(folder)
+    enc = M.load_image_encoder(str(folder), device="cpu")
+    x = _images(2, size=24)
+    u8 = ((x + 1) * 127.5).round()  # (B, 3, H, W) in 0..255
+    mean, std = torch.tensor([0.5, 0.25, 0.1]).view(1, 3, 1, 1), torch.tensor([0.5, 0.2, 0.3]).view(1, 3, 1, 1)
+    torch.testing.assert_close(enc.preprocess(x), (u8 / 255 - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_by_repo_id_from_a_hand_built_offline_cache(tiny_dinov2, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = build_model_cache(tiny_dinov2, tmp_path / "hf_cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # any network request would raise
+    x = _images(4)
+    by_id = M.load_image_encoder(ENCODER_REPO, device="cpu", cache_dir=str(cache))
+    local = M.load_image_encoder(str(tiny_dinov2), device="cpu")
+    assert by_id.name == ENCODER_REPO
+    torch.testing.assert_close(by_id(x), local(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tiny-org/not-there"):
+        M.load_image_encoder("tiny-org/not-there", device="cpu", cache_dir=str(cache))
+
+
+def test_encoder_turns_grey_into_rgb(tiny_dinov2):
+    enc = M.load_image_encoder(str(tiny_dinov2), device="cpu")
+    grey = _images(5, channels=1, seed=3)
+    torch.testing.assert_close(enc(grey), enc(grey.repeat(1, 3, 1, 1)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\(B, 1 or 3, H, W\)"):
+        enc(_images(2, channels=2))
+
+
+def _noisy(x, level, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (x + level * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def test_fd_in_encoder_features_is_zero_on_itself_and_grows_with_corruption(tiny_dinov2):
+    enc = M.load_image_encoder(str(tiny_dinov2), device="cpu")
+    # Smooth "images": low-frequency patterns, so that noise is a corruption the encoder sees.
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(120, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
+    ref = M.extract_features(enc, x)
+    assert M.frechet_distance(ref, ref).distance < 1e-8
+    fds = [M.frechet_distance(M.extract_features(enc, _noisy(x, s, 1)), ref).distance for s in (0.0, 0.1, 0.3, 1.0)]
+    assert fds[0] < 1e-8 and all(a < b for a, b in zip(fds, fds[1:])), fds
+    q = M.sample_quality(_noisy(x, 0.3, 1), x, extractor=enc, kid_num_subsets=10, reference_features=ref,
+                         fd_bootstrap=5)
+    assert q["fd"] == pytest.approx(fds[2]) and q["extractor"] == str(tiny_dinov2) and q["n_reference"] == 120
+    assert q["fd_standard_error"] > 0 and q["mode_coverage"] is None and q["feature_dim"] == 32
+
+
+def test_fd_in_digit_features_grows_with_corruption(classifier):
+    x, _ = load_heldout_digits(resolution=8)
+    ref = M.extract_features(classifier, x)
+    fds = [M.frechet_distance(M.extract_features(classifier, _noisy(x, s, 2)), ref).distance
+           for s in (0.05, 0.2, 0.5, 1.0)]
+    assert all(a < b for a, b in zip(fds, fds[1:])), fds
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_encoder_on_cuda_matches_cpu(tiny_dinov2):
+    x = _images(6)
+    cpu = M.load_image_encoder(str(tiny_dinov2), device="cpu")(x)
+    enc = M.load_image_encoder(str(tiny_dinov2))  # default device: cuda
+    assert enc.device.type == "cuda"
+    torch.testing.assert_close(enc(x), cpu, rtol=1e-3, atol=1e-3)
