@@ -335,10 +335,10 @@ def _extractor_info(extractor) -> dict:
 
 
 def _save_grid(images: torch.Tensor, path: str, num: int) -> None:
-    from .training_utils import make_image_grid
+    from .viz import make_image_grid
 
     x = ((images[:num] + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (n, H, W, C) in [0, 1]
-    make_image_grid(x, scale=max(1, 64 // max(x.shape[1], 1))).save(path)
+    make_image_grid(x, min_tile=64).save(path)
 
 
 def evaluate_pipeline(
