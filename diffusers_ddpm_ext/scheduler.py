@@ -22,6 +22,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union, get_ar
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
@@ -44,6 +45,7 @@ VARIANCE_TYPES = get_args(VarianceType)
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")  # the model's extra C output channels carry the variance
 TIMESTEP_SPACINGS = get_args(TimestepSpacing)
 SAMPLERS = get_args(Sampler)
+
 
 @dataclass
 class GaussianDiffusionSchedulerOutput(BaseOutput):
@@ -221,44 +223,32 @@ def parse_respacing(respacing: Union[str, Sequence[int]], num_train_timesteps: i
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def analytic_variance(
-    alpha_prod_t: torch.Tensor,
-    alpha_prod_prev: torch.Tensor,
-    lambda_sq: torch.Tensor,
-    gamma: torch.Tensor,
-    data_range: float = 1.0,
-) -> torch.Tensor:
-    """Analytic-DPM's KL-optimal isotropic variance of one reverse step t → s, clipped to the paper's bounds.
+def analytic_variance(alpha_prod_t, alpha_prod_prev, lambda_sq, gamma, data_range: float = 1.0) -> torch.Tensor:
+    """Analytic-DPM's KL-optimal isotropic variance σ*² of a reverse step t → s, clipped to the paper's bounds.
 
-    Bao et al. 2022, Theorem 1, for the family q_λ(x_s | x_t, x_0) = N(μ̃_λ, λ² I) whose reverse step is
-    N(μ*, σ*² I): with ᾱ_n = ᾱ_t, ᾱ_{n−1} = ᾱ_s, α_n = ᾱ_t/ᾱ_s (the per-step α of a respaced chain), β̄ = 1 − ᾱ,
+    Bao et al. 2022, Theorem 1, for the family q_λ(x_s | x_t, x_0) = N(μ̃_λ, λ² I), with ᾱ_n = ᾱ_t, ᾱ_{n−1} = ᾱ_s,
+    α_n = ᾱ_t/ᾱ_s (a respaced step), β̄ = 1 − ᾱ and the score −ε/√β̄_n:
 
-        σ*_n² = λ_n² + (√(β̄_n/α_n) − √(β̄_{n−1} − λ_n²))² · (1 − β̄_n E_q‖∇log q_n(x_n)‖²/d)
-              = λ_n² + (√(β̄_n/α_n) − √(β̄_{n−1} − λ_n²))² · (1 − Γ_n),       Γ_n = E_q‖ε_θ(x_n, n)‖²/d,
+        σ*_n² = λ_n² + (√(β̄_n/α_n) − √(β̄_{n−1} − λ_n²))² (1 − Γ_n),    Γ_n = E_q‖ε_θ(x_n, n)‖²/d.
 
-    since the score is −ε/√β̄_n. Multiplying √(ᾱ_n/β̄_n) into the bracket writes the extra term as
-    c² · v with c = √ᾱ_{n−1} − √((β̄_{n−1} − λ_n²)·ᾱ_n/β̄_n) (for λ² = β̃ the posterior-mean coefficient of x_0)
-    and v = (β̄_n/ᾱ_n)(1 − Γ_n), the per-dimension variance of x_0 given x_n. Theorem 2 gives σ*² ≥ λ², and for data
-    in [−r, r]^d (its bounded-data corollary) v ≤ r²; the Monte-Carlo estimate is clipped to [λ², λ² + c²r²] as
-    the paper does (a finite-sample Γ can exceed 1). With ᾱ_t = 0 (zero terminal SNR) x_n carries no information
-    and v is set to its bound r².
+    Written as λ² + c²·v with c = √ᾱ_{n−1} − √((β̄_{n−1} − λ²)ᾱ_n/β̄_n) (for λ² = β̃: the posterior-mean coefficient
+    of x_0) and v = (β̄_n/ᾱ_n)(1 − Γ_n), the variance of x_0 given x_n per dimension. Theorem 2 and its corollary
+    for data in [−r, r]^d bound v to [0, r²]; the estimate is clipped there as the paper does (a Monte-Carlo Γ can
+    exceed 1). At ᾱ_t = 0 (zero terminal SNR) x_t says nothing about x_0 and v = r².
 
     Args:
-        alpha_prod_t (`torch.Tensor`): ᾱ_t, any shape (broadcast with the others).
-        alpha_prod_prev (`torch.Tensor`): ᾱ_s of the step's target (1 for the step onto the data).
+        alpha_prod_t, alpha_prod_prev (`torch.Tensor`): ᾱ_t and ᾱ_s (1 for the step onto the data), broadcastable.
         lambda_sq (`torch.Tensor`): λ², the family's variance: β̃ (DDPM) or η²β̃ (DDIM).
         gamma (`torch.Tensor`): Γ_t.
-        data_range (`float`, defaults to 1.0): r, the data lie in [−r, r].
+        data_range (`float`, defaults to 1.0): r.
 
     Returns:
-        `torch.Tensor`: σ*², the broadcast shape, in the promoted dtype (use float64: c is a difference).
+        `torch.Tensor`: σ*² in the promoted dtype (pass float64: c is a difference of close roots).
     """
     beta_prod_t = 1 - alpha_prod_t
     c = alpha_prod_prev**0.5 - (torch.clamp(1 - alpha_prod_prev - lambda_sq, min=0) * alpha_prod_t / beta_prod_t) ** 0.5
-    x0_variance = torch.where(
-        alpha_prod_t > 0, beta_prod_t / alpha_prod_t.clamp(min=torch.finfo(alpha_prod_t.dtype).tiny) * (1 - gamma),
-        torch.full_like(alpha_prod_t, data_range**2),
-    )
+    tiny = torch.finfo(alpha_prod_t.dtype).tiny
+    x0_variance = torch.where(alpha_prod_t > 0, beta_prod_t / alpha_prod_t.clamp(min=tiny) * (1 - gamma), data_range**2)
     return lambda_sq + c**2 * torch.clamp(x0_variance, min=0, max=data_range**2)
 
 
@@ -300,7 +290,8 @@ def _validate_config(cfg: dict) -> None:
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value!r}")
     if not 0.0 <= cfg["dynamic_thresholding_ratio"] <= 1.0:
-        raise ValueError(f"dynamic_thresholding_ratio must be a quantile in [0, 1], got {cfg['dynamic_thresholding_ratio']!r}")
+        raise ValueError(
+            f"dynamic_thresholding_ratio must be a quantile in [0, 1], got {cfg['dynamic_thresholding_ratio']!r}")
     for name in ("clip_sample_range", "sample_max_value"):
         if not cfg[name] > 0:
             raise ValueError(f"{name} must be > 0, got {cfg[name]!r}")
@@ -313,61 +304,31 @@ def _validate_config(cfg: dict) -> None:
         raise ValueError(f"steps_offset must be a non-negative int, got {offset!r}")
     if cfg["rescale_betas_zero_snr"] and T < 2:
         raise ValueError(f"rescale_betas_zero_snr=True needs num_train_timesteps >= 2, got {T}")
-    betas = cfg["trained_betas"]
-    if betas is not None:
-        if isinstance(betas, (str, bytes)):
-            raise TypeError(f"trained_betas must be a sequence of numbers, got {betas!r}")
-        try:
-            np.asarray(betas, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"trained_betas must be a sequence of numbers ({exc})") from None
-    _validate_analytic_gamma(cfg["analytic_gamma"], T, cfg["variance_type"])
-
-
-def _validate_analytic_gamma(gamma, num_train_timesteps: int, variance_type: str) -> None:
-    """The Γ table of `variance_type="analytic"`: T finite non-negative numbers, one per training timestep."""
-    fix = ("estimate it for this schedule with diffusers_ddpm_ext.analytic.fit_analytic_variance(model, scheduler, "
-           "data)")
-    if gamma is None:
-        if variance_type == "analytic":
-            raise ValueError(f"variance_type='analytic' needs analytic_gamma, the table Γ_t = E‖ε_θ(x_t, t)‖²/d of "
-                             f"num_train_timesteps={num_train_timesteps} values; {fix}")
-        return
-    if isinstance(gamma, (str, bytes)):
-        raise TypeError(f"analytic_gamma must be a sequence of numbers, got {gamma!r}")
-    try:
-        values = np.asarray(gamma, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"analytic_gamma must be a sequence of numbers ({exc})") from None
-    if values.ndim != 1 or values.size != num_train_timesteps:
-        raise ValueError(f"analytic_gamma has shape {values.shape} but num_train_timesteps={num_train_timesteps}: "
-                         f"it was estimated for another schedule; {fix}")
-    if not np.isfinite(values).all() or (values < 0).any():
-        i = int(np.flatnonzero(~np.isfinite(values) | (values < 0))[0])
-        raise ValueError(f"analytic_gamma must hold finite mean squares >= 0; analytic_gamma[{i}] = {values[i]!r}")
-
-
-def _check_betas(betas: torch.Tensor, alphas_cumprod: torch.Tensor, cfg: dict) -> None:
-    """β must lie in (0, 1] (β = 1 only at the last step: zero terminal SNR), and ᾱ_t must stay positive before
-    the last step in float32, else the posterior coefficients divide 0 by 0."""
     if cfg["trained_betas"] is not None:
-        source = "trained_betas"
-    else:
-        source = (f"beta_schedule={cfg['beta_schedule']!r}, beta_start={cfg['beta_start']!r}, "
-                  f"beta_end={cfg['beta_end']!r}, num_train_timesteps={cfg['num_train_timesteps']}")
-    if cfg["rescale_betas_zero_snr"]:
-        source += ", rescale_betas_zero_snr=True"
-    bad = ~torch.isfinite(betas) | (betas <= 0) | (betas > 1)
-    bad[:-1] |= betas[:-1] >= 1
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"the betas of {source} must lie in (0, 1) (1 allowed at the last step only); "
-                         f"beta[{i}] = {float(betas[i])!r}")
-    zero = (alphas_cumprod[:-1] <= 0).nonzero()
-    if zero.numel():
-        i = int(zero[0])
-        raise ValueError(f"alphas_cumprod underflows to 0 at t={i} of {cfg['num_train_timesteps']} with {source}; "
-                         "the signal is destroyed before the last step (lower beta_end or num_train_timesteps)")
+        _float_array(cfg["trained_betas"], "trained_betas")
+    gamma = cfg["analytic_gamma"]
+    fix = "estimate it for this schedule with diffusers_ddpm_ext.analytic.fit_analytic_variance(model, scheduler, data)"
+    if gamma is None and cfg["variance_type"] == "analytic":
+        raise ValueError(f"variance_type='analytic' needs analytic_gamma, the table Γ_t = E‖ε_θ(x_t, t)‖²/d of "
+                         f"num_train_timesteps={T} values; {fix}")
+    if gamma is not None:
+        values = _float_array(gamma, "analytic_gamma")
+        if values.ndim != 1 or values.size != T:
+            raise ValueError(f"analytic_gamma has shape {values.shape} but num_train_timesteps={T}: it was estimated "
+                             f"for another schedule; {fix}")
+        bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
+        if bad.size:
+            raise ValueError(f"analytic_gamma must hold finite mean squares >= 0; "
+                             f"analytic_gamma[{bad[0]}] = {float(values[bad[0]])!r}")
+
+
+def _float_array(value, name: str) -> np.ndarray:
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of numbers, got {value!r}")
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a sequence of numbers ({exc})") from None
 
 
 def _check_betas(betas: torch.Tensor, alphas_cumprod: torch.Tensor, cfg: dict) -> None:
@@ -454,7 +415,7 @@ def _step_table(
         "alpha_prod_prev": a_prev,
         "beta_prod_t": beta_prod_t,
         "beta": beta_step,
-        "posterior_variance": beta_prod_prev / beta_prod_t * beta_step,
+        "posterior_variance": variance,
         "clipped_variance": clipped_variance,
         "posterior_log_variance_clipped": torch.log(torch.clamp(clipped_variance, min=1e-20)),
         "coef_x0": a_prev**0.5 * beta_step / beta_prod_t,
@@ -468,12 +429,11 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
     Sampling follows the DDPM posterior (`sampler="ddpm"`) or the DDIM update with `eta` (`sampler="ddim"`), on
     the full chain or a respaced one (`set_timesteps(50)`, `set_timesteps("ddim50")`, `set_timesteps("10,15,20")`,
-    custom timesteps). Respaced chains use β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}} for means and variances (IDM Sec. 4),
-    learned and analytic variances included. As in improved-diffusion, the coefficients of every step are computed
-    once per chain (in `__init__` for the training chain, in `set_timesteps` for the sampling chain) in float32,
-    which reproduces `DDPMScheduler.step` / `DDIMScheduler.step` arithmetic bit for bit, and in float64, which the
-    public diffusion quantities (`q_mean_variance`, `q_posterior_mean_variance`, `p_mean_variance`, `snr`) use by
-    default; each is read with one table lookup.
+    custom timesteps). Respaced chains use β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}} for means and variances (IDM Sec. 4).
+    As in improved-diffusion, every step's coefficients are tabulated once per chain (`__init__`: the training
+    chain; `set_timesteps`: the sampling chain) in float32, which reproduces `DDPMScheduler.step` /
+    `DDIMScheduler.step` bit for bit, and in float64, the default of `q_mean_variance`, `q_posterior_mean_variance`,
+    `p_mean_variance` and `snr`.
 
     Deliberate differences from `DDPMScheduler` (all follow IDM):
         * no noise is added at the chain's last step even when its timestep is > 0 (trailing spacing,
@@ -485,15 +445,13 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
           step of the chain, and fixed_large and analytic use that variance too (better decoder likelihood);
           sampling is unaffected because no noise is added there.
 
-    `variance_type="analytic"` (Bao et al. 2022) is the KL-optimal isotropic variance of any ε-model, computed from
-    the table `analytic_gamma` (Γ_t = E‖ε_θ(x_t, t)‖²/d per training timestep, estimated once by
-    `diffusers_ddpm_ext.analytic.fit_analytic_variance`); see `analytic_variance`. It applies to both samplers
-    (DDPM: λ² = β̃'; DDIM: λ² = η²β̃', the "Analytic-DDIM", which adds noise even at η = 0).
+    `variance_type="analytic"` (Bao et al. 2022) is the KL-optimal isotropic variance of any ε-model from the table
+    `analytic_gamma` (see `analytic_variance`; built by `diffusers_ddpm_ext.analytic.fit_analytic_variance`), for
+    both samplers (DDPM: λ² = β̃'; DDIM: λ² = η²β̃', "Analytic-DDIM", which adds noise even at η = 0).
 
-    DDIM mode matches `DDIMScheduler.step`, including its `eta=` and `use_clipped_model_output=` arguments and the
-    `set_alpha_to_one` config key, but always steps to the chain's previous timestep (DDIMScheduler uses t − T//n,
-    which differs for "linspace"). `GaussianDiffusionScheduler.from_config(ddim_scheduler.config)` selects
-    `sampler="ddim"`.
+    DDIM mode matches `DDIMScheduler.step` (`eta=`, `use_clipped_model_output=`, the `set_alpha_to_one` key) but
+    steps to the chain's previous timestep (DDIMScheduler: t − T//n, which differs for "linspace");
+    `from_config(ddim_scheduler.config)` selects `sampler="ddim"`.
 
     Args:
         num_train_timesteps (`int`, defaults to 1000): T, the length of the training chain.
@@ -608,33 +566,30 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
     # Tables (built once per chain)
     # ------------------------------------------------------------------------------------------------------------
 
+    def _step_tables(self, t: torch.Tensor, prev: torch.Tensor, successors: torch.Tensor, ends_on_data: bool = True):
+        """`_step_table` of the steps t → prev in float32 and float64, plus the DDPM-family analytic σ*² (λ² = β̃',
+        computed in float64). `ends_on_data=False` is DDIM's `set_alpha_to_one=False`: prev = −1 means ᾱ_0."""
+        tables = {dtype: _step_table(ac, t, prev, successors, None if ends_on_data else ac[0])
+                  for dtype, ac in self._alphas_cumprod_by_dtype.items()}
+        if self._analytic_gamma is not None:
+            t64 = tables[torch.float64]
+            sigma_sq = analytic_variance(t64["alpha_prod_t"], t64["alpha_prod_prev"], t64["posterior_variance"],
+                                         self._analytic_gamma[t], self.config.clip_sample_range)
+            for dtype, table in tables.items():
+                table["analytic_variance"] = sigma_sq.to(dtype)
+        return tables
+
     def _chain_tables(self, ascending: torch.Tensor, ends_on_data: bool) -> Dict[torch.dtype, Dict[str, torch.Tensor]]:
-        """Coefficient tables of the chain with these (ascending) kept timesteps, per dtype, as (T,) tensors
-        indexed by training timestep (NaN off the chain). `ends_on_data=False` is DDIM's `set_alpha_to_one=False`:
-        the last step goes to ᾱ_0 instead of 1."""
+        """The tables of the chain with these (ascending) timesteps as (T,) tensors indexed by training timestep
+        (NaN off the chain)."""
         T = self.config.num_train_timesteps
         prev = torch.cat([torch.tensor([-1]), ascending[:-1]])
         successors = torch.cat([ascending[1:], (ascending[-1:] + 1).clamp(max=T - 1)])
-        tables = {}
-        for dtype, alphas_cumprod in self._alphas_cumprod_by_dtype.items():
-            final = None if ends_on_data else alphas_cumprod[0]
-            tables[dtype] = _step_table(alphas_cumprod, ascending, prev, successors, final)
-        if self._analytic_gamma is not None:
-            # σ*² of the DDPM family (λ² = β̃'), always computed in float64 (it subtracts nearly equal roots).
-            t64 = tables[torch.float64]
-            sigma_sq = analytic_variance(t64["alpha_prod_t"], t64["alpha_prod_prev"], t64["posterior_variance"],
-                                         self._analytic_gamma[ascending], self.config.clip_sample_range)
-            for dtype in tables:
-                tables[dtype]["analytic_variance"] = sigma_sq.to(dtype)
+        tables = self._step_tables(ascending, prev, successors, ends_on_data)
         if ascending.numel() == T:
             return tables  # the full chain: positions are the training timesteps already
-        full = {}
-        for dtype, table in tables.items():
-            full[dtype] = {}
-            for name, values in table.items():
-                fill = False if values.dtype == torch.bool else float("nan")
-                full[dtype][name] = torch.full((T,), fill, dtype=values.dtype).index_copy_(0, ascending, values)
-        return full
+        return {dtype: {name: torch.full((T,), False if v.dtype == torch.bool else float("nan"), dtype=v.dtype)
+                        .index_copy_(0, ascending, v) for name, v in table.items()} for dtype, table in tables.items()}
 
     def _set_sampling_chain(self, ascending: torch.Tensor) -> None:
         T = self.config.num_train_timesteps
@@ -650,42 +605,31 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         self._chain_next[ascending[:-1]] = ascending[1:]
         self._tables_on_device = {}
 
-    def _coefficients(self, chain: str, dtype: torch.dtype, timesteps: torch.Tensor, ndim: int) -> Dict[str, torch.Tensor]:
+    def _coefficients(self, chain: str, dtype: torch.dtype, timesteps: torch.Tensor, ndim: int) -> Dict[str, Tensor]:
         """Every coefficient of `chain` ("train" or "sample") at `timesteps` as (B, 1, ...) tensors in `dtype`."""
         key = (chain, dtype, timesteps.device)
         if key not in self._tables_on_device:
             self._tables_on_device[key] = {k: v.to(timesteps.device) for k, v in self._tables[chain][dtype].items()}
         return {name: _extract(table, timesteps, ndim) for name, table in self._tables_on_device[key].items()}
 
-    def _pair_coefficients(
-        self, timesteps: torch.Tensor, prev_timesteps, dtype: torch.dtype, ndim: int
-    ) -> Dict[str, torch.Tensor]:
-        """Coefficients of explicit steps t → prev (any chain ending on the data), as (B, 1, ...) tensors."""
-        device = timesteps.device
-        prev = _as_long(prev_timesteps, device)
-        prev = prev.expand_as(timesteps) if timesteps.ndim else prev
-        self._check_range(prev, "prev_timesteps", low=-1)
-        if bool((prev >= timesteps).any()):
-            raise ValueError("prev_timesteps must be earlier than timesteps (prev < t)")
-        t_cpu, prev_cpu = timesteps.cpu(), prev.cpu()
-        # The first step's clipped variance uses the next step of the current chain when t is on it.
-        on_chain = self._chain_prev[t_cpu] >= -1
-        successors = torch.where(on_chain, self._chain_next[t_cpu], (t_cpu + 1).clamp(max=self.config.num_train_timesteps - 1))
-        table = _step_table(self._alphas_cumprod_by_dtype[dtype], t_cpu, prev_cpu, successors)
-        if self._analytic_gamma is not None:
-            t64 = table if dtype == torch.float64 else _step_table(
-                self._alphas_cumprod_by_dtype[torch.float64], t_cpu, prev_cpu, successors)
-            table["analytic_variance"] = analytic_variance(
-                t64["alpha_prod_t"], t64["alpha_prod_prev"], t64["posterior_variance"], self._analytic_gamma[t_cpu],
-                self.config.clip_sample_range).to(dtype)
-        return {name: _broadcast(values.to(device), ndim) for name, values in table.items()}
-
-    def _step_coefficients(self, timesteps, prev_timesteps, dtype, sample: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _coefficients_at(self, timesteps, prev_timesteps, dtype, sample: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Coefficients at (B,) `timesteps` of the training chain (`prev_timesteps` None: read from its tables) or
+        of explicit steps t → prev of a chain ending on the data (tabulated for these steps)."""
         t = _as_long(timesteps, sample.device)
         self._check_range(t, "timesteps")
         if prev_timesteps is None:
             return self._coefficients("train", dtype, t, sample.ndim)
-        return self._pair_coefficients(t, prev_timesteps, dtype, sample.ndim)
+        prev = _as_long(prev_timesteps, sample.device)
+        prev = prev.expand_as(t) if t.ndim else prev
+        self._check_range(prev, "prev_timesteps", low=-1)
+        if bool((prev >= t).any()):
+            raise ValueError("prev_timesteps must be earlier than timesteps (prev < t)")
+        t_cpu = t.cpu()
+        # The first step's clipped variance uses the next step of the current chain when t is on it.
+        successors = torch.where(self._chain_prev[t_cpu] >= -1, self._chain_next[t_cpu],
+                                 (t_cpu + 1).clamp(max=self.config.num_train_timesteps - 1))
+        table = self._step_tables(t_cpu, prev.cpu(), successors)[dtype]
+        return {name: _broadcast(values.to(sample.device), sample.ndim) for name, values in table.items()}
 
     @property
     def analytic_gamma(self) -> Optional[torch.Tensor]:
@@ -895,7 +839,7 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         """
         dtype = self._compute_dtype(compute_dtype)
         out = torch.promote_types(original_samples.dtype, noisy_samples.dtype)
-        c = self._step_coefficients(timesteps, prev_timesteps, dtype, noisy_samples)
+        c = self._coefficients_at(timesteps, prev_timesteps, dtype, noisy_samples)
         mean = c["coef_x0"] * original_samples.to(dtype) + c["coef_xt"] * noisy_samples.to(dtype)
         return mean.to(out), c["posterior_variance"].to(out), c["posterior_log_variance_clipped"].to(out)
 
@@ -1033,7 +977,7 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
             [`GaussianDiffusionModelOutput`] in the promoted input dtype.
         """
         dtype = self._compute_dtype(compute_dtype)
-        c = self._step_coefficients(timesteps, prev_timesteps, dtype, noisy_samples)
+        c = self._coefficients_at(timesteps, prev_timesteps, dtype, noisy_samples)
         return self._reverse_moments(model_output, noisy_samples, c, clip_denoised)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -597,7 +597,8 @@ def test_coefficient_tables_are_built_once_per_chain(monkeypatch):
         built = len(builds)
         x = randn(2, 1, 4, 4)
         for t in s.timesteps:
-            x = s.step(randn(2, 2, 4, 4, seed=int(t)).tanh(), t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+            out = randn(2, 2, 4, 4, seed=int(t)).tanh()
+            x = s.step(out, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
         s.p_mean_variance(randn(2, 2, 4, 4), x, torch.tensor([3, 7]))  # the training chain: a read too
         assert len(builds) == built, sampler
 
