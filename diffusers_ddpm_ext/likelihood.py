@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
@@ -41,7 +42,8 @@ class BitsPerDimOutput(BaseOutput):
         bits_per_dim (`torch.Tensor` of shape `(N,)`): total bound per image.
         prior_bpd (`torch.Tensor` of shape `(N,)`): L_T, KL(q(x_T | x_0) ‖ N(0, I)).
         decoder_bpd (`torch.Tensor` of shape `(N,)`): L_0, the decoder negative log-likelihood.
-        terms_bpd (`torch.Tensor` of shape `(N, T)`): L_t for t = 0 … T−1 (column 0 is the decoder term).
+        terms_bpd (`torch.Tensor` of shape `(N, K)`): the chain's terms, L_t for t = 0 … T−1 on the full chain
+            (column 0 is the decoder term).
         mean (`float`): mean of ``bits_per_dim`` over the images.
         standard_error (`float`): std of ``bits_per_dim`` over images / √N (spread of the data).
         bound (`str`): which reverse process this is the bound of (steps, variance, clipping).
@@ -132,9 +134,9 @@ def _resolve_clip(scheduler, clip_denoised: Optional[bool]) -> bool:
     """None: clip (or threshold) x_0 exactly when the scheduler's sampler does."""
     if clip_denoised is None:
         return bool(scheduler.config.thresholding or scheduler.config.clip_sample)
-    if not isinstance(clip_denoised, bool):
+    if not isinstance(clip_denoised, (bool, np.bool_)):
         raise TypeError(f"clip_denoised must be None, True or False, got {clip_denoised!r}")
-    return clip_denoised
+    return bool(clip_denoised)
 
 
 def _resolve_chain(scheduler, num_inference_steps, timesteps):
