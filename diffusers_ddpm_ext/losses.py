@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 from diffusers.utils import BaseOutput
 
+from .scheduler import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES  # the vocabulary lives in scheduler.py
+
 LOSS_TYPES = ("simple", "hybrid", "kl")
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:

@@ -12,27 +12,39 @@ References:
     Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models" (IDM).
     Song et al. 2021, "Denoising Diffusion Implicit Models" (DDIM).
     Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed" (zero terminal SNR, spacing).
+    Bao, Li, Zhu & Zhang 2022, "Analytic-DPM: an Analytic Estimate of the Optimal Reverse Variance in Diffusion
+        Probabilistic Models" (ICLR 2022; `variance_type="analytic"`).
 """
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union, get_args
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+# The vocabulary: every allowed value lives here once, as a Literal for signatures and as a tuple for checks.
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace"]
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+VarianceType = Literal[
+    "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range", "analytic"
+]
+TimestepSpacing = Literal["leading", "linspace", "trailing"]
+Sampler = Literal["ddpm", "ddim"]
+
+BETA_SCHEDULES = get_args(BetaSchedule)
 BETA_SCHEDULE_ALIASES = {"cosine": "squaredcos_cap_v2"}
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
-SAMPLERS = ("ddpm", "ddim")
+PREDICTION_TYPES = get_args(PredictionType)
+VARIANCE_TYPES = get_args(VarianceType)
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")  # the model's extra C output channels carry the variance
+TIMESTEP_SPACINGS = get_args(TimestepSpacing)
+SAMPLERS = get_args(Sampler)
 
 
 @dataclass
@@ -206,6 +218,45 @@ def parse_respacing(respacing: Union[str, Sequence[int]], num_train_timesteps: i
     return sorted(set(kept))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Analytic-DPM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def analytic_variance(alpha_prod_t, alpha_prod_prev, lambda_sq, gamma, data_range: float = 1.0) -> torch.Tensor:
+    """Analytic-DPM's KL-optimal isotropic variance σ*² of a reverse step t → s, clipped to the paper's bounds.
+
+    Bao et al. 2022, Theorem 1, for the family q_λ(x_s | x_t, x_0) = N(μ̃_λ, λ² I), with ᾱ_n = ᾱ_t, ᾱ_{n−1} = ᾱ_s,
+    α_n = ᾱ_t/ᾱ_s (a respaced step), β̄ = 1 − ᾱ and the score −ε/√β̄_n:
+
+        σ*_n² = λ_n² + (√(β̄_n/α_n) − √(β̄_{n−1} − λ_n²))² (1 − Γ_n),    Γ_n = E_q‖ε_θ(x_n, n)‖²/d.
+
+    Written as λ² + c²·v with c = √ᾱ_{n−1} − √((β̄_{n−1} − λ²)ᾱ_n/β̄_n) (for λ² = β̃: the posterior-mean coefficient
+    of x_0) and v = (β̄_n/ᾱ_n)(1 − Γ_n), the variance of x_0 given x_n per dimension. Theorem 2 and its corollary
+    for data in [−r, r]^d bound v to [0, r²]; the estimate is clipped there as the paper does (a Monte-Carlo Γ can
+    exceed 1). At ᾱ_t = 0 (zero terminal SNR) x_t says nothing about x_0 and v = r².
+
+    Args:
+        alpha_prod_t, alpha_prod_prev (`torch.Tensor`): ᾱ_t and ᾱ_s (1 for the step onto the data), broadcastable.
+        lambda_sq (`torch.Tensor`): λ², the family's variance: β̃ (DDPM) or η²β̃ (DDIM).
+        gamma (`torch.Tensor`): Γ_t.
+        data_range (`float`, defaults to 1.0): r.
+
+    Returns:
+        `torch.Tensor`: σ*² in the promoted dtype (pass float64: c is a difference of close roots).
+    """
+    beta_prod_t = 1 - alpha_prod_t
+    c = alpha_prod_prev**0.5 - (torch.clamp(1 - alpha_prod_prev - lambda_sq, min=0) * alpha_prod_t / beta_prod_t) ** 0.5
+    tiny = torch.finfo(alpha_prod_t.dtype).tiny
+    x0_variance = torch.where(alpha_prod_t > 0, beta_prod_t / alpha_prod_t.clamp(min=tiny) * (1 - gamma), data_range**2)
+    return lambda_sq + c**2 * torch.clamp(x0_variance, min=0, max=data_range**2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config checks
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def _validate_config(cfg: dict) -> None:
     """Check the constructor arguments before anything is computed: types first (TypeError), then ranges
     (ValueError), each message naming the field. The β values themselves are checked after they are built
@@ -228,7 +279,7 @@ def _validate_config(cfg: dict) -> None:
             raise TypeError(f"{name}={value!r} must be a string, one of {allowed}")
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}")
-    for name in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
+    for name in ("clip_sample", "thresholding", "rescale_betas_zero_snr", "set_alpha_to_one"):
         if not isinstance(cfg[name], (bool, np.bool_)):
             raise TypeError(f"{name} must be True or False, got {cfg[name]!r}")
     for name in ("beta_start", "beta_end", "dynamic_thresholding_ratio", "clip_sample_range", "sample_max_value",
@@ -239,7 +290,8 @@ def _validate_config(cfg: dict) -> None:
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value!r}")
     if not 0.0 <= cfg["dynamic_thresholding_ratio"] <= 1.0:
-        raise ValueError(f"dynamic_thresholding_ratio must be a quantile in [0, 1], got {cfg['dynamic_thresholding_ratio']!r}")
+        raise ValueError(
+            f"dynamic_thresholding_ratio must be a quantile in [0, 1], got {cfg['dynamic_thresholding_ratio']!r}")
     for name in ("clip_sample_range", "sample_max_value"):
         if not cfg[name] > 0:
             raise ValueError(f"{name} must be > 0, got {cfg[name]!r}")
@@ -252,14 +304,31 @@ def _validate_config(cfg: dict) -> None:
         raise ValueError(f"steps_offset must be a non-negative int, got {offset!r}")
     if cfg["rescale_betas_zero_snr"] and T < 2:
         raise ValueError(f"rescale_betas_zero_snr=True needs num_train_timesteps >= 2, got {T}")
-    betas = cfg["trained_betas"]
-    if betas is not None:
-        if isinstance(betas, (str, bytes)):
-            raise TypeError(f"trained_betas must be a sequence of numbers, got {betas!r}")
-        try:
-            np.asarray(betas, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"trained_betas must be a sequence of numbers ({exc})") from None
+    if cfg["trained_betas"] is not None:
+        _float_array(cfg["trained_betas"], "trained_betas")
+    gamma = cfg["analytic_gamma"]
+    fix = "estimate it for this schedule with diffusers_ddpm_ext.analytic.fit_analytic_variance(model, scheduler, data)"
+    if gamma is None and cfg["variance_type"] == "analytic":
+        raise ValueError(f"variance_type='analytic' needs analytic_gamma, the table Γ_t = E‖ε_θ(x_t, t)‖²/d of "
+                         f"num_train_timesteps={T} values; {fix}")
+    if gamma is not None:
+        values = _float_array(gamma, "analytic_gamma")
+        if values.ndim != 1 or values.size != T:
+            raise ValueError(f"analytic_gamma has shape {values.shape} but num_train_timesteps={T}: it was estimated "
+                             f"for another schedule; {fix}")
+        bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
+        if bad.size:
+            raise ValueError(f"analytic_gamma must hold finite mean squares >= 0; "
+                             f"analytic_gamma[{bad[0]}] = {float(values[bad[0]])!r}")
+
+
+def _float_array(value, name: str) -> np.ndarray:
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of numbers, got {value!r}")
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a sequence of numbers ({exc})") from None
 
 
 def _check_betas(betas: torch.Tensor, alphas_cumprod: torch.Tensor, cfg: dict) -> None:
@@ -285,6 +354,7 @@ def _check_betas(betas: torch.Tensor, alphas_cumprod: torch.Tensor, cfg: dict) -
                          "the signal is destroyed before the last step (lower beta_end or num_train_timesteps)")
 
 
+
 def _as_long(timesteps, device) -> torch.Tensor:
     t = torch.as_tensor(timesteps, device=device)
     if t.is_floating_point():
@@ -300,15 +370,70 @@ def _broadcast(coef: torch.Tensor, ndim: int) -> torch.Tensor:
     return coef.reshape(coef.shape + (1,) * (ndim - coef.ndim))
 
 
+def _extract(table: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
+    """The one read of a coefficient table: table[t] as (B, 1, ..., 1) for a (B, C, ...) sample (IDM's
+    `_extract_into_tensor`). `table` must be on the device of `timesteps`."""
+    return _broadcast(table[timesteps], ndim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Coefficient tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _step_table(
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor,
+    prev_timesteps: torch.Tensor,
+    successors: torch.Tensor,
+    final_alpha_cumprod: Optional[torch.Tensor] = None,
+) -> Dict[str, torch.Tensor]:
+    """Coefficients of the chain steps t → prev, one entry per step ((K,) tensors in the dtype of `alphas_cumprod`).
+
+    With ᾱ' = ᾱ_prev (`final_alpha_cumprod`, default 1, when prev = −1): β' = 1 − ᾱ_t/ᾱ' (IDM Sec. 4 respacing;
+    β_t when prev = t − 1), β̃' = (1 − ᾱ')/(1 − ᾱ_t)·β' and μ̃ = √ᾱ'β'/(1 − ᾱ_t)·x_0 + √(1 − β')(1 − ᾱ')/(1 − ᾱ_t)·x_t
+    (Ho et al. 2020 eq. 6-7). A step onto the data (prev = −1, ᾱ' = 1) has β̃' = 0; IDM then uses the posterior
+    variance of the next step of the chain, `successors` → t ("clipped" variance; β' when there is none). The
+    operation order reproduces DDPMScheduler's and DDIMScheduler's float32 arithmetic.
+    """
+    dtype = alphas_cumprod.dtype
+    final = torch.ones((), dtype=dtype) if final_alpha_cumprod is None else final_alpha_cumprod.to(dtype)
+
+    def posterior_variance(t, prev):
+        a_t = alphas_cumprod[t]
+        a_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], final)
+        beta_step = 1 - a_t / a_prev
+        return a_t, a_prev, beta_step, (1 - a_prev) / (1 - a_t) * beta_step
+
+    a_t, a_prev, beta_step, variance = posterior_variance(timesteps, prev_timesteps)
+    beta_prod_t, beta_prod_prev, alpha_step = 1 - a_t, 1 - a_prev, a_t / a_prev
+    first = (prev_timesteps < 0) & (a_prev == 1)  # the step onto the data: no noise, discretised decoder
+    next_variance = torch.where(successors > timesteps, posterior_variance(successors, timesteps)[-1], beta_step)
+    clipped_variance = torch.where(first, next_variance, variance)
+    return {
+        "alpha_prod_t": a_t,
+        "alpha_prod_prev": a_prev,
+        "beta_prod_t": beta_prod_t,
+        "beta": beta_step,
+        "posterior_variance": variance,
+        "clipped_variance": clipped_variance,
+        "posterior_log_variance_clipped": torch.log(torch.clamp(clipped_variance, min=1e-20)),
+        "coef_x0": a_prev**0.5 * beta_step / beta_prod_t,
+        "coef_xt": alpha_step**0.5 * beta_prod_prev / beta_prod_t,
+        "first": first,
+    }
+
+
 class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
     """Discrete Gaussian diffusion of DDPM / improved-diffusion, usable wherever `DDPMScheduler` is.
 
     Sampling follows the DDPM posterior (`sampler="ddpm"`) or the DDIM update with `eta` (`sampler="ddim"`), on
     the full chain or a respaced one (`set_timesteps(50)`, `set_timesteps("ddim50")`, `set_timesteps("10,15,20")`,
-    custom timesteps). Respaced chains use β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}} for means and variances (IDM Sec. 4),
-    learned variances included. In float32, `step` reproduces `DDPMScheduler.step` / `DDIMScheduler.step`
-    arithmetic; the public diffusion quantities (`q_mean_variance`, `q_posterior_mean_variance`,
-    `p_mean_variance`, `snr`) compute in float64 by default.
+    custom timesteps). Respaced chains use β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}} for means and variances (IDM Sec. 4).
+    As in improved-diffusion, every step's coefficients are tabulated once per chain (`__init__`: the training
+    chain; `set_timesteps`: the sampling chain) in float32, which reproduces `DDPMScheduler.step` /
+    `DDIMScheduler.step` bit for bit, and in float64, the default of `q_mean_variance`, `q_posterior_mean_variance`,
+    `p_mean_variance` and `snr`.
 
     Deliberate differences from `DDPMScheduler` (all follow IDM):
         * no noise is added at the chain's last step even when its timestep is > 0 (trailing spacing,
@@ -317,12 +442,16 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
           reads them as the variance itself.
         * `variance_type="fixed_large_log"` samples with σ² = β' (DDPMScheduler takes the square root of log β).
         * at the chain's first step (prev = −1, β̃ = 0) the log posterior variance is clipped to that of the next
-          step of the chain, and fixed_large uses that variance too (better decoder likelihood); sampling is
-          unaffected because no noise is added there.
+          step of the chain, and fixed_large and analytic use that variance too (better decoder likelihood);
+          sampling is unaffected because no noise is added there.
 
-    DDIM mode matches `DDIMScheduler.step` (with `set_alpha_to_one=True` and `use_clipped_model_output=False`) but
-    always steps to the chain's previous timestep (DDIMScheduler uses t − T//n, which differs for "linspace").
-    `eta` is a config value, not a `step` argument, so pipelines that pass their own `eta=0.0` cannot override it.
+    `variance_type="analytic"` (Bao et al. 2022) is the KL-optimal isotropic variance of any ε-model from the table
+    `analytic_gamma` (see `analytic_variance`; built by `diffusers_ddpm_ext.analytic.fit_analytic_variance`), for
+    both samplers (DDPM: λ² = β̃'; DDIM: λ² = η²β̃', "Analytic-DDIM", which adds noise even at η = 0).
+
+    DDIM mode matches `DDIMScheduler.step` (`eta=`, `use_clipped_model_output=`, the `set_alpha_to_one` key) but
+    steps to the chain's previous timestep (DDIMScheduler: t − T//n, which differs for "linspace");
+    `from_config(ddim_scheduler.config)` selects `sampler="ddim"`.
 
     Args:
         num_train_timesteps (`int`, defaults to 1000): T, the length of the training chain.
@@ -332,13 +461,15 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
             (alias `"cosine"`, IDM eq. 17 with s = 0.008 and β ≤ 0.999), `"sigmoid"` or `"laplace"`.
         trained_betas (array-like, *optional*): explicit β (length T); overrides `beta_schedule`.
         variance_type (`str`, defaults to `"fixed_small"`): `"fixed_small"` (β̃), `"fixed_small_log"`,
-            `"fixed_large"` (β), `"fixed_large_log"`, `"learned"` (model's extra C channels are log σ²) or
-            `"learned_range"` (extra channels v ∈ [−1, 1] interpolate log β and log β̃, IDM eq. 15).
+            `"fixed_large"` (β), `"fixed_large_log"`, `"learned"` (model's extra C channels are log σ²),
+            `"learned_range"` (extra channels v ∈ [−1, 1] interpolate log β and log β̃, IDM eq. 15) or `"analytic"`
+            (Analytic-DPM's optimal variance from `analytic_gamma`).
         clip_sample (`bool`, defaults to `True`): clip the predicted x_0 to ±`clip_sample_range` when sampling.
         prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`, `"sample"` (x_0) or `"v_prediction"`.
         thresholding (`bool`, defaults to `False`): dynamic thresholding of x_0 (Imagen) instead of clipping.
         dynamic_thresholding_ratio (`float`, defaults to 0.995): quantile of |x_0| used by thresholding.
-        clip_sample_range (`float`, defaults to 1.0): clipping bound.
+        clip_sample_range (`float`, defaults to 1.0): clipping bound; also the data range r of the analytic
+            variance's upper bound.
         sample_max_value (`float`, defaults to 1.0): upper bound of the thresholding scale.
         timestep_spacing (`str`, defaults to `"leading"`): `"leading"`, `"linspace"` or `"trailing"`, how
             `set_timesteps(int)` picks timesteps (Lin et al. 2023, Table 2).
@@ -346,7 +477,12 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr (`bool`, defaults to `False`): rescale β to zero terminal SNR (Lin et al. 2023).
         sampler (`str`, defaults to `"ddpm"`): `"ddpm"` (ancestral posterior sampling) or `"ddim"`.
         eta (`float`, defaults to 0.0): DDIM η (0 = deterministic, 1 = DDPM-like variance); used when
-            `sampler="ddim"`.
+            `sampler="ddim"`; `step(eta=...)` overrides it per call.
+        set_alpha_to_one (`bool`, defaults to `True`): DDIMScheduler's key. In DDIM mode, the chain's last step goes
+            to ᾱ = 1 (the data); if False, to ᾱ_0 (and adds η-noise there, as DDIMScheduler). The DDPM sampler
+            always ends at ᾱ = 1, as DDPMScheduler.
+        analytic_gamma (`list[float]`, *optional*): Γ_t = E_q‖ε_θ(x_t, t)‖²/d for t = 0 … T−1, the table of
+            `variance_type="analytic"` (stored in the config, so `save_pretrained` keeps it).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -358,20 +494,22 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
-        beta_schedule: str = "linear",
+        beta_schedule: Union[BetaSchedule, Literal["cosine"]] = "linear",
         trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
-        variance_type: str = "fixed_small",
+        variance_type: VarianceType = "fixed_small",
         clip_sample: bool = True,
-        prediction_type: str = "epsilon",
+        prediction_type: PredictionType = "epsilon",
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         clip_sample_range: float = 1.0,
         sample_max_value: float = 1.0,
-        timestep_spacing: str = "leading",
+        timestep_spacing: TimestepSpacing = "leading",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
-        sampler: str = "ddpm",
+        sampler: Sampler = "ddpm",
         eta: float = 0.0,
+        set_alpha_to_one: bool = True,
+        analytic_gamma: Optional[List[float]] = None,
     ):
         config_args = dict(
             num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
@@ -380,12 +518,19 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
             dynamic_thresholding_ratio=dynamic_thresholding_ratio, clip_sample_range=clip_sample_range,
             sample_max_value=sample_max_value, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
             rescale_betas_zero_snr=rescale_betas_zero_snr, sampler=sampler, eta=eta,
+            set_alpha_to_one=set_alpha_to_one, analytic_gamma=analytic_gamma,
         )
         _validate_config(config_args)
         if beta_schedule in BETA_SCHEDULE_ALIASES:
             # Store the diffusers name so DDPMScheduler.from_config(our config) works.
             beta_schedule = BETA_SCHEDULE_ALIASES[beta_schedule]
             self.register_to_config(beta_schedule=beta_schedule)
+        self._analytic_gamma = None
+        if analytic_gamma is not None:
+            # A plain list of floats in the config (JSON, no pickle): save_pretrained and the Hub export keep it.
+            gamma = [float(g) for g in np.asarray(analytic_gamma, dtype=np.float64).tolist()]
+            self.register_to_config(analytic_gamma=gamma)
+            self._analytic_gamma = torch.tensor(gamma, dtype=torch.float64)  # (T,)
 
         args = (num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr)
         # float32 tables match DDPMScheduler bit for bit; float64 ones serve likelihood-grade computations.
@@ -394,15 +539,102 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         _check_betas(self.betas, self.alphas_cumprod, config_args)
         betas64 = make_betas(*args, dtype=torch.float64)
-        self._alphas_cumprod64 = torch.cumprod(1.0 - betas64, dim=0)
-        self._table_cache = {}
+        self._alphas_cumprod_by_dtype = {
+            torch.float32: self.alphas_cumprod, torch.float64: torch.cumprod(1.0 - betas64, dim=0)
+        }
 
         self.init_noise_sigma = 1.0
         self.variance_type = variance_type
         self.num_inference_steps = None
         self.custom_timesteps = False
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
-        self._chain_set = False  # False: the chain is the full training chain (prev = t − 1)
+        # The training chain t → t − 1 (losses, likelihood) and the sampling chain (step); the latter is rebuilt
+        # by set_timesteps. Each: {dtype: {name: (T,) tensor indexed by training timestep}}.
+        self._tables = {"train": self._chain_tables(torch.arange(num_train_timesteps), ends_on_data=True)}
+        self._set_sampling_chain(torch.arange(num_train_timesteps))
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """`ConfigMixin.from_config`. A DDIM-family config (DDIMScheduler's `set_alpha_to_one` key, no `sampler`
+        key) gives `sampler="ddim"`, so `from_config(ddim_scheduler.config)` reproduces DDIMScheduler's numbers."""
+        source = getattr(config, "config", config)
+        if isinstance(source, dict) and "set_alpha_to_one" in source and "sampler" not in source:
+            kwargs.setdefault("sampler", "ddim")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Tables (built once per chain)
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _step_tables(self, t: torch.Tensor, prev: torch.Tensor, successors: torch.Tensor, ends_on_data: bool = True):
+        """`_step_table` of the steps t → prev in float32 and float64, plus the DDPM-family analytic σ*² (λ² = β̃',
+        computed in float64). `ends_on_data=False` is DDIM's `set_alpha_to_one=False`: prev = −1 means ᾱ_0."""
+        tables = {dtype: _step_table(ac, t, prev, successors, None if ends_on_data else ac[0])
+                  for dtype, ac in self._alphas_cumprod_by_dtype.items()}
+        if self._analytic_gamma is not None:
+            t64 = tables[torch.float64]
+            sigma_sq = analytic_variance(t64["alpha_prod_t"], t64["alpha_prod_prev"], t64["posterior_variance"],
+                                         self._analytic_gamma[t], self.config.clip_sample_range)
+            for dtype, table in tables.items():
+                table["analytic_variance"] = sigma_sq.to(dtype)
+        return tables
+
+    def _chain_tables(self, ascending: torch.Tensor, ends_on_data: bool) -> Dict[torch.dtype, Dict[str, torch.Tensor]]:
+        """The tables of the chain with these (ascending) timesteps as (T,) tensors indexed by training timestep
+        (NaN off the chain)."""
+        T = self.config.num_train_timesteps
+        prev = torch.cat([torch.tensor([-1]), ascending[:-1]])
+        successors = torch.cat([ascending[1:], (ascending[-1:] + 1).clamp(max=T - 1)])
+        tables = self._step_tables(ascending, prev, successors, ends_on_data)
+        if ascending.numel() == T:
+            return tables  # the full chain: positions are the training timesteps already
+        return {dtype: {name: torch.full((T,), False if v.dtype == torch.bool else float("nan"), dtype=v.dtype)
+                        .index_copy_(0, ascending, v) for name, v in table.items()} for dtype, table in tables.items()}
+
+    def _set_sampling_chain(self, ascending: torch.Tensor) -> None:
+        T = self.config.num_train_timesteps
+        ends_on_data = self.config.sampler == "ddpm" or self.config.set_alpha_to_one
+        if ascending.numel() == T and ends_on_data:
+            self._tables["sample"] = self._tables["train"]
+        else:
+            self._tables["sample"] = self._chain_tables(ascending, ends_on_data)
+        # −2 marks timesteps off the chain; the last step's successor is t + 1 (IDM's clipping for a lone step).
+        self._chain_prev = torch.full((T,), -2, dtype=torch.int64)
+        self._chain_prev[ascending] = torch.cat([torch.tensor([-1]), ascending[:-1]])
+        self._chain_next = (torch.arange(T) + 1).clamp(max=T - 1)
+        self._chain_next[ascending[:-1]] = ascending[1:]
+        self._tables_on_device = {}
+
+    def _coefficients(self, chain: str, dtype: torch.dtype, timesteps: torch.Tensor, ndim: int) -> Dict[str, Tensor]:
+        """Every coefficient of `chain` ("train" or "sample") at `timesteps` as (B, 1, ...) tensors in `dtype`."""
+        key = (chain, dtype, timesteps.device)
+        if key not in self._tables_on_device:
+            self._tables_on_device[key] = {k: v.to(timesteps.device) for k, v in self._tables[chain][dtype].items()}
+        return {name: _extract(table, timesteps, ndim) for name, table in self._tables_on_device[key].items()}
+
+    def _coefficients_at(self, timesteps, prev_timesteps, dtype, sample: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Coefficients at (B,) `timesteps` of the training chain (`prev_timesteps` None: read from its tables) or
+        of explicit steps t → prev of a chain ending on the data (tabulated for these steps)."""
+        t = _as_long(timesteps, sample.device)
+        self._check_range(t, "timesteps")
+        if prev_timesteps is None:
+            return self._coefficients("train", dtype, t, sample.ndim)
+        prev = _as_long(prev_timesteps, sample.device)
+        prev = prev.expand_as(t) if t.ndim else prev
+        self._check_range(prev, "prev_timesteps", low=-1)
+        if bool((prev >= t).any()):
+            raise ValueError("prev_timesteps must be earlier than timesteps (prev < t)")
+        t_cpu = t.cpu()
+        # The first step's clipped variance uses the next step of the current chain when t is on it.
+        successors = torch.where(self._chain_prev[t_cpu] >= -1, self._chain_next[t_cpu],
+                                 (t_cpu + 1).clamp(max=self.config.num_train_timesteps - 1))
+        table = self._step_tables(t_cpu, prev.cpu(), successors)[dtype]
+        return {name: _broadcast(values.to(sample.device), sample.ndim) for name, values in table.items()}
+
+    @property
+    def analytic_gamma(self) -> Optional[torch.Tensor]:
+        """The (T,) float64 Γ table of `variance_type="analytic"` (None if not set)."""
+        return None if self._analytic_gamma is None else self._analytic_gamma.clone()
 
     # ------------------------------------------------------------------------------------------------------------
     # diffusers interface
@@ -480,7 +712,7 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timesteps must lie in [0, {T}), got {chain[0]} .. {chain[-1]}")
         self.num_inference_steps = len(chain)
         self.timesteps = torch.tensor(chain, dtype=torch.int64, device=device)
-        self._chain_set = True
+        self._set_sampling_chain(torch.tensor(chain[::-1], dtype=torch.int64))
 
     def previous_timestep(self, timestep: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
         """The timestep after `timestep` in the current chain (−1 after the last). Before `set_timesteps` the chain
@@ -492,14 +724,9 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         is_int = not isinstance(timestep, torch.Tensor)
         t = _as_long(timestep, self.timesteps.device)
         self._check_range(t, "timestep")
-        if not self._chain_set:
-            prev = t - 1
-        else:
-            ascending = self.timesteps.flip(0).to(t.device).contiguous()
-            idx = torch.searchsorted(ascending, t.contiguous()).clamp(max=ascending.numel() - 1)
-            if not bool((ascending[idx] == t).all()):
-                raise ValueError(f"timestep {timestep} is not in the current schedule {self.timesteps.tolist()}")
-            prev = torch.where(idx > 0, ascending[(idx - 1).clamp(min=0)], torch.full_like(t, -1))
+        prev = self._chain_prev.to(t.device)[t]
+        if bool((prev < -1).any()):
+            raise ValueError(f"timestep {timestep} is not in the current schedule {self.timesteps.tolist()}")
         return int(prev) if is_int else prev
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -535,79 +762,14 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
     # Diffusion quantities (the single source of the math used by step, the losses and the likelihood)
     # ------------------------------------------------------------------------------------------------------------
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Diffusion quantities (the single source of the math used by step, the losses and the likelihood)
+    # ------------------------------------------------------------------------------------------------------------
+
     def _check_range(self, t: torch.Tensor, name: str, low: int = 0) -> None:
         T = self.config.num_train_timesteps
         if t.numel() and (int(t.min()) < low or int(t.max()) >= T):
             raise ValueError(f"{name} must lie in [{low}, {T}), got values in [{int(t.min())}, {int(t.max())}]")
-
-    def _alphas_cumprod_table(self, dtype: torch.dtype, device) -> torch.Tensor:
-        key = (dtype, str(device))
-        if key not in self._table_cache:
-            source = self._alphas_cumprod64 if dtype == torch.float64 else self.alphas_cumprod
-            self._table_cache[key] = source.to(device=device, dtype=dtype)
-        return self._table_cache[key]
-
-    def _next_in_chain(self, t: torch.Tensor, use_schedule: bool) -> torch.Tensor:
-        """For the chain's first step (t → −1): the timestep before t in the chain (IDM clips log β̃ with it)."""
-        T = self.config.num_train_timesteps
-        successor = t + 1
-        if use_schedule and self._chain_set:
-            ascending = self.timesteps.flip(0).to(t.device).contiguous()
-            idx = torch.searchsorted(ascending, t.contiguous()).clamp(max=ascending.numel() - 1)
-            in_chain = (ascending[idx] == t) & (idx + 1 < ascending.numel())
-            successor = torch.where(in_chain, ascending[(idx + 1).clamp(max=ascending.numel() - 1)], successor)
-        return successor.clamp(max=T - 1)
-
-    def _chain_terms(self, timesteps, prev_timesteps, dtype: torch.dtype, device) -> dict:
-        """Per-example (B,) coefficients of one chain step t → prev in `dtype`.
-
-        With ᾱ' = ᾱ_prev (1 when prev = −1): β' = 1 − ᾱ_t/ᾱ' (IDM Sec. 4 respacing; β_t when prev = t − 1),
-        β̃' = (1 − ᾱ')/(1 − ᾱ_t)·β' and μ̃ = √ᾱ'β'/(1 − ᾱ_t)·x_0 + √(1 − β')(1 − ᾱ')/(1 − ᾱ_t)·x_t
-        (Ho et al. 2020 eq. 6-7). The operation order reproduces DDPMScheduler's float32 arithmetic.
-        """
-        t = _as_long(timesteps, device)
-        self._check_range(t, "timesteps")
-        if prev_timesteps is None:
-            prev = t - 1
-        else:
-            prev = _as_long(prev_timesteps, device).expand_as(t) if t.ndim else _as_long(prev_timesteps, device)
-            self._check_range(prev, "prev_timesteps", low=-1)
-            if bool((prev >= t).any()):
-                raise ValueError("prev_timesteps must be earlier than timesteps (prev < t)")
-        table = self._alphas_cumprod_table(dtype, device)
-        one = torch.ones((), dtype=dtype, device=device)
-
-        def step_terms(t_, prev_):
-            a_t = table[t_]
-            a_prev = torch.where(prev_ >= 0, table[prev_.clamp(min=0)], one)
-            beta_prod_t, beta_prod_prev = 1 - a_t, 1 - a_prev
-            alpha_step = a_t / a_prev
-            beta_step = 1 - alpha_step
-            posterior_variance = beta_prod_prev / beta_prod_t * beta_step
-            return a_t, a_prev, beta_prod_t, alpha_step, beta_step, beta_prod_prev, posterior_variance
-
-        a_t, a_prev, beta_prod_t, alpha_step, beta_step, beta_prod_prev, posterior_variance = step_terms(t, prev)
-        # log β̃ is −∞ at the chain's first step; IDM uses the next step's β̃ there (the "clipped" log variance).
-        first = prev < 0
-        clipped_variance = posterior_variance
-        if bool(first.any()):
-            succ = self._next_in_chain(t, use_schedule=prev_timesteps is not None)
-            next_variance = step_terms(succ, t)[-1]
-            # A one-step chain has no next step: fall back to β' (the fixed_large variance).
-            next_variance = torch.where(succ > t, next_variance, beta_step)
-            clipped_variance = torch.where(first, next_variance, posterior_variance)
-        return {
-            "alpha_prod_t": a_t,
-            "alpha_prod_prev": a_prev,
-            "beta_prod_t": beta_prod_t,
-            "beta": beta_step,
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": torch.log(torch.clamp(clipped_variance, min=1e-20)),
-            "clipped_variance": clipped_variance,
-            "coef_x0": a_prev**0.5 * beta_step / beta_prod_t,
-            "coef_xt": alpha_step**0.5 * beta_prod_prev / beta_prod_t,
-            "first": first,
-        }
 
     @staticmethod
     def _compute_dtype(compute_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -627,7 +789,7 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         device = timesteps.device if isinstance(timesteps, torch.Tensor) else "cpu"
         t = _as_long(timesteps, device)
         self._check_range(t, "timesteps")
-        alpha_bar = self._alphas_cumprod_table(torch.float64, device)[t]
+        alpha_bar = self._alphas_cumprod_by_dtype[torch.float64].to(device)[t]
         return (alpha_bar / (1 - alpha_bar)).to(dtype)
 
     def q_mean_variance(
@@ -638,7 +800,7 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         Args:
             original_samples (`torch.Tensor`): x_0, (B, C, ...).
             timesteps (`torch.Tensor`): (B,) training timesteps.
-            compute_dtype (`torch.dtype`, *optional*): internal precision (default float64).
+            compute_dtype (`torch.dtype`, *optional*): which table to read, float64 (default) or float32.
 
         Returns:
             `(mean, variance, log_variance)` in the input dtype; mean is (B, C, ...), the others (B, 1, ...).
@@ -646,7 +808,7 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         dtype = self._compute_dtype(compute_dtype)
         t = _as_long(timesteps, original_samples.device)
         self._check_range(t, "timesteps")
-        alpha_bar = _broadcast(self._alphas_cumprod_table(dtype, original_samples.device)[t], original_samples.ndim)
+        alpha_bar = _extract(self._alphas_cumprod_by_dtype[dtype].to(t.device), t, original_samples.ndim)
         mean = alpha_bar**0.5 * original_samples.to(dtype)
         variance = 1 - alpha_bar
         out = original_samples.dtype
@@ -667,8 +829,8 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
             noisy_samples (`torch.Tensor`): x_t, (B, C, ...).
             timesteps (`torch.Tensor`): (B,) training timesteps t.
             prev_timesteps (`torch.Tensor`, *optional*): (B,) earlier timesteps of a respaced chain (−1: ᾱ_prev = 1);
-                default t − 1 (the training chain).
-            compute_dtype (`torch.dtype`, *optional*): internal precision (default float64).
+                default t − 1 (the training chain, read from its tables).
+            compute_dtype (`torch.dtype`, *optional*): which tables to read, float64 (default) or float32.
 
         Returns:
             `(mean, variance, log_variance_clipped)` in the promoted input dtype. At the chain's first step (prev = −1,
@@ -677,14 +839,9 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         """
         dtype = self._compute_dtype(compute_dtype)
         out = torch.promote_types(original_samples.dtype, noisy_samples.dtype)
-        terms = self._chain_terms(timesteps, prev_timesteps, dtype, noisy_samples.device)
-        nd = noisy_samples.ndim
-        mean = _broadcast(terms["coef_x0"], nd) * original_samples.to(dtype) + _broadcast(
-            terms["coef_xt"], nd
-        ) * noisy_samples.to(dtype)
-        variance = _broadcast(terms["posterior_variance"], nd)
-        log_variance = _broadcast(terms["posterior_log_variance_clipped"], nd)
-        return mean.to(out), variance.to(out), log_variance.to(out)
+        c = self._coefficients_at(timesteps, prev_timesteps, dtype, noisy_samples)
+        mean = c["coef_x0"] * original_samples.to(dtype) + c["coef_xt"] * noisy_samples.to(dtype)
+        return mean.to(out), c["posterior_variance"].to(out), c["posterior_log_variance_clipped"].to(out)
 
     def split_model_output(
         self, model_output: torch.Tensor, sample: torch.Tensor
@@ -748,6 +905,47 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
             return x0, alpha_prod_t**0.5 * prediction + beta_prod_t**0.5 * x_t
         raise ValueError(f"prediction_type={kind!r} is not supported; choose one of {PREDICTION_TYPES}")
 
+    def _reverse_moments(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, c: Dict[str, torch.Tensor], clip: bool
+    ) -> GaussianDiffusionModelOutput:
+        """p_θ(x_prev | x_t) from step coefficients `c` (see `_step_table`), in the dtype of the coefficients, then
+        cast to the promoted input dtype."""
+        dtype = c["alpha_prod_t"].dtype
+        out_dtype = torch.promote_types(model_output.dtype, x_t.dtype)
+        prediction, variance_values = self.split_model_output(model_output, x_t)
+        x_t = x_t.to(dtype)
+        # 1. x_0 and ε from the prediction, x_0 clipped or thresholded if asked.
+        x0, eps = self._predict_x0_eps(prediction.to(dtype), x_t, c["alpha_prod_t"], c["beta_prod_t"])
+        if clip:
+            x0 = self._clip(x0)
+        # 2. The mean: the posterior mean with x_0 replaced by its prediction (Ho et al. 2020 eq. 11 via eq. 7).
+        mean = c["coef_x0"] * x0 + c["coef_xt"] * x_t
+        # 3. The variance (IDM Sec. 3.1, eq. 15; Analytic-DPM Theorem 1).
+        kind = self.config.variance_type
+        if kind in ("fixed_small", "fixed_small_log"):
+            variance, log_variance = c["posterior_variance"], c["posterior_log_variance_clipped"]
+        elif kind in ("fixed_large", "fixed_large_log", "analytic"):
+            # IDM: at the first step the clipped β̃' gives a better decoder likelihood (the Analytic-DPM code does
+            # the same for its decoder variance).
+            other = c["beta"] if kind != "analytic" else c["analytic_variance"]
+            variance = torch.where(c["first"], c["clipped_variance"], other)
+            log_variance = torch.log(variance)
+        elif kind == "learned":
+            log_variance = variance_values.to(dtype)
+            variance = torch.exp(log_variance)
+        else:  # learned_range
+            min_log, max_log = c["posterior_log_variance_clipped"], torch.log(c["beta"])
+            frac = (variance_values.to(dtype) + 1) / 2
+            log_variance = frac * max_log + (1 - frac) * min_log
+            variance = torch.exp(log_variance)
+        return GaussianDiffusionModelOutput(
+            mean=mean.to(out_dtype),
+            variance=variance.to(out_dtype),
+            log_variance=log_variance.to(out_dtype),
+            pred_original_sample=x0.to(out_dtype),
+            pred_epsilon=eps.to(out_dtype),
+        )
+
     def p_mean_variance(
         self,
         model_output: torch.Tensor,
@@ -761,8 +959,9 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
         Mean: the posterior mean with x_0 replaced by the prediction (Ho et al. 2020 eq. 11 via eq. 7). Variance
         (IDM Sec. 3.1): fixed_small β̃', fixed_large β', learned exp(v), learned_range
-        exp(frac·log β' + (1 − frac)·log β̃'_clipped) with frac = (v + 1)/2 (IDM eq. 15). At the chain's first step
-        log β̃' is IDM-clipped and fixed_large uses the clipped β̃' (IDM), which only matters for likelihoods.
+        exp(frac·log β' + (1 − frac)·log β̃'_clipped) with frac = (v + 1)/2 (IDM eq. 15), analytic σ*² with λ² = β̃'
+        (`analytic_variance`). At the chain's first step log β̃' is IDM-clipped and fixed_large and analytic use the
+        clipped β̃' (IDM), which only matters for likelihoods.
 
         Args:
             model_output (`torch.Tensor`): raw model output, (B, C, ...) or (B, 2C, ...) for learned variances.
@@ -771,49 +970,15 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
             prev_timesteps (`torch.Tensor`, *optional*): (B,) previous timesteps of a respaced chain; default t − 1.
             clip_denoised (`bool`, defaults to `False`): clip (or threshold, if configured) the predicted x_0
                 before forming the mean.
-            compute_dtype (`torch.dtype`, *optional*): internal precision (default float64; `step` uses the
-                sample's dtype to match diffusers).
+            compute_dtype (`torch.dtype`, *optional*): which tables to read, float64 (default) or float32 (the
+                arithmetic of `step` and diffusers).
 
         Returns:
             [`GaussianDiffusionModelOutput`] in the promoted input dtype.
         """
         dtype = self._compute_dtype(compute_dtype)
-        out_dtype = torch.promote_types(model_output.dtype, noisy_samples.dtype)
-        prediction, variance_values = self.split_model_output(model_output, noisy_samples)
-        terms = self._chain_terms(timesteps, prev_timesteps, dtype, noisy_samples.device)
-        nd = noisy_samples.ndim
-        x_t = noisy_samples.to(dtype)
-
-        def b(key):  # (B,) -> (B, 1, ...)
-            return _broadcast(terms[key], nd)
-
-        x0, eps = self._predict_x0_eps(prediction.to(dtype), x_t, b("alpha_prod_t"), b("beta_prod_t"))
-        if clip_denoised:
-            x0 = self._clip(x0)
-        mean = b("coef_x0") * x0 + b("coef_xt") * x_t
-
-        kind = self.config.variance_type
-        if kind in ("fixed_small", "fixed_small_log"):
-            variance, log_variance = b("posterior_variance"), b("posterior_log_variance_clipped")
-        elif kind in ("fixed_large", "fixed_large_log"):
-            # IDM: β' except at the first step, where the clipped β̃' gives a better decoder likelihood.
-            variance = torch.where(b("first"), b("clipped_variance"), b("beta"))
-            log_variance = torch.log(variance)
-        elif kind == "learned":
-            log_variance = variance_values.to(dtype)
-            variance = torch.exp(log_variance)
-        else:  # learned_range
-            min_log, max_log = b("posterior_log_variance_clipped"), torch.log(b("beta"))
-            frac = (variance_values.to(dtype) + 1) / 2
-            log_variance = frac * max_log + (1 - frac) * min_log
-            variance = torch.exp(log_variance)
-        return GaussianDiffusionModelOutput(
-            mean=mean.to(out_dtype),
-            variance=variance.to(out_dtype),
-            log_variance=log_variance.to(out_dtype),
-            pred_original_sample=x0.to(out_dtype),
-            pred_epsilon=eps.to(out_dtype),
-        )
+        c = self._coefficients_at(timesteps, prev_timesteps, dtype, noisy_samples)
+        return self._reverse_moments(model_output, noisy_samples, c, clip_denoised)
 
     # ------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -826,12 +991,15 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         return_dict: bool = True,
+        eta: Optional[float] = None,
+        use_clipped_model_output: Optional[bool] = None,
     ) -> Union[GaussianDiffusionSchedulerOutput, Tuple]:
-        """One reverse step x_t → x_prev of the current chain (DDPM ancestral or DDIM with `config.eta`).
+        """One reverse step x_t → x_prev of the current chain (DDPM ancestral or DDIM).
 
-        DDPM (Ho et al. 2020 Alg. 2, respaced per IDM Sec. 4): x_prev = μ̃(x_t, x̂_0) + σ z, no noise at the chain's
-        last step. DDIM (Song et al. 2021 eq. 12): x_prev = √ᾱ' x̂_0 + √(1 − ᾱ' − σ²) ε̂ + σ z with
-        σ² = η² β̃'. x̂_0 is clipped/thresholded per config.
+        DDPM (Ho et al. 2020 Alg. 2, respaced per IDM Sec. 4): x_prev = μ̃(x_t, x̂_0) + σ z with σ² from
+        `variance_type`, no noise at the chain's last step. DDIM (Song et al. 2021 eq. 12):
+        x_prev = √ᾱ' x̂_0 + √(1 − ᾱ' − λ²) ε̂ + σ z with λ² = η² β̃' and σ = λ (σ*(λ) for `variance_type="analytic"`,
+        Bao et al. 2022). x̂_0 is clipped/thresholded per config.
 
         Args:
             model_output (`torch.Tensor`): the model's output at `timestep`, (B, C, ...) or (B, 2C, ...).
@@ -839,39 +1007,69 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
             sample (`torch.Tensor`): x_t, (B, C, ...).
             generator (`torch.Generator` or list, *optional*): RNG for the noise (reproducible sampling).
             return_dict (`bool`, defaults to `True`): return a [`GaussianDiffusionSchedulerOutput`] or a tuple.
+            eta (`float`, *optional*): DDIM η for this step (as `DDIMScheduler.step`); default `config.eta`.
+                DDIM mode only: the DDPM sampler's variance is `variance_type`, so a value there is an error.
+            use_clipped_model_output (`bool`, *optional*): DDIM mode only, as `DDIMScheduler.step`: re-derive ε̂
+                from the clipped x̂_0 before forming the direction term (default False). In DDPM mode the mean is
+                always formed from the clipped x̂_0, so a value there is an error.
 
         Returns:
             [`GaussianDiffusionSchedulerOutput`] or `(prev_sample, pred_original_sample)`.
+
+        Raises:
+            ValueError: `eta` / `use_clipped_model_output` given with `sampler="ddpm"`; a negative or non-finite
+                `eta`; `timestep` not on the current chain; a model output of the wrong shape.
         """
+        ddim = self.config.sampler == "ddim"
+        if not ddim:
+            for name, value in (("eta", eta), ("use_clipped_model_output", use_clipped_model_output)):
+                if value is not None:
+                    raise ValueError(
+                        f"{name}={value!r} is a DDIM argument (DDIMScheduler.step) but this scheduler has "
+                        "sampler='ddpm', whose variance is set by variance_type and whose mean always uses the "
+                        "clipped x0; use GaussianDiffusionScheduler.from_config(scheduler.config, sampler='ddim')"
+                    )
+        else:
+            eta = self.config.eta if eta is None else eta
+            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+                raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         t = _as_long(timestep, sample.device)
         if t.ndim == 0:
             t = t.expand(sample.shape[0])  # (B,)
-        prev = self.previous_timestep(t.to(self.timesteps.device)).to(sample.device)
+        self.previous_timestep(t)  # raises if t is not on the chain
         # Working in the sample's precision reproduces diffusers' float32 arithmetic; half precision computes in
         # float32 and casts back.
-        compute_dtype = sample.dtype if sample.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = sample.dtype if sample.dtype in (torch.float32, torch.float64) else torch.float32
+        c = self._coefficients("sample", dtype, t, sample.ndim)
         clip = bool(self.config.thresholding or self.config.clip_sample)
-        out = self.p_mean_variance(
-            model_output, sample, t, prev_timesteps=prev, clip_denoised=clip, compute_dtype=compute_dtype
-        )
-        # The chain's last step (prev = −1) returns the mean: no noise (Ho et al. 2020 Alg. 2, z = 0 at t = 1).
-        keep_noise = _broadcast((prev >= 0).to(compute_dtype), sample.ndim)  # (B, 1, ...)
+        out = self._reverse_moments(model_output, sample, c, clip)
+        # No noise on the step onto the data (Ho et al. 2020 Alg. 2: z = 0 at t = 1).
+        keep_noise = (~c["first"]).to(dtype)  # (B, 1, ...)
         last_step = not bool(keep_noise.any())
-        noise_shape = out.mean.shape
-        if self.config.sampler == "ddim":
-            terms = self._chain_terms(t, prev, compute_dtype, sample.device)
-            a_prev = _broadcast(terms["alpha_prod_prev"], sample.ndim)
-            std = self.config.eta * _broadcast(terms["posterior_variance"], sample.ndim) ** 0.5
-            direction = torch.clamp(1 - a_prev - std**2, min=0) ** 0.5 * out.pred_epsilon
+        noise_shape, noise_dtype = out.mean.shape, out.mean.dtype
+        analytic = self.config.variance_type == "analytic"
+        if ddim:
+            a_prev = c["alpha_prod_prev"]
+            std = eta * c["posterior_variance"] ** 0.5  # λ
+            eps = out.pred_epsilon
+            if use_clipped_model_output:
+                eps = (sample - c["alpha_prod_t"] ** 0.5 * out.pred_original_sample) / c["beta_prod_t"] ** 0.5
+            direction = torch.clamp(1 - a_prev - std**2, min=0) ** 0.5 * eps
             prev_sample = a_prev**0.5 * out.pred_original_sample + direction
-            if self.config.eta > 0 and not last_step:
-                noise = randn_tensor(noise_shape, generator=generator, device=sample.device, dtype=out.mean.dtype)
+            if analytic:  # σ*(λ) in float64 (Analytic-DDIM; λ = 0 still adds noise)
+                c64 = c if dtype == torch.float64 else self._coefficients("sample", torch.float64, t, sample.ndim)
+                gamma = _extract(self._analytic_gamma.to(t.device), t, sample.ndim)
+                lambda_sq = eta**2 * c64["posterior_variance"]
+                std = analytic_variance(c64["alpha_prod_t"], c64["alpha_prod_prev"], lambda_sq, gamma,
+                                        self.config.clip_sample_range).to(dtype) ** 0.5
+            if (eta > 0 or analytic) and not last_step:
+                noise = randn_tensor(noise_shape, generator=generator, device=sample.device, dtype=noise_dtype)
                 prev_sample = prev_sample + std * noise * keep_noise
         else:
             prev_sample = out.mean
             if not last_step:
-                noise = randn_tensor(noise_shape, generator=generator, device=sample.device, dtype=out.mean.dtype)
-                if self.config.variance_type in ("fixed_small", "fixed_large"):
+                noise = randn_tensor(noise_shape, generator=generator, device=sample.device, dtype=noise_dtype)
+                if self.config.variance_type in ("fixed_small", "fixed_large", "analytic"):
                     std = out.variance**0.5
                 else:  # log-space types (incl. learned) form σ from log σ², as DDPMScheduler does
                     std = torch.exp(0.5 * out.log_variance)

@@ -182,7 +182,8 @@ def test_runs_with_diffusers_unet_learned_range_and_class_labels():
     assert torch.isfinite(a.terms_bpd).all() and a.mean == pytest.approx(a.bits_per_dim.mean().item())
     # An untrained network is a poor model: far worse than the 4.09 bits of uniform 17-level data.
     assert a.mean > math.log2(K)
-    est = estimate_bits_per_dim(unet, scheduler, images, num_timesteps_sampled=6, generator=torch.Generator().manual_seed(0), **kw)
+    est = estimate_bits_per_dim(unet, scheduler, images, num_timesteps_sampled=6,
+                                generator=torch.Generator().manual_seed(0), **kw)
     assert est.bits_per_dim.shape == est.standard_error.shape == (3,)
     assert torch.all(est.standard_error >= 0)
 
@@ -216,3 +217,90 @@ def test_paired_difference_uses_common_random_numbers():
     c = estimate_bits_per_dim(worse, scheduler, images, generator=torch.Generator().manual_seed(6), **kw)
     with pytest.raises(ValueError, match="same generator"):
         paired_difference(a, c)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The bound of the process the model samples with: clipping, respaced chains, the `bound` field
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_clipping_defaults_to_the_schedulers_and_the_result_names_the_bound():
+    """clip_denoised=None clips exactly when the scheduler's sampler does (clip_sample or thresholding); an explicit
+    True/False still wins, and the result says which bound it is."""
+    unet = tiny_unet(1)  # untrained: predicted x_0 far outside [-1, 1], so clipping matters
+    images = grid_images(3)
+    kw = dict(num_levels=K, batch_size=64, progress=False)
+    clipping = GaussianDiffusionScheduler(num_train_timesteps=12)  # clip_sample=True, diffusers' default
+    runs = {clip: bits_per_dim(unet, clipping, images, generator=torch.Generator().manual_seed(0),
+                               clip_denoised=clip, **kw) for clip in (None, True, False)}
+    assert torch.equal(runs[None].bits_per_dim, runs[True].bits_per_dim)
+    assert not torch.equal(runs[None].bits_per_dim, runs[False].bits_per_dim)
+    assert runs[None].clip_denoised is True and runs[False].clip_denoised is False
+    assert runs[None].bound == ("variational bound of the 12-step reverse process, variance_type='fixed_small', "
+                                "x0 clipped to ±1 (as the scheduler's sampler)")
+    assert "x0 unclipped (unlike the scheduler's sampler)" in runs[False].bound
+    unclipped = GaussianDiffusionScheduler(num_train_timesteps=12, clip_sample=False)
+    default = bits_per_dim(unet, unclipped, images, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(default.bits_per_dim, runs[False].bits_per_dim)
+    assert default.clip_denoised is False and "x0 unclipped (as the scheduler's sampler)" in default.bound
+    thresholding = GaussianDiffusionScheduler(num_train_timesteps=12, clip_sample=False, thresholding=True)
+    est = estimate_bits_per_dim(unet, thresholding, images, num_timesteps_sampled=6, **kw)
+    assert est.clip_denoised is True and "x0 thresholded (as the scheduler's sampler)" in est.bound
+    with pytest.raises(TypeError, match="clip_denoised must be None, True or False"):
+        bits_per_dim(unet, clipping, images, clip_denoised="yes", **kw)
+
+
+class OnChain(torch.nn.Module):
+    """`model` seen through a rebuilt K-step schedule: local timestep k is the chain's k-th kept timestep."""
+
+    def __init__(self, model, ascending):
+        super().__init__()
+        self.model = model
+        self.register_buffer("ascending", ascending)
+
+    def forward(self, sample, timestep):
+        return self.model(sample, self.ascending[timestep])
+
+
+def test_respaced_chain_bound_equals_the_rebuilt_schedule():
+    """IDM Sec. 4: the K-step chain t_K > … > t_1 is the diffusion with β'_k = 1 − ᾱ_{t_k}/ᾱ_{t_{k−1}}. Its bound
+    (prior at t_K, K − 1 KL terms, the decoder from t_1) equals the full-chain bound of a scheduler rebuilt from
+    those β' with the model re-indexed, for the same draws; "leading" spacing puts t_K = 180 < T − 1."""
+    scheduler, model, levels, probs = make_problem(200)
+    images = levels[[0, 3, 8, 12, 16]].float().repeat(4).view(-1, 1, 1, 1)
+    kw = dict(num_levels=K, batch_size=1000, progress=False)
+    out = bits_per_dim(model, scheduler, images, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
+                       **kw)
+    chain = torch.arange(0, 200, 20)
+    assert torch.equal(out.chain_timesteps, chain.flip(0)) and out.terms_bpd.shape == (20, 10)
+    assert "10-step reverse process" in out.bound
+    ab = scheduler.alphas_cumprod.double()[chain]
+    beta_prime = 1 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
+    rebuilt = GaussianDiffusionScheduler(num_train_timesteps=10, trained_betas=beta_prime.tolist())
+    ref = bits_per_dim(OnChain(model, chain), rebuilt, images, generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(out.prior_bpd, ref.prior_bpd, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.terms_bpd, ref.terms_bpd, rtol=1e-3, atol=1e-5)  # float32 ᾱ of the two tables
+    assert out.prior_bpd.min() > 10 * prior_bpd(images.double(), scheduler).max()  # the prior is taken at t = 180
+    custom = bits_per_dim(model, scheduler, images, generator=torch.Generator().manual_seed(0),
+                          timesteps=chain.flip(0).tolist(), **kw)
+    assert torch.equal(custom.bits_per_dim, out.bits_per_dim)
+    same_as_full = bits_per_dim(model, scheduler, images, generator=torch.Generator().manual_seed(0),
+                                num_inference_steps=200, **kw)
+    full = bits_per_dim(model, scheduler, images, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(same_as_full.bits_per_dim, full.bits_per_dim)
+
+
+def test_estimate_on_a_chain_is_unbiased():
+    """The stratified estimate over a chain's K steps agrees with the exact chain bound; drawn timesteps lie on
+    the chain."""
+    scheduler, model, levels, probs = make_problem(300)
+    images = levels[[2, 8, 14]].float().repeat(40).view(-1, 1, 1, 1)
+    kw = dict(num_levels=K, batch_size=4096, progress=False, num_inference_steps="ddim30")
+    exact = bits_per_dim(model, scheduler, images, generator=torch.Generator().manual_seed(1), **kw)
+    est = estimate_bits_per_dim(model, scheduler, images, num_timesteps_sampled=12,
+                                generator=torch.Generator().manual_seed(2), **kw)
+    chain = set(range(0, 300, 10))
+    assert set(est.timesteps.flatten().tolist()) <= chain and len(est.chain_timesteps) == 30
+    diff = est.mean - exact.mean
+    se = math.sqrt(est.mean_standard_error**2 + exact.standard_error**2)
+    assert abs(diff) < 4 * se, (diff, se)

@@ -563,3 +563,49 @@ def test_pipeline_with_ddpm_unet():
     images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Structure: one vocabulary, coefficient tables built once per chain
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_vocabulary_is_defined_once_in_the_scheduler():
+    import typing
+
+    from diffusers_ddpm_ext import losses, scheduler
+
+    assert losses.PREDICTION_TYPES is scheduler.PREDICTION_TYPES
+    assert losses.LEARNED_VARIANCE_TYPES is scheduler.LEARNED_VARIANCE_TYPES
+    assert set(scheduler.LEARNED_VARIANCE_TYPES) < set(scheduler.VARIANCE_TYPES)
+    hints = typing.get_type_hints(GaussianDiffusionScheduler.__init__)
+    for name, allowed in (("variance_type", scheduler.VARIANCE_TYPES), ("prediction_type", scheduler.PREDICTION_TYPES),
+                          ("timestep_spacing", scheduler.TIMESTEP_SPACINGS), ("sampler", scheduler.SAMPLERS)):
+        assert typing.get_args(hints[name]) == allowed, name  # the signature's Literal is the checked tuple
+
+
+def test_coefficient_tables_are_built_once_per_chain(monkeypatch):
+    """As in improved-diffusion: tables are built in __init__ and set_timesteps, and sampling only reads them."""
+    import diffusers_ddpm_ext.scheduler as module
+
+    builds = []
+    real = module._step_table
+    monkeypatch.setattr(module, "_step_table", lambda *a, **k: builds.append(1) or real(*a, **k))
+    for sampler in ("ddpm", "ddim"):
+        s = GaussianDiffusionScheduler(sampler=sampler, eta=0.5, variance_type="learned_range")
+        s.set_timesteps(20)
+        built = len(builds)
+        x = randn(2, 1, 4, 4)
+        for t in s.timesteps:
+            out = randn(2, 2, 4, 4, seed=int(t)).tanh()
+            x = s.step(out, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+        s.p_mean_variance(randn(2, 2, 4, 4), x, torch.tensor([3, 7]))  # the training chain: a read too
+        assert len(builds) == built, sampler
+
+
+def test_from_config_of_a_ddim_folder_samples_as_ddim(tmp_path):
+    DDIMScheduler(set_alpha_to_one=False, prediction_type="v_prediction").save_pretrained(tmp_path)
+    loaded = GaussianDiffusionScheduler.from_pretrained(tmp_path)
+    assert loaded.config.sampler == "ddim" and loaded.config.set_alpha_to_one is False
+    assert GaussianDiffusionScheduler.from_pretrained(tmp_path, sampler="ddpm").config.sampler == "ddpm"
+    assert GaussianDiffusionScheduler.from_config(DDPMScheduler().config).config.sampler == "ddpm"

@@ -184,3 +184,71 @@ def test_ddim_parity_learned_variance_model_and_no_clipping():
     """A 2C-output model in DDIM mode: the variance half is ignored; clip_sample=False; cosine schedule."""
     config = dict(variance_type="learned_range", clip_sample=False, beta_schedule="squaredcos_cap_v2")
     assert run_ddim_parity(config, 25, 0.5, learned=True) <= TOL
+
+
+def run_ddim_step_kwargs_parity(ours, ref, num_inference_steps, step_kwargs, ours_step_kwargs=None):
+    """Sample with `ours.step(..., **ours_step_kwargs)` and `ref.step(..., **step_kwargs)` from the same x_T, model
+    and generator seed; return the max abs difference over all steps."""
+    ours.set_timesteps(num_inference_steps)
+    ref.set_timesteps(num_inference_steps)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    model = random_model(1000, SHAPE[1])
+    x = 2 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))  # x̂_0 often outside [-1, 1]
+    y = x.clone()
+    g_ours, g_ref = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    worst = 0.0
+    for t in ours.timesteps:
+        x = ours.step(model(x, t), t, x, generator=g_ours, **(ours_step_kwargs or step_kwargs)).prev_sample
+        y = ref.step(model(y, t), t, y, generator=g_ref, **step_kwargs).prev_sample
+        worst = max(worst, (x - y).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_ddim_step_eta_clipped_output_and_set_alpha_to_one_match_ddim_scheduler(
+    prediction, use_clipped_model_output, set_alpha_to_one
+):
+    """`step(eta=, use_clipped_model_output=)` and the `set_alpha_to_one` key mean what they mean in
+    DDIMScheduler: ours is built with `from_config(DDIMScheduler(...).config)` (which selects sampler="ddim") and
+    the per-call η overrides the config's."""
+    for eta, spacing, steps in ((0.0, "leading", 10), (0.4, "trailing", 25), (1.0, "leading", 50)):
+        config = dict(prediction_type=prediction, set_alpha_to_one=set_alpha_to_one, timestep_spacing=spacing,
+                      steps_offset=1 if spacing == "leading" else 0)
+        ref = DDIMScheduler(**config)
+        ours = GaussianDiffusionScheduler.from_config(ref.config, eta=0.9)  # config η is overridden per call
+        assert ours.config.sampler == "ddim" and ours.config.set_alpha_to_one is set_alpha_to_one
+        kwargs = dict(eta=eta, use_clipped_model_output=use_clipped_model_output)
+        assert run_ddim_step_kwargs_parity(ours, ref, steps, kwargs) <= TOL, (eta, spacing)
+
+
+def test_set_alpha_to_one_false_changes_the_last_step_as_in_ddim_scheduler():
+    """With set_alpha_to_one=False the last DDIM step goes to ᾱ_0, not 1, and η-noise is added there; both
+    DDIMScheduler and ours differ from the set_alpha_to_one=True chain by the same amount."""
+    ref_true, ref_false = DDIMScheduler(), DDIMScheduler(set_alpha_to_one=False)
+    ours_true = GaussianDiffusionScheduler.from_config(ref_true.config)
+    ours_false = GaussianDiffusionScheduler.from_config(ref_false.config)
+    kwargs = dict(eta=0.5)
+    assert run_ddim_step_kwargs_parity(ours_false, ref_false, 10, kwargs) <= TOL
+    assert run_ddim_step_kwargs_parity(ours_true, ref_true, 10, kwargs) <= TOL
+    assert run_ddim_step_kwargs_parity(ours_false, ref_true, 10, kwargs) > 1e-3  # the key has an effect
+    # The DDPM sampler ignores the key (DDPMScheduler has none): it always ends on the data.
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    model = random_model(1000, SHAPE[1])
+    for t in (999, 0):
+        a = GaussianDiffusionScheduler(set_alpha_to_one=False).step(model(x, t), t, x, torch.Generator().manual_seed(0))
+        b = GaussianDiffusionScheduler().step(model(x, t), t, x, torch.Generator().manual_seed(0))
+        assert torch.equal(a.prev_sample, b.prev_sample)
+
+
+def test_ddpm_sampler_refuses_ddim_step_arguments():
+    s = GaussianDiffusionScheduler()
+    x = torch.randn(SHAPE)
+    for kwargs in (dict(eta=0.0), dict(use_clipped_model_output=True)):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))}=.*sampler='ddim'"):
+            s.step(x, 999, x, **kwargs)
+    ddim = GaussianDiffusionScheduler(sampler="ddim")
+    for bad in (-0.5, float("nan"), "1"):
+        with pytest.raises(ValueError, match="eta must be"):
+            ddim.step(x, 999, x, eta=bad)
