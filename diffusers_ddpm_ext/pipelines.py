@@ -147,10 +147,15 @@ class GaussianDiffusionPipeline(DiffusionPipeline):
         diffusers' ``from_pipe`` takes over a model only if its exact class appears in the new pipeline's
         ``__init__`` type hints; this pipeline takes any UNet, so the source's ``unet`` and ``scheduler`` are passed
         on explicitly (keyword arguments override them, e.g. ``scheduler=DDIMScheduler.from_config(...)``).
+        diffusers also casts the new pipeline, and with it the shared UNet, to ``dtype`` (float32 when not given);
+        here the default is the shared UNet's own dtype, so a bfloat16 source stays bfloat16.
         """
         for name in ("unet", "scheduler"):
             if name not in kwargs and pipeline.components.get(name) is not None:
                 kwargs[name] = pipeline.components[name]
+        unet = kwargs.get("unet")
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None and isinstance(unet, torch.nn.Module):
+            kwargs["dtype"] = unet.dtype
         return super().from_pipe(pipeline, **kwargs)
 
     # ------------------------------------------------------------------------------------------ properties

@@ -357,6 +357,11 @@ def test_from_pipe_both_ways_shares_the_unet():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     cc = ClassConditionalDDPMPipeline.from_pipe(ours)
     assert type(cc) is ClassConditionalDDPMPipeline and cc.unet is unet
+    # diffusers' from_pipe casts to float32 unless told otherwise, in place on the shared UNet; ours keeps its dtype
+    half = DDPMPipeline(unet=make_unet("ours").to(torch.bfloat16), scheduler=make_scheduler("ours"))
+    kept = GaussianDiffusionPipeline.from_pipe(half)
+    assert kept.unet is half.unet and half.unet.dtype == torch.bfloat16
+    assert GaussianDiffusionPipeline.from_pipe(half, dtype=torch.float32).unet.dtype == torch.float32
 
 
 def test_ddim_pipeline_from_pipe_needs_the_unet_passed():
