@@ -10,13 +10,16 @@ third-party pipeline class ``_class_name: ["file", "Cls"]`` from ``<file>.py`` a
 therefore copies the self-contained module of every non-diffusers class next to its weights and rewrites
 ``model_index.json`` to name those files::
 
-    model_index.json           {"_class_name": "DDPMPipeline",
+    model_index.json           {"_class_name": ["ddpm_ext_pipeline", "GaussianDiffusionPipeline"],
                                 "unet": ["ddpm_ext_unet", "DDPMUNet2DModel"],
                                 "scheduler": ["ddpm_ext_scheduler", "GaussianDiffusionScheduler"]}
     unet/config.json, unet/diffusion_pytorch_model.safetensors, unet/ddpm_ext_unet.py
     scheduler/scheduler_config.json, scheduler/ddpm_ext_scheduler.py
-    ddpm_ext_pipeline.py       (class-conditional exports only; "_class_name": ["ddpm_ext_pipeline", ...])
+    ddpm_ext_pipeline.py       (GaussianDiffusionPipeline: every diffusers scheduler, learned variance included)
     README.md, sample_grid.png
+
+A ``DDPMPipeline`` / ``DDIMPipeline`` is exported as ``GaussianDiffusionPipeline`` unless ``keep_pipeline_class``.
+Exported configs carry no ``_name_or_path`` (a local path once a pipeline was loaded from disk).
 
 Module files are named per component (``ddpm_ext_<component>``) because diffusers copies every local remote-code
 file into one shared ``diffusers_modules/local/`` folder, where two files of the same name would collide.
@@ -57,12 +60,13 @@ from diffusers.utils import make_image_grid
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .pipelines import ClassConditionalDDPMPipeline
+from .pipelines import ClassConditionalDDPMPipeline, GaussianDiffusionPipeline
 from .scheduler import GaussianDiffusionScheduler
 from .unet import DDPMUNet2DModel
 
 __all__ = [
     "HubPushError",
+    "card_metric_rows",
     "export_pipeline",
     "load_pipeline",
     "make_sample_grid",
@@ -84,6 +88,7 @@ OUR_CLASSES = {
     "DDPMUNet2DModel": DDPMUNet2DModel,
     "GaussianDiffusionScheduler": GaussianDiffusionScheduler,
     "ClassConditionalDDPMPipeline": ClassConditionalDDPMPipeline,
+    "GaussianDiffusionPipeline": GaussianDiffusionPipeline,
 }
 # Libraries whose classes diffusers resolves itself (no module file needed in the repo).
 _KNOWN_LIBRARIES = ("diffusers", "transformers", "onnxruntime")
@@ -101,11 +106,32 @@ KNOWN_LICENSES = (
 
 
 DEFAULT_METRICS_NOTE = (
-    "Bits/dim, where listed, is the variational bound on held-out images (Ho et al. 2020 eq. 5; lower is better). "
-    "Sample-quality figures (Fréchet distance, KID, precision/recall), where listed, are measured with the feature "
-    "extractor named in the training configuration, which for this project is by default a small digits classifier "
-    "rather than Inception: they compare runs with each other, not with published FIDs."
+    "Lower bits/dim, Fréchet distance and KID are better. Fréchet distance depends on N and on the feature "
+    "extractor: compare only figures with the same split, N and method."
 )
+# Files a training run (training/train.py) writes beside the pipeline; an export from that folder reads them.
+TRAINING_ARGS_NAME = "training_args.json"
+METRICS_NAME = "metrics.json"
+# The built-in data of training/train.py: scikit-learn's copy of the UCI digits test set. Licence as stated on the
+# UCI Machine Learning Repository page of the data set (scikit-learn's description names the source, no licence).
+BUILTIN_DIGITS = {
+    "name": "UCI ML Optical Recognition of Handwritten Digits (scikit-learn `load_digits` copy)",
+    "description": (
+        "the built-in digits: scikit-learn's copy (`sklearn.datasets.load_digits`, 1,797 8×8 images, 17 grey levels) "
+        "of the test set of the UCI ML *Optical Recognition of Handwritten Digits* data set (E. Alpaydin, C. Kaynak, "
+        "1998, https://archive.ics.uci.edu/dataset/80)"
+    ),
+    "short": "the built-in 8×8 handwritten digits (UCI / scikit-learn)",
+    "license": "CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/), as stated by the UCI Machine Learning "
+               "Repository",
+}
+# Quality metrics the card reports (anything else in a metrics dict — step counts, timings, checksums, config
+# echoes — is dropped). Flat keys: name shown, companion-key prefix.
+_FLAT_QUALITY_KEYS = {
+    "bits_per_dim": "bits/dim", "bits/dim": "bits/dim", "bpd": "bits/dim",
+    "fd": "Fréchet distance", "frechet_distance": "Fréchet distance", "fid": "FID",
+    "kid": "KID", "kid_mean": "KID", "precision": "precision", "recall": "recall",
+}
 
 
 class HubPushError(RuntimeError):
@@ -166,7 +192,8 @@ def load_pipeline(
         revision, token, cache_dir, local_files_only: As for ``hf_hub_download`` (Hub ids only).
 
     Returns:
-        A ``DDPMPipeline`` / ``ClassConditionalDDPMPipeline`` / other diffusers pipeline holding our classes.
+        The pipeline class the index names (``GaussianDiffusionPipeline``, ``ClassConditionalDDPMPipeline``,
+        ``DDPMPipeline``, ...) holding our classes.
     """
     dtype = dtype if dtype is not None else torch_dtype
     from .training_utils import PUBLISH_JOURNAL_NAME
@@ -231,12 +258,13 @@ def generate_sample_grid(
 ) -> tuple[Image.Image, str]:
     """Sample ``num_images`` images with a fixed seed and tile them; returns ``(grid, caption)``.
 
-    Class-conditional pipelines cycle through the classes (row-major), unconditional ones sample a batch.
-    ``num_inference_steps`` defaults to the scheduler's ``num_train_timesteps`` (the full chain).
+    Class-conditional pipelines (``GaussianDiffusionPipeline`` with a class-conditional UNet) cycle through the
+    classes (row-major), unconditional ones sample a batch. ``num_inference_steps`` defaults to the scheduler's
+    ``num_train_timesteps`` (the full chain).
     """
     steps = num_inference_steps or int(pipeline.scheduler.config.num_train_timesteps)
     generator = torch.Generator("cpu").manual_seed(seed)
-    if isinstance(pipeline, ClassConditionalDDPMPipeline):
+    if _is_class_conditional(pipeline):
         n_classes = int(pipeline.unet.config.num_class_embeds)
         labels = [i % n_classes for i in range(num_images)]
         images = pipeline(class_labels=labels, guidance_scale=guidance_scale, num_inference_steps=steps,
@@ -282,6 +310,170 @@ def _as_dict(obj: Any, what: str) -> dict:
     return dict(obj)
 
 
+def _is_class_conditional(pipeline: DiffusionPipeline) -> bool:
+    """Our pipeline with a class-conditional UNet (the only kind whose ``__call__`` takes ``class_labels``)."""
+    return isinstance(pipeline, GaussianDiffusionPipeline) and bool(
+        getattr(pipeline.unet.config, "num_class_embeds", None))
+
+
+def _public_value(value: Any) -> Any:
+    """A training-config value fit for a public card: local paths are reduced to their last component."""
+    if isinstance(value, str) and value:
+        expanded = os.path.expanduser(value)
+        if os.path.isabs(expanded) or (("/" in value or os.sep in value) and os.path.exists(expanded)):
+            return f"{Path(expanded).name} (local path)"
+    return value
+
+
+def _is_hub_dataset(name: Any) -> bool:
+    """A `datasets` Hub id, not a local folder (train.py's --dataset_name takes both)."""
+    if not isinstance(name, str) or not name or os.path.exists(os.path.expanduser(name)):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.startswith((".", "~", "/"))
+
+
+def _dataset_info(training_config: Mapping[str, Any], datasets: Sequence[str]) -> dict:
+    """What the card says about the training data: ``{"description", "short", "license", "hub_ids"}``."""
+    hub_ids = list(datasets)
+    dataset_name = training_config.get("dataset_name")
+    train_data_dir = training_config.get("train_data_dir")
+    if dataset_name:
+        if _is_hub_dataset(dataset_name):
+            hub_ids = list(dict.fromkeys(hub_ids + [dataset_name]))
+            return {"description": f"the Hub data set [`{dataset_name}`](https://huggingface.co/datasets/"
+                                   f"{dataset_name})", "short": f"`{dataset_name}`",
+                    "license": "see the data set's card", "hub_ids": hub_ids}
+        where = f"a local `datasets` folder ({_public_value(dataset_name)})"
+        return {"description": where, "short": where, "license": "not recorded", "hub_ids": hub_ids}
+    if train_data_dir:
+        where = f"a local image folder ({_public_value(train_data_dir)})"
+        return {"description": where, "short": where, "license": "not recorded", "hub_ids": hub_ids}
+    if "dataset_name" in training_config and "train_data_dir" in training_config:  # a train.py run on its default
+        resolution = training_config.get("resolution")
+        size = f", upsampled to {resolution}×{resolution} with nearest neighbour" if resolution else ""
+        return {"description": BUILTIN_DIGITS["description"] + size, "short": BUILTIN_DIGITS["short"],
+                "license": BUILTIN_DIGITS["license"], "hub_ids": hub_ids}
+    if hub_ids:
+        names = ", ".join(f"`{d}`" for d in hub_ids)
+        return {"description": names, "short": names, "license": "see the data set's card", "hub_ids": hub_ids}
+    return {"description": None, "short": None, "license": None, "hub_ids": hub_ids}
+
+
+def _bpd_method(steps: Any, num_train_timesteps: Any, clip_denoised: Any = None) -> str:
+    if isinstance(steps, int) and isinstance(num_train_timesteps, int) and steps < num_train_timesteps:
+        method = (f"variational bound (Ho et al. 2020 eq. 5), stratified unbiased estimate from {steps} of the "
+                  f"{num_train_timesteps} terms per image")
+    elif isinstance(steps, int):
+        method = "variational bound (Ho et al. 2020 eq. 5), exact: every term per image"
+    else:
+        method = "variational bound (Ho et al. 2020 eq. 5)"
+    if clip_denoised:
+        method += ", x̂₀ clipped to [-1, 1] as in sampling"
+    return method
+
+
+def card_metric_rows(
+    metrics: Optional[Mapping[str, Any]],
+    training_config: Optional[Mapping[str, Any]] = None,
+    num_train_timesteps: Optional[int] = None,
+) -> list[dict]:
+    """The quality metrics of ``metrics`` as card rows, each with its split, N and method; everything else dropped.
+
+    Understood forms (they can be mixed):
+
+    * structured: ``{"bits/dim": {"value": 1.02, "standard_error": 0.01, "split": "held-out", "num_images": 300,
+      "method": "..."}}`` (any metric name);
+    * ``metrics.json`` of ``training/train.py``: ``bits_per_dim`` with ``bits_per_dim_standard_error``,
+      ``bits_per_dim_split``, ``bits_per_dim_num_images``, ``eval_bpd_steps``, ``bits_per_dim_clip_denoised``;
+      keys such as ``rank_checksums``, ``wall_time_s`` or ``model_type`` are not quality metrics and are dropped;
+    * ``report.json`` of an evaluation: ``bits_per_dim`` as a dict (``bits_per_dim``, ``standard_error``, ``split``,
+      ``num_images``, ``method``) and ``sample_quality`` entries (``fd``, ``kid_mean``/``kid_std``, ``precision``,
+      ``recall`` with ``num_generated``, ``num_reference``, ``split``, ``*_method``);
+    * flat ``{"bits/dim": 1.02}`` (train.py's card figures): split, N and method come from the training
+      configuration (``eval_num_images``, ``eval_bpd_steps``, the data source) as train.py evaluates; what cannot be
+      known reads "not recorded".
+
+    Returns:
+        ``[{"name", "value", "error", "split", "num_images", "method"}]`` (``error`` may be None).
+    """
+    metrics, config = dict(metrics or {}), dict(training_config or {})
+    unknown = "not recorded"
+    rows = []
+
+    def add(name, value, error=None, split=None, n=None, method=None):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            rows.append({"name": name, "value": float(value),
+                         "error": float(error) if isinstance(error, (int, float)) and error == error else None,
+                         "split": split or unknown, "num_images": n if n is not None else unknown,
+                         "method": method or unknown})
+
+    # Where train.py evaluates bits/dim: the built-in digits' 300 held-out images, else the first training images.
+    builtin = "dataset_name" in config and not config.get("dataset_name") and not config.get("train_data_dir")
+    config_n = config.get("eval_num_images")
+    if isinstance(config_n, int):
+        config_split = "held-out digits (never trained on)" if builtin else "train (first images)"
+        config_n = min(config_n, 300) if builtin else f"≤ {config_n}"
+    else:
+        config_split, config_n = None, None
+    config_steps = config.get("eval_bpd_steps")
+    T = num_train_timesteps or config.get("ddpm_num_steps")
+
+    for key, value in metrics.items():
+        if isinstance(value, Mapping) and "value" in value:  # structured
+            add(key, value["value"], value.get("standard_error"), value.get("split"),
+                value.get("num_images", value.get("n")), value.get("method"))
+        elif key == "bits_per_dim" and isinstance(value, Mapping):  # evaluation report
+            add("bits/dim", value.get("bits_per_dim"), value.get("standard_error"), value.get("split"),
+                value.get("num_images"), value.get("method"))
+        elif key == "sample_quality" and isinstance(value, list):  # evaluation report, one entry per step count
+            for entry in value:
+                if not isinstance(entry, Mapping):
+                    continue
+                steps = entry.get("num_inference_steps")
+                n = f"{entry.get('num_generated', '?')} generated vs {entry.get('num_reference', '?')} real"
+                at = f" @ {steps} steps" if steps else ""
+                add(f"Fréchet distance{at}", entry.get("fd"), entry.get("fd_standard_error"), entry.get("split"), n,
+                    entry.get("fd_method"))
+                add(f"KID{at}", entry.get("kid_mean"), entry.get("kid_std"), entry.get("split"), n,
+                    entry.get("kid_method"))
+                add(f"precision{at}", entry.get("precision"), None, entry.get("split"), n, entry.get("pr_method"))
+                add(f"recall{at}", entry.get("recall"), None, entry.get("split"), n, entry.get("pr_method"))
+        elif key in _FLAT_QUALITY_KEYS:
+            name = _FLAT_QUALITY_KEYS[key]
+            if name == "bits/dim":
+                recorded = "bits_per_dim_split" in metrics or "bits_per_dim_num_images" in metrics
+                steps = metrics.get("eval_bpd_steps", config_steps)
+                add(name, value, metrics.get("bits_per_dim_standard_error"),
+                    metrics.get("bits_per_dim_split") if recorded else config_split,
+                    metrics.get("bits_per_dim_num_images") if recorded else config_n,
+                    _bpd_method(steps, T, metrics.get("bits_per_dim_clip_denoised")))
+            else:
+                add(name, value, metrics.get(f"{key}_standard_error", metrics.get("kid_std") if key.startswith(
+                    "kid") else None), metrics.get(f"{key}_split"), metrics.get(f"{key}_num_images"),
+                    metrics.get(f"{key}_method"))
+    return rows
+
+
+def _format_row(row: dict) -> dict:
+    value = _fmt(row["value"]) + (f" ± {_fmt(row['error'])}" if row["error"] is not None else "")
+    return {**row, "shown": value}
+
+
+def _read_run_files(folder: Optional[Union[str, os.PathLike]]) -> tuple[dict, dict]:
+    """``(training_args.json, metrics.json)`` beside a pipeline folder written by training/train.py ({} if absent)."""
+    if folder is None or not Path(folder).is_dir():
+        return {}, {}
+    found = []
+    for name in (TRAINING_ARGS_NAME, METRICS_NAME):
+        path = Path(folder) / name
+        found.append(json.loads(path.read_text()) if path.is_file() else {})
+    return found[0], found[1]
+
+
 def render_model_card(
     pipeline: DiffusionPipeline,
     *,
@@ -298,70 +490,117 @@ def render_model_card(
     num_inference_steps: Optional[int] = None,
     module_names: Optional[Mapping[str, str]] = None,
     metrics_note: Optional[str] = None,
+    hub_export: Optional[bool] = None,
+    local_dir_name: Optional[str] = None,
+    source_url: Optional[str] = None,
+    auto_map: bool = False,
 ) -> ModelCard:
     """Render the model card (``model_cards/model_card_template.md``) for a pipeline.
 
+    Two kinds of card: for a Hub export (:func:`export_pipeline`: remote-code module files ship with it, so the card
+    shows plain-diffusers loading with ``trust_remote_code``) and for a local ``save_pretrained`` folder such as
+    training/train.py's output (loaded after ``import diffusers_ddpm_ext``; the card claims no module files).
+
     Args:
         pipeline: The pipeline the card describes (reads the UNet and scheduler configs).
-        repo_id: Repo id used in the usage snippets.
-        metrics: Evaluation figures, e.g. ``{"bits/dim": 1.02, "frechet_distance": 3.1}``; numbers also go to the
-            card's ``model-index`` when a dataset is named.
-        training_config: Training settings shown as a table (dict or argparse Namespace).
-        license, datasets, tags: YAML metadata.
+        repo_id: Repo id used in the Hub card's snippets (and the default folder name of a local card).
+        metrics: Evaluation figures; only quality metrics are shown, each with split, N and method (forms:
+            :func:`card_metric_rows`). Numbers also go to the card's ``model-index`` when a Hub data set is named.
+        training_config: Training settings shown as a table (dict, argparse Namespace or JSON file path); local
+            paths are reduced to their last component. When None, ``training_args.json`` beside the folder the
+            pipeline was loaded from (``pipeline.config._name_or_path``) is read.
+        license, tags: YAML metadata.
+        datasets: Hub data set ids for the YAML ``datasets`` entry; a Hub ``dataset_name`` in the training
+            configuration is added.
         description: Opening paragraph; a default one is written from the configs.
-        dataset_description: Words for the limitations section ("the training data" by default).
+        dataset_description: Words for the training-data section (default: from the training configuration).
         sample_grid: Relative path of the sample grid image, or None.
         sample_grid_caption: Caption under the grid.
-        num_inference_steps: Steps in the usage snippet (default: the scheduler's training steps).
-        module_names: ``{"unet": "ddpm_ext_unet", ...}`` file stems of the remote-code modules.
-        metrics_note: Sentence under the metrics table saying how they were measured.
+        num_inference_steps: Steps in the usage snippets (default: the training config's
+            ``ddpm_num_inference_steps``, else the scheduler's training steps).
+        module_names: ``{"unet": "ddpm_ext_unet", ...}`` file stems of the remote-code modules (exports).
+        metrics_note: Sentence under the metrics table.
+        hub_export: Which card; default: a Hub card when ``module_names`` is given, else a local one.
+        local_dir_name: Folder name in a local card's snippets (default: the last part of ``repo_id``).
+        source_url: Where the package's source lives (a git URL): the install line becomes
+            ``pip install "git+<source_url>"``; without it the card says to install from a source checkout.
+        auto_map: The export's unet config carries ``auto_map`` (diffusers ``AutoModel`` with remote code).
     """
     metrics, training_config = _as_dict(metrics, "metrics"), _as_dict(training_config, "training_config")
+    if not training_config:
+        training_config, _ = _read_run_files(getattr(pipeline.config, "_name_or_path", None))
     unet, scheduler = pipeline.unet, pipeline.scheduler
-    class_conditional = isinstance(pipeline, ClassConditionalDDPMPipeline)
+    class_conditional = _is_class_conditional(pipeline)
     module_names = dict(module_names or {})
-    datasets = list(datasets or [])
+    hub_export = bool(module_names) if hub_export is None else bool(hub_export)
+    data = _dataset_info(training_config, list(datasets or []))
+    datasets = data["hub_ids"]
     default_tags = ["diffusers", "diffusers-ddpm-ext", "ddpm", PIPELINE_TAG]
     if class_conditional:
         default_tags.append("class-conditional")
     tags = list(dict.fromkeys(default_tags + list(tags or [])))
     model_name = repo_id.split("/")[-1]
+    cfg, scfg = unet.config, scheduler.config
+    num_train_timesteps = scfg.get("num_train_timesteps", "n/a")
+    rows = [_format_row(r) for r in card_metric_rows(
+        metrics, training_config, num_train_timesteps if isinstance(num_train_timesteps, int) else None)]
     eval_results = None
-    if metrics and datasets:
+    if rows and datasets:
         eval_results = [
             EvalResult(task_type=PIPELINE_TAG, dataset_type=datasets[0], dataset_name=datasets[0],
-                       metric_type=re.sub(r"[^a-z0-9_]+", "_", k.lower()).strip("_"), metric_name=k,
-                       metric_value=float(v))
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        ] or None
+                       dataset_split=str(r["split"]), metric_type=re.sub(r"[^a-z0-9_]+", "_", r["name"].lower()).strip("_"),
+                       metric_name=r["name"], metric_value=r["value"])
+            for r in rows
+        ]
     card_data = ModelCardData(
         library_name="diffusers", pipeline_tag=PIPELINE_TAG, license=license, tags=tags,
         datasets=datasets or None, model_name=model_name if eval_results else None, eval_results=eval_results,
     )
-    cfg, scfg = unet.config, scheduler.config
     size = cfg.sample_size
     image_size = f"{size} × {size}" if isinstance(size, int) else f"{size[0]} × {size[1]}"
     out_channels = cfg.get("out_channels") or cfg.in_channels
-    num_train_timesteps = scfg.get("num_train_timesteps", "n/a")
+    steps = num_inference_steps or training_config.get("ddpm_num_inference_steps") or num_train_timesteps
     if description is None:
         kind = f"class-conditional ({cfg.num_class_embeds} classes)" if class_conditional else "unconditional"
         article = "A" if class_conditional else "An"
         description = f"{article} {kind} DDPM generating {image_size} images with {cfg.in_channels} channel(s)."
+    pipeline_class = type(pipeline).__name__
+    null = getattr(unet, "null_class_label", None)
+    if class_conditional:
+        labels = list(range(min(int(cfg.num_class_embeds), 4)))
+        call_args = f"class_labels={labels}" + (", guidance_scale=3.0" if null is not None else "")
+    else:
+        call_args = "batch_size=4"
+    ours, theirs = [], []
+    for component in (unet, scheduler):
+        is_diffusers = type(component).__module__.split(".")[0] == "diffusers"
+        (theirs if is_diffusers else ours).append(type(component).__name__)
+    ours.append("GaussianDiffusionPipeline")
+    installed_imports = "\n".join(([f"from diffusers import {', '.join(theirs)}"] if theirs else [])
+                                  + [f"from diffusers_ddpm_ext import {', '.join(ours)}"])
     card = ModelCard.from_template(
         card_data,
         template_str=_template_text(),
         model_name=model_name,
         repo_id=repo_id,
+        hub_export=hub_export,
+        local_dir_name=local_dir_name or model_name,
         description=description,
         class_conditional=class_conditional,
         num_classes=cfg.get("num_class_embeds"),
-        pipeline_class=type(pipeline).__name__,
+        has_null_class=null is not None,
+        null_class=null,
+        call_args=call_args,
+        installed_imports=installed_imports,
+        pipeline_class=pipeline_class,
+        ours_pipeline=isinstance(pipeline, GaussianDiffusionPipeline),
         unet_class=type(unet).__name__,
         scheduler_class=type(scheduler).__name__,
         unet_module=module_names.get("unet", REMOTE_PREFIX + "unet"),
         scheduler_module=module_names.get("scheduler", REMOTE_PREFIX + "scheduler"),
         pipeline_module=module_names.get("_pipeline"),
+        auto_map=auto_map,
+        source_url=source_url,
         num_parameters=f"{sum(p.numel() for p in unet.parameters()):,}",
         image_size=image_size,
         in_channels=cfg.in_channels,
@@ -371,14 +610,15 @@ def render_model_card(
         beta_schedule=scfg.get("beta_schedule", "n/a"),
         prediction_type=scfg.get("prediction_type", "epsilon"),
         variance_type=scfg.get("variance_type", "n/a"),
-        num_inference_steps=num_inference_steps or num_train_timesteps,
-        training_config={k: _fmt(v) for k, v in training_config.items()},
-        metrics={k: _fmt(v) for k, v in metrics.items()},
+        num_inference_steps=steps,
+        training_config={k: _fmt(_public_value(v)) for k, v in training_config.items()},
+        metric_rows=rows,
         metrics_note=metrics_note or DEFAULT_METRICS_NOTE,
-        example_labels=list(range(min(int(cfg.get("num_class_embeds") or 0), 4))),
         sample_grid=sample_grid,
         sample_grid_caption=sample_grid_caption,
-        dataset_description=dataset_description or (", ".join(datasets) if datasets else "the training data"),
+        dataset_description=dataset_description or data["description"],
+        dataset_short=dataset_description or data["short"],
+        dataset_license=data["license"],
         extra_limitations=None,
     )
     validate_card_metadata(card)
@@ -446,9 +686,29 @@ def _load_any(pipeline_or_dir) -> DiffusionPipeline:
     raise TypeError(f"Expected a DiffusionPipeline or a folder path, got {type(pipeline_or_dir)}.")
 
 
-def _write_export(pipeline: DiffusionPipeline, folder: Path) -> dict:
+def _strip_local_paths(folder: Path) -> None:
+    """Drop ``_name_or_path`` (the folder a component was loaded from: a local path) from every exported config."""
+    for config_file in folder.rglob("*.json"):
+        config = json.loads(config_file.read_text())
+        if isinstance(config, dict) and "_name_or_path" in config:
+            del config["_name_or_path"]
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _add_auto_map(folder: Path, stems: Mapping[str, str], unet_class: str) -> None:
+    """``auto_map`` for diffusers' ``AutoModel`` with remote code, in unet/config.json (loading the unet folder) and
+    model_index.json (``AutoModel.from_pretrained(repo, subfolder="unet")`` reads only that file's auto_map)."""
+    entry = {"AutoModel": f"{stems['unet']}.{unet_class}"}
+    for config_file in (folder / "unet" / "config.json", folder / MODEL_INDEX):
+        config = json.loads(config_file.read_text())
+        config["auto_map"] = entry
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_export(pipeline: DiffusionPipeline, folder: Path, auto_map: bool = False) -> dict:
     """Save weights/configs into ``folder``, add remote-code modules, rewrite model_index.json; return stems."""
     pipeline.save_pretrained(folder, safe_serialization=True)
+    _strip_local_paths(folder)
     index_path = folder / MODEL_INDEX
     index = json.loads(index_path.read_text())
     stems = {}
@@ -471,6 +731,11 @@ def _write_export(pipeline: DiffusionPipeline, folder: Path) -> dict:
         index["_class_name"] = [stem, type(pipeline).__name__]
         stems["_pipeline"] = stem
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if auto_map:
+        if "unet" not in stems:
+            raise ValueError(f"auto_map needs a third-party UNet with a module file; {type(pipeline.unet).__name__} "
+                             "is a diffusers class, which AutoModel loads without remote code.")
+        _add_auto_map(folder, stems, type(pipeline.unet).__name__)
     return stems
 
 
@@ -480,6 +745,19 @@ def _check_export_files(folder: Path) -> list[str]:
     if bad:
         raise RuntimeError(f"Export would contain non-safetensors/training files {bad}; refusing to write it.")
     return files
+
+
+def _as_our_pipeline(pipeline: DiffusionPipeline) -> DiffusionPipeline:
+    """A ``DDPMPipeline`` / ``DDIMPipeline`` as a ``GaussianDiffusionPipeline`` on the same UNet and scheduler.
+
+    diffusers' two pipelines cannot sample a learned-variance UNet with a fast scheduler (they pass all 2C output
+    channels on), skip ``init_noise_sigma`` / ``scale_model_input``, and cannot swap in UniPC/Heun/PNDM; ours can.
+    """
+    from diffusers import DDIMPipeline, DDPMPipeline
+
+    if type(pipeline) not in (DDPMPipeline, DDIMPipeline):
+        return pipeline
+    return GaussianDiffusionPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
 
 
 def export_pipeline(
@@ -500,27 +778,43 @@ def export_pipeline(
     grid_inference_steps: Optional[int] = None,
     grid_guidance_scale: float = 1.0,
     seed: int = 0,
+    keep_pipeline_class: bool = False,
+    auto_map: bool = False,
+    source_url: Optional[str] = None,
 ) -> Path:
     """Turn a pipeline (object or ``save_pretrained`` folder) into a Hub-ready folder.
 
-    The folder holds safetensors weights, configs, the remote-code modules plain diffusers needs, ``README.md``
-    (model card) and ``sample_grid.png``; never pickled weights, checkpoints or logs (the pipeline is re-saved, the
-    source folder is not copied). It is built in a temporary sibling folder and renamed into place, so a failure
-    leaves ``output_dir`` as it was.
+    The folder holds safetensors weights, configs (without local paths), the remote-code modules plain diffusers
+    needs, ``README.md`` (model card) and ``sample_grid.png``; never pickled weights, checkpoints or logs (the
+    pipeline is re-saved, the source folder is not copied). It is built in a temporary sibling folder and renamed
+    into place, so a failure leaves ``output_dir`` as it was.
+
+    A ``DDPMPipeline`` / ``DDIMPipeline`` is exported as :class:`GaussianDiffusionPipeline` (same UNet and scheduler)
+    unless ``keep_pipeline_class``, so the repo samples with any diffusers scheduler, learned variance included.
+    For a folder written by training/train.py, its ``training_args.json`` and ``metrics.json`` fill the card's
+    training configuration and evaluation when ``training_config`` / ``metrics`` are not given, and the grid is
+    sampled with the run's own ``ddpm_num_inference_steps``.
 
     Args:
-        pipeline_dir_or_pipeline: A ``DDPMPipeline`` / ``ClassConditionalDDPMPipeline`` (or any pipeline whose
-            third-party modules are self-contained) or a folder written by ``save_pretrained``.
+        pipeline_dir_or_pipeline: A pipeline (any whose third-party modules are self-contained) or a folder written
+            by ``save_pretrained``.
         output_dir: Target folder. Must be absent or empty unless ``overwrite=True``.
         sample_grid: None (default) samples a grid with the pipeline; False writes none; a PIL image or an image
             file path is used as is.
-        metrics: Evaluation figures for the card (e.g. ``{"bits/dim": 1.02}``).
+        metrics: Evaluation figures for the card (forms: :func:`card_metric_rows`); only quality metrics are shown.
         training_config: Training settings for the card (dict, argparse Namespace or JSON file path).
         overwrite: Replace a non-empty ``output_dir``.
         repo_id: Repo id shown in the card's snippets (default ``"<your-username>/<output_dir name>"``).
         license, datasets, tags, description, metrics_note: Card metadata and text (see `render_model_card`).
         num_grid_images, grid_inference_steps, grid_guidance_scale, seed: Sampling of the generated grid
-            (steps default to the full training chain).
+            (steps default to the training run's ``ddpm_num_inference_steps``, else the full training chain).
+        keep_pipeline_class: Export a ``DDPMPipeline`` as such (plain diffusers then loads it offline by repo id,
+            but only with schedulers that read what the UNet predicts).
+        auto_map: Add ``auto_map`` to ``unet/config.json`` and ``model_index.json`` so that diffusers'
+            ``AutoModel.from_pretrained(repo, subfolder="unet", trust_remote_code=True)`` works. Off by default:
+            diffusers 0.42 then logs "config attributes {'auto_map': ...} ... are not expected and will be ignored"
+            on every plain ``DiffusionPipeline.from_pretrained`` of the repo.
+        source_url: Git URL of the package's source, for the card's install line.
 
     Returns:
         The export folder.
@@ -530,8 +824,9 @@ def export_pipeline(
         raise FileExistsError(f"{out} exists and is not a folder.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass overwrite=True (CLI: --overwrite) to replace it.")
+    source_dir = None
     if isinstance(pipeline_dir_or_pipeline, (str, os.PathLike)):
-        src = Path(pipeline_dir_or_pipeline).expanduser().resolve()
+        source_dir = src = Path(pipeline_dir_or_pipeline).expanduser().resolve()
         if src == out or src in out.parents or out in src.parents:
             raise ValueError(f"output_dir {out} must not be, contain or lie inside the source folder {src}.")
     if repo_id is not None:
@@ -540,16 +835,24 @@ def export_pipeline(
         except HFValidationError as e:
             raise ValueError(f"Malformed repo id {repo_id!r}: {str(e).rstrip('.')}.") from e
     pipeline = _load_any(pipeline_dir_or_pipeline)
+    if source_dir is None:
+        name_or_path = getattr(pipeline.config, "_name_or_path", None)
+        source_dir = Path(name_or_path) if name_or_path and Path(name_or_path).is_dir() else None
+    if not keep_pipeline_class:
+        pipeline = _as_our_pipeline(pipeline)
+    run_config, run_metrics = _read_run_files(source_dir)
+    training_config = _as_dict(training_config, "training_config") or run_config
+    metrics = _as_dict(metrics, "metrics") if metrics is not None else run_metrics
+    steps = grid_inference_steps or training_config.get("ddpm_num_inference_steps")
     repo_id = repo_id or f"your-username/{out.name}"
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        stems = _write_export(pipeline, tmp)
+        stems = _write_export(pipeline, tmp, auto_map=auto_map)
         grid_name, caption = None, None
         if sample_grid is None:
-            grid, caption = generate_sample_grid(pipeline, num_grid_images, grid_inference_steps, seed,
-                                                 grid_guidance_scale)
+            grid, caption = generate_sample_grid(pipeline, num_grid_images, steps, seed, grid_guidance_scale)
         elif sample_grid is False:
             grid = None
         elif isinstance(sample_grid, Image.Image):
@@ -562,7 +865,8 @@ def export_pipeline(
         card = render_model_card(
             pipeline, repo_id=repo_id, metrics=metrics, training_config=training_config, license=license,
             datasets=datasets, tags=tags, description=description, sample_grid=grid_name,
-            sample_grid_caption=caption, module_names=stems, metrics_note=metrics_note,
+            sample_grid_caption=caption, module_names=stems, metrics_note=metrics_note, num_inference_steps=steps,
+            hub_export=True, source_url=source_url, auto_map=auto_map,
         )
         card.save(tmp / CARD_NAME)
         _check_export_files(tmp)
@@ -684,16 +988,24 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out_dir")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     ex.add_argument("--repo-id", default=None, help="repo id shown in the card's snippets")
-    ex.add_argument("--metrics", default=None, help="JSON file of evaluation figures")
-    ex.add_argument("--training-config", default=None, help="JSON file of training settings")
+    ex.add_argument("--metrics", default=None, help="JSON file of evaluation figures (default: metrics.json beside "
+                    "the pipeline, if any)")
+    ex.add_argument("--training-config", default=None, help="JSON file of training settings (default: "
+                    "training_args.json beside the pipeline, if any)")
     ex.add_argument("--sample-grid", default=None, help="image file to use instead of sampling a grid")
     ex.add_argument("--no-sample-grid", action="store_true", help="write no sample grid")
-    ex.add_argument("--grid-steps", type=int, default=None, help="sampling steps for the grid (default: all)")
+    ex.add_argument("--grid-steps", type=int, default=None, help="sampling steps for the grid (default: the "
+                    "training run's ddpm_num_inference_steps from training_args.json, else the full chain)")
     ex.add_argument("--grid-size", type=int, default=16, help="number of images in the grid")
     ex.add_argument("--guidance-scale", type=float, default=1.0, help="grid guidance (class-conditional)")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--license", default="apache-2.0")
     ex.add_argument("--dataset", action="append", default=None, help="dataset id for the card (repeatable)")
+    ex.add_argument("--keep-pipeline-class", action="store_true", help="export a DDPMPipeline as DDPMPipeline "
+                    "(default: as GaussianDiffusionPipeline, which samples with every diffusers scheduler)")
+    ex.add_argument("--auto-map", action="store_true", help="add auto_map for diffusers AutoModel with remote code "
+                    "(diffusers then logs an 'unexpected config attribute' warning on every pipeline load)")
+    ex.add_argument("--source-url", default=None, help="git URL of diffusers-ddpm-ext for the card's install line")
     pu = sub.add_parser("push", help="upload an export folder in one commit")
     pu.add_argument("export_dir")
     pu.add_argument("repo_id")
@@ -713,6 +1025,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 training_config=args.training_config, overwrite=args.overwrite, repo_id=args.repo_id,
                 license=args.license, datasets=args.dataset, num_grid_images=args.grid_size,
                 grid_inference_steps=args.grid_steps, grid_guidance_scale=args.guidance_scale, seed=args.seed,
+                keep_pipeline_class=args.keep_pipeline_class, auto_map=args.auto_map, source_url=args.source_url,
             )
             print(f"Exported to {out}")
         else:

@@ -20,7 +20,7 @@ from PIL import Image
 import diffusers_ddpm_ext
 from diffusers_ddpm_ext import hub
 from diffusers_ddpm_ext.hub import HubPushError, export_pipeline, load_pipeline, push_to_hub
-from diffusers_ddpm_ext.pipelines import ClassConditionalDDPMPipeline
+from diffusers_ddpm_ext.pipelines import ClassConditionalDDPMPipeline, GaussianDiffusionPipeline
 from diffusers_ddpm_ext.scheduler import GaussianDiffusionScheduler
 from diffusers_ddpm_ext.unet import DDPMUNet2DModel
 
@@ -88,26 +88,34 @@ def exported(tmp_path_factory):
     export_pipeline(ddpm, base / "ddpm", repo_id="org/ddpm-tiny", metrics=metrics, training_config=training,
                     datasets=["sklearn-digits"], num_grid_images=4, grid_inference_steps=STEPS)
     export_pipeline(cc, base / "cc", repo_id="org/cc-tiny", num_grid_images=6, grid_inference_steps=2)
+    # the DDPMPipeline kept as such (no pipeline module: plain diffusers loads it offline by repo id)
+    export_pipeline(ddpm, base / "keep", repo_id="org/keep-tiny", sample_grid=False, keep_pipeline_class=True)
     cache = base / "hf_cache"
     build_hf_cache(base / "ddpm", cache, "org/ddpm-tiny")
     build_hf_cache(base / "cc", cache, "org/cc-tiny")
+    build_hf_cache(base / "keep", cache, "org/keep-tiny")
     return dict(base=base, ddpm=ddpm, cc=cc, cache=cache, ref_ddpm=sample_ddpm(ddpm), ref_cc=sample_cc(cc))
 
 
 def test_export_layout(exported):
-    ddpm_dir, cc_dir = exported["base"] / "ddpm", exported["base"] / "cc"
+    ddpm_dir, cc_dir, keep_dir = (exported["base"] / name for name in ("ddpm", "cc", "keep"))
     assert sorted(tree(ddpm_dir)) == [
-        "README.md", "model_index.json", "sample_grid.png", "scheduler/ddpm_ext_scheduler.py",
+        "README.md", "ddpm_ext_pipeline.py", "model_index.json", "sample_grid.png", "scheduler/ddpm_ext_scheduler.py",
         "scheduler/scheduler_config.json", "unet/config.json", "unet/ddpm_ext_unet.py",
         "unet/diffusion_pytorch_model.safetensors",
     ]
-    assert sorted(tree(cc_dir)) == sorted(list(tree(ddpm_dir)) + ["ddpm_ext_pipeline.py"])
+    assert sorted(tree(cc_dir)) == sorted(tree(ddpm_dir))
+    assert sorted(tree(keep_dir)) == sorted(set(tree(ddpm_dir)) - {"ddpm_ext_pipeline.py", "sample_grid.png"})
     index = json.loads((ddpm_dir / "model_index.json").read_text())
-    assert index["_class_name"] == "DDPMPipeline"
+    # a DDPMPipeline is exported as our pipeline: plain diffusers then samples it with any scheduler
+    assert index["_class_name"] == ["ddpm_ext_pipeline", "GaussianDiffusionPipeline"]
     assert index["unet"] == ["ddpm_ext_unet", "DDPMUNet2DModel"]
     assert index["scheduler"] == ["ddpm_ext_scheduler", "GaussianDiffusionScheduler"]
     cc_index = json.loads((cc_dir / "model_index.json").read_text())
     assert cc_index["_class_name"] == ["ddpm_ext_pipeline", "ClassConditionalDDPMPipeline"]
+    assert json.loads((keep_dir / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    for folder in (ddpm_dir, cc_dir, keep_dir):  # no auto_map unless asked for (it makes every load warn)
+        assert not [f for f in folder.rglob("*.json") if "auto_map" in json.loads(f.read_text())]
     # the remote-code files are verbatim copies of the installed, self-contained modules
     assert (ddpm_dir / "unet/ddpm_ext_unet.py").read_bytes() == (PKG / "unet.py").read_bytes()
     assert (ddpm_dir / "scheduler/ddpm_ext_scheduler.py").read_bytes() == (PKG / "scheduler.py").read_bytes()
@@ -140,9 +148,10 @@ PLAIN_DIFFUSERS = textwrap.dedent(
     except ValueError as e:
         info["no_trust"] = str(e)
     loads = {
-        "dir_ddpm": base + "/ddpm", "dir_cc": base + "/cc", "id_ddpm": "org/ddpm-tiny",
+        "dir_ddpm": base + "/ddpm", "dir_cc": base + "/cc", "dir_keep": base + "/keep", "id_keep": "org/keep-tiny",
         # diffusers resolves a custom *pipeline* class by repo id through model_info (network), so offline a
-        # class-conditional repo loads from its cached snapshot folder
+        # repo with our pipeline loads from its cached snapshot folder (test_model_card runs the by-id snippet)
+        "id_ddpm": snapshot_download("org/ddpm-tiny", local_files_only=True),
         "id_cc": snapshot_download("org/cc-tiny", local_files_only=True),
     }
     for key, src in loads.items():
@@ -173,6 +182,10 @@ def test_plain_diffusers_loads_export_dir_and_repo_id_without_our_package(export
     assert "trust_remote_code=True" in info["no_trust"]
     assert info["ours_imported"] == []
     assert info["dir_ddpm"] == info["id_ddpm"] == [
+        "GaussianDiffusionPipeline", "diffusers_modules.local.ddpm_ext_pipeline",
+        "diffusers_modules.local.ddpm_ext_unet", "diffusers_modules.local.ddpm_ext_scheduler", True,
+    ]
+    assert info["dir_keep"] == info["id_keep"] == [
         "DDPMPipeline", "diffusers.pipelines.ddpm.pipeline_ddpm", "diffusers_modules.local.ddpm_ext_unet",
         "diffusers_modules.local.ddpm_ext_scheduler", True,
     ]
@@ -181,7 +194,7 @@ def test_plain_diffusers_loads_export_dir_and_repo_id_without_our_package(export
         "diffusers_modules.local.ddpm_ext_unet", "diffusers_modules.local.ddpm_ext_scheduler", True,
     ]
     plain = np.load(base / "plain.npz")
-    for key in ("dir_ddpm", "id_ddpm"):
+    for key in ("dir_ddpm", "id_ddpm", "dir_keep", "id_keep"):  # our pipeline draws DDPMPipeline's images
         np.testing.assert_allclose(plain[key], exported["ref_ddpm"], atol=1e-6)
     for key in ("dir_cc", "id_cc"):
         np.testing.assert_allclose(plain[key], exported["ref_cc"], atol=1e-6)
@@ -191,10 +204,11 @@ def test_installed_classes_load_export_by_repo_id_offline(exported, monkeypatch)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # any request would raise OfflineModeIsEnabled
     cache = exported["cache"]
     pipe = load_pipeline("org/ddpm-tiny", cache_dir=cache)
-    assert type(pipe) is DDPMPipeline and type(pipe.unet) is DDPMUNet2DModel
+    assert type(pipe) is GaussianDiffusionPipeline and type(pipe.unet) is DDPMUNet2DModel
     assert type(pipe.scheduler) is GaussianDiffusionScheduler
     pipe.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(sample_ddpm(pipe), exported["ref_ddpm"], atol=1e-6)
+    assert type(load_pipeline("org/keep-tiny", cache_dir=cache)) is DDPMPipeline
 
     cc = load_pipeline("org/cc-tiny", cache_dir=cache)
     assert type(cc) is ClassConditionalDDPMPipeline and type(cc.unet) is DDPMUNet2DModel
@@ -220,21 +234,25 @@ def test_model_card_parses_and_validates(exported):
     assert meta["license"] == "apache-2.0" and meta["datasets"] == ["sklearn-digits"]
     assert {"diffusers", "ddpm", "diffusers-ddpm-ext"} <= set(meta["tags"])
     results = {r.metric_name: r.metric_value for r in card.data.eval_results}
-    assert results["bits/dim"] == pytest.approx(1.2345)
+    # quality metrics only: num_inference_steps (not a quality figure) is dropped
+    assert results == {"bits/dim": pytest.approx(1.2345), "Fréchet distance": pytest.approx(12.5)}
     text = card.text
     for snippet in (
         'DiffusionPipeline.from_pretrained("org/ddpm-tiny", trust_remote_code=True)',
+        "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)",
         'load_pipeline("org/ddpm-tiny")',
         'DDPMUNet2DModel.from_pretrained("org/ddpm-tiny", subfolder="unet")',
         'GaussianDiffusionScheduler.from_pretrained("org/ddpm-tiny", subfolder="scheduler")',
-        "![Samples](sample_grid.png)", "| `learning_rate` | 0.0004 |", "| bits/dim | 1.234 |", "## Limitations",
+        "![Samples](sample_grid.png)", "| `learning_rate` | 0.0004 |",
+        "| bits/dim | 1.234 | not recorded | not recorded |", "## Limitations",
     ):
         assert snippet in text, snippet
+    assert "num_inference_steps | 10" not in text and "pip install diffusers-ddpm-ext" not in text
     cc_card = ModelCard.load(exported["base"] / "cc" / "README.md")
     hub.validate_card_metadata(cc_card)
     assert "class-conditional" in cc_card.data.tags
     assert "pipe(class_labels=[0, 1, 2], guidance_scale=3.0" in cc_card.text
-    assert "ClassConditionalDDPMPipeline(unet=unet, scheduler=scheduler)" in cc_card.text
+    assert "GaussianDiffusionPipeline(unet=unet, scheduler=DPMSolverMultistepScheduler" in cc_card.text
     assert "No evaluation figures" in cc_card.text and cc_card.data.eval_results is None
     bad = str(card).replace("library_name: diffusers", "library_name: timm")
     with pytest.raises(ValueError, match="library_name"):
@@ -254,9 +272,12 @@ def test_export_from_folder_drops_checkpoints_and_logs(exported, tmp_path):
     (src / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickled")
     out = export_pipeline(src, tmp_path / "out", sample_grid=False)
     files = sorted(tree(out))
-    assert files == ["README.md", "model_index.json", "scheduler/ddpm_ext_scheduler.py",
+    assert files == ["README.md", "ddpm_ext_pipeline.py", "model_index.json", "scheduler/ddpm_ext_scheduler.py",
                      "scheduler/scheduler_config.json", "unet/config.json", "unet/ddpm_ext_unet.py",
                      "unet/diffusion_pytorch_model.safetensors"]
+    # the folder's absolute path, recorded by from_pretrained as _name_or_path, is in no exported config
+    assert str(src) not in "".join((out / f).read_text() for f in files if f.endswith(".json"))
+    assert not [f for f in files if f.endswith(".json") and "_name_or_path" in json.loads((out / f).read_text())]
     assert "![Samples]" not in (out / "README.md").read_text()
 
 

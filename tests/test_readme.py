@@ -48,3 +48,20 @@ def test_training_loop_snippet_runs():
     assert out.vlb is not None and out.loss.shape == (8,)
     assert all(p.grad is not None for p in namespace["unet"].parameters() if p.requires_grad and p.dim() > 1)
     assert est.mean > 0 and est.mean_standard_error > 0
+
+
+def test_sampling_snippet_runs():
+    (block,) = _python_blocks("Sample with any scheduler")
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    from diffusers_ddpm_ext import GaussianDiffusionPipeline
+
+    pipe, fast = namespace["pipe"], namespace["fast"]
+    assert pipe.unet.config.out_channels == 2 * pipe.unet.config.in_channels  # a learned-variance model
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler) and len(pipe.scheduler.timesteps) == 20
+    assert len(namespace["images"]) == 2 and namespace["images"][0].size == (16, 16)
+    assert type(fast) is GaussianDiffusionPipeline and fast.unet is namespace["unet"]
+    assert isinstance(fast.scheduler, UniPCMultistepScheduler)
+    assert namespace["latents"].shape == (2, 1, 16, 16) and torch.isfinite(namespace["latents"]).all()
