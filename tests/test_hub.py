@@ -259,7 +259,9 @@ def test_model_card_parses_and_validates(exported):
         hub.validate_card_metadata(bad)
     # the packaged template is the model_cards/ template (one copy)
     repo_template = PKG.parent / "model_cards" / "model_card_template.md"
-    assert hub._template_text() == repo_template.read_text(encoding="utf-8")
+    from diffusers_ddpm_ext import model_card
+
+    assert model_card._template_text() == repo_template.read_text(encoding="utf-8")
 
 
 def test_export_from_folder_drops_checkpoints_and_logs(exported, tmp_path):
