@@ -41,31 +41,45 @@ ranking each image's SHA-256 of ``(seed, file path or row number)`` (default: 10
 training seed. Validation images load without augmentation (center crop, no flip); the split's ``info`` says
 which split and how many images, for ``metrics.json``.
 
-Data order (:class:`ResumableBatchSampler`, :func:`make_dataloader`): the order of an epoch depends only on
-``(seed, epoch)``, the random augmentation of a sample only on ``(seed, epoch, position)`` (the sampler
-hands each index together with its own augmentation seed to the dataset), so the stream is the same for
-any ``num_workers`` and can be resumed at an exact ``(epoch, batch)`` position. Sharding across processes
-is done by the sampler itself (``num_replicas``/``rank``); see :func:`make_dataloader` for how the
-training script uses it with Accelerate.
+Data order (:class:`ResumableBatchSampler`, :func:`make_dataloader`) lives in :mod:`.data_order`, image checks
+and transforms in :mod:`.images`; both are importable from here as before.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import logging
-import math
 import os
 import warnings
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+# Image checks/transforms and the data order live in their own modules; their public names stay importable here.
+from .data_order import ResumableBatchSampler, _resolve_key, make_dataloader, resume_position  # noqa: F401
+from .images import (  # noqa: F401
+    CONVERTIBLE_MODES,
+    IMAGE_EXTENSIONS,
+    REJECTED_MODES,
+    BadImageError,
+    ImageTransform,
+    ScanReport,
+    _check_channels,
+    _check_resolution,
+    _finish_scan,
+    center_crop,
+    check_image,
+    convert_image_mode,
+    min_image_size,
+    random_crop,
+    resize_shorter_side,
+    to_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +93,6 @@ DIGITS_SPLIT_SEED = 0
 """Seed of the fixed train/held-out permutation; independent of the training seed on purpose, so the
 held-out set never changes between runs."""
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
-CONVERTIBLE_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "LA", "La", "PA", "RGBA", "RGBa")
-REJECTED_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
-_CHANNEL_MODES = {1: "L", 3: "RGB"}
-
-
-class BadImageError(ValueError):
-    """An image cannot be used for training; the message names the file (or row) and the reason."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,192 +213,6 @@ class DigitsDataset(torch.utils.data.Dataset):
         if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             x = x.flip(-1)
         return {"pixel_values": x, "class_labels": self.labels[index]}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Transforms
-# ----------------------------------------------------------------------------------------------------
-
-
-def convert_image_mode(image: Image.Image, in_channels: int) -> Image.Image:
-    """Convert ``image`` to ``"L"`` (1 channel) or ``"RGB"`` (3 channels); see the module doc for the policy.
-
-    Raises:
-        BadImageError: for a rejected or unknown mode.
-    """
-    target = _check_channels(in_channels)
-    mode = image.mode
-    if mode in REJECTED_MODES or mode not in CONVERTIBLE_MODES:
-        raise BadImageError(
-            f"unsupported image mode {mode!r}: 16/32-bit and float modes {list(REJECTED_MODES)} would be clipped to "
-            f"8 bits by PIL; convertible modes are {list(CONVERTIBLE_MODES)}"
-        )
-    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
-        # Transparent pixels carry arbitrary colours; composite over black so they become background.
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    return image if image.mode == target else image.convert(target)
-
-
-def resize_shorter_side(image: Image.Image, size: int, resample=Image.BILINEAR) -> Image.Image:
-    """Resize so the shorter side is ``size``, keeping the aspect ratio (torchvision ``Resize(size)`` on PIL)."""
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    if short == size:
-        return image
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return image.resize((new_w, new_h), resample)
-
-
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Crop the central ``size x size`` window (same rounding as torchvision ``CenterCrop``)."""
-    w, h = image.size
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return image.crop((left, top, left + size, top + size))
-
-
-def random_crop(image: Image.Image, size: int, generator: Optional[torch.Generator] = None) -> Image.Image:
-    """Crop a ``size x size`` window at a position drawn from ``generator``."""
-    w, h = image.size
-    top = int(torch.randint(0, h - size + 1, (), generator=generator))
-    left = int(torch.randint(0, w - size + 1, (), generator=generator))
-    return image.crop((left, top, left + size, top + size))
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """8-bit ``L``/``RGB`` image to a ``(C, H, W)`` float32 tensor in ``[-1, 1]`` (ToTensor + Normalize(0.5, 0.5))."""
-    a = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
-    if a.ndim == 2:
-        a = a[:, :, None]
-    return torch.from_numpy(a.transpose(2, 0, 1).copy()) * 2 - 1  # (C, H, W)
-
-
-@dataclass
-class ImageTransform:
-    """The training transform of ``train_unconditional.py`` without torchvision.
-
-    ``mode conversion -> resize shorter side (bilinear) -> center or random crop -> random horizontal flip
-    -> tensor in [-1, 1]``. A plain dataclass, so it pickles into DataLoader workers; randomness comes only
-    from the ``generator`` passed per call (crop position first, then the flip).
-
-    Args:
-        resolution: output side length.
-        in_channels: 1 (``"L"``) or 3 (``"RGB"``).
-        center_crop: center crop if True, random crop otherwise.
-        random_flip: flip left-right with probability 1/2.
-    """
-
-    resolution: int
-    in_channels: int = 3
-    center_crop: bool = False
-    random_flip: bool = False
-
-    def __post_init__(self):
-        _check_resolution(self.resolution)
-        _check_channels(self.in_channels)
-
-    def __call__(self, image: Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        image = convert_image_mode(image, self.in_channels)
-        image = resize_shorter_side(image, self.resolution)
-        if self.center_crop:
-            image = center_crop(image, self.resolution)
-        else:
-            image = random_crop(image, self.resolution, generator)
-        x = to_tensor(image)  # (C, R, R)
-        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
-            x = x.flip(-1)
-        return x
-
-
-# ----------------------------------------------------------------------------------------------------
-# Validation of image files
-# ----------------------------------------------------------------------------------------------------
-
-
-def min_image_size(resolution: int) -> int:
-    """Smallest accepted shorter side: ``max(min(8, resolution), resolution // 4)``."""
-    return max(min(8, resolution), resolution // 4)
-
-
-@dataclass
-class ScanReport:
-    """Outcome of the up-front scan: ``total`` images seen and ``bad`` = list of ``(name, kind, detail)``."""
-
-    total: int = 0
-    bad: list = field(default_factory=list)
-
-    KINDS = ("corrupt", "empty", "unsupported_mode", "too_small")
-
-    @property
-    def counts(self) -> dict:
-        """``{kind: count}`` in the fixed order of :attr:`KINDS`."""
-        c = Counter(kind for _, kind, _ in self.bad)
-        return {kind: c[kind] for kind in self.KINDS if c[kind]}
-
-    def summary(self) -> str:
-        parts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in self.counts.items())
-        first = f" (first: {self.bad[0][0]})" if self.bad else ""
-        return f"{len(self.bad)} of {self.total} images: {parts}{first}" if self.bad else f"0 of {self.total} images"
-
-
-def check_image(
-    source: Union[str, bytes], resolution: int, in_channels: int, min_size: Optional[int] = None
-) -> Optional[tuple[str, str]]:
-    """Open one image fully and check it; ``None`` if usable, else ``(kind, detail)``.
-
-    ``kind`` is one of ``"empty"``, ``"corrupt"``, ``"unsupported_mode"``, ``"too_small"``.
-
-    Args:
-        source: a file path or the encoded bytes.
-        resolution: training resolution (sets the minimum size).
-        in_channels: 1 or 3 (the conversion is tried).
-        min_size: override of :func:`min_image_size`.
-    """
-    if isinstance(source, (bytes, bytearray)):
-        if len(source) == 0:
-            return "empty", "0 bytes"
-        opener = lambda: Image.open(io.BytesIO(source))  # noqa: E731
-    else:
-        try:
-            if os.path.getsize(source) == 0:
-                return "empty", "0 bytes"
-        except OSError as e:
-            return "corrupt", f"{type(e).__name__}: {e}"
-        opener = lambda: Image.open(source)  # noqa: E731
-    try:
-        with opener() as im:
-            im.verify()  # checksums / structure, without decoding
-        with opener() as im:
-            im.load()  # decoding catches truncated data that verify() does not see
-            size = im.size
-            convert_image_mode(im, in_channels)
-    except BadImageError as e:
-        return "unsupported_mode", str(e)
-    except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, ...)
-        return "corrupt", f"{type(e).__name__}: {e}"
-    min_size = min_image_size(resolution) if min_size is None else min_size
-    if min(size) < min_size:
-        return "too_small", f"{size[0]}x{size[1]} px, minimum shorter side is {min_size} px"
-    return None
-
-
-def _finish_scan(report: ScanReport, where: str, skip_bad_images: bool) -> None:
-    if not report.bad:
-        return
-    if skip_bad_images:
-        msg = f"skipped {report.summary()} in {where}"
-        warnings.warn(msg, stacklevel=3)
-        logger.warning(msg)
-        return
-    lines = [f"  {name}: {kind.replace('_', ' ')} ({detail})" for name, kind, detail in report.bad[:20]]
-    more = f"\n  ... and {len(report.bad) - 20} more" if len(report.bad) > 20 else ""
-    raise BadImageError(
-        f"{len(report.bad)} of {report.total} images in {where} cannot be used ({report.summary()}):\n"
-        + "\n".join(lines)
-        + more
-        + "\nFix or remove them, or pass skip_bad_images=True (--skip_bad_images) to skip them."
-    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -986,189 +805,3 @@ def dataset_to_tensors(
     images = torch.stack([it["pixel_values"] for it in items])  # (N, C, R, R)
     labels = torch.stack([it["class_labels"] for it in items]) if "class_labels" in items[0] else None  # (N,)
     return images, labels
-
-
-# ----------------------------------------------------------------------------------------------------
-# Resumable, seeded data order
-# ----------------------------------------------------------------------------------------------------
-
-
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    # SeedSequence mixes (seed, epoch) so neighbouring seeds/epochs give unrelated streams.
-    state = int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0]) & ((1 << 63) - 1)
-    return torch.Generator().manual_seed(state)
-
-
-def _resolve_key(key) -> tuple[int, torch.Generator]:
-    # The sampler passes (index, augmentation_seed); plain integer indexing seeds by the index itself.
-    if isinstance(key, (tuple, list)):
-        index, sample_seed = int(key[0]), int(key[1])
-    else:
-        index = int(key)
-        sample_seed = index
-    return index, torch.Generator().manual_seed(sample_seed)
-
-
-class ResumableBatchSampler(torch.utils.data.Sampler):
-    """Batches of ``(index, augmentation_seed)`` whose order depends only on ``(seed, epoch)``.
-
-    Each epoch draws a permutation (and one augmentation seed per position) from a generator seeded with
-    ``(seed, epoch)``. The epoch is cut into *global* batches of ``batch_size * num_replicas`` positions and
-    rank ``r`` takes the ``r``-th contiguous slice of each, so global batch ``b`` is the same samples for any
-    number of workers, and ``skip`` of ``k`` batches reproduces the tail of an uninterrupted epoch exactly.
-
-    With ``drop_last=False`` the last global batch is padded by wrapping around the permutation to a multiple
-    of ``num_replicas`` and split evenly, so every rank runs the same number of steps.
-
-    Args:
-        num_samples: dataset length.
-        batch_size: per-process batch size.
-        seed: data seed.
-        shuffle: permute each epoch (otherwise ``0..N-1``; augmentation seeds still depend on the epoch).
-        drop_last: drop the last incomplete global batch.
-        num_replicas: number of processes (``accelerator.num_processes``).
-        rank: this process (``accelerator.process_index``).
-    """
-
-    def __init__(self, num_samples, batch_size, seed=0, shuffle=True, drop_last=False, num_replicas=1, rank=0):
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
-        self.num_samples, self.batch_size, self.seed = int(num_samples), int(batch_size), int(seed)
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.num_replicas, self.rank = int(num_replicas), int(rank)
-        self.epoch = 0
-        self._skip = 0
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"drop_last with {num_samples} samples leaves no batch of {batch_size} x "
-                             f"{num_replicas} processes")
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches per epoch on each process (independent of any pending skip)."""
-        global_batch = self.batch_size * self.num_replicas
-        if self.drop_last:
-            return self.num_samples // global_batch
-        return math.ceil(self.num_samples / global_batch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (Accelerate's ``DataLoaderShard`` also calls this); keeps a pending skip."""
-        self.epoch = int(epoch)
-
-    def skip(self, num_batches: int) -> None:
-        """Start the next iteration at batch ``num_batches`` of the current epoch (one-shot)."""
-        if not 0 <= num_batches <= self.batches_per_epoch:
-            raise ValueError(f"num_batches must be in [0, {self.batches_per_epoch}], got {num_batches}")
-        self._skip = int(num_batches)
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"data seed mismatch: checkpoint has {state['seed']}, sampler has {self.seed}")
-        self.epoch = int(state["epoch"])
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self._skip
-
-    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        """All batches of ``epoch`` for this rank (no skip)."""
-        g = _epoch_generator(self.seed, epoch)
-        n = self.num_samples
-        perm = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        seeds = torch.randint(0, 2**62, (n,), generator=g)
-        global_batch = self.batch_size * self.num_replicas
-        batches = []
-        for b in range(self.batches_per_epoch):
-            start = b * global_batch
-            stop = min(start + global_batch, n)
-            width = stop - start
-            if width < global_batch:  # last, partial global batch: pad to a multiple of num_replicas
-                width = math.ceil(width / self.num_replicas) * self.num_replicas
-            per_rank = width // self.num_replicas
-            pos = [(start + self.rank * per_rank + j) % n for j in range(per_rank)]
-            batches.append([(int(perm[p]), int(seeds[p])) for p in pos])
-        return batches
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        skip, self._skip = self._skip, 0
-        yield from self.epoch_batches(self.epoch)[skip:]
-
-
-def resume_position(batches_done: int, batches_per_epoch: int) -> tuple[int, int]:
-    """``(epoch, batch_in_epoch)`` after ``batches_done`` per-process batches (count micro-batches, i.e.
-    ``global_step * gradient_accumulation_steps`` when resuming at an optimizer step)."""
-    return divmod(int(batches_done), int(batches_per_epoch))
-
-
-def make_dataloader(
-    dataset: torch.utils.data.Dataset,
-    batch_size: int,
-    seed: int = 0,
-    shuffle: bool = True,
-    drop_last: bool = False,
-    num_workers: int = 0,
-    num_replicas: int = 1,
-    rank: int = 0,
-    pin_memory: bool = False,
-    persistent_workers: bool = False,
-) -> torch.utils.data.DataLoader:
-    """A DataLoader driven by a :class:`ResumableBatchSampler` (reach it as ``loader.batch_sampler``).
-
-    How the training script uses it with Accelerate (the sampler shards; the loader is **not** passed to
-    ``accelerator.prepare``, batches are moved with ``.to(accelerator.device)``)::
-
-        loader = make_dataloader(ds, args.train_batch_size, seed=args.seed,
-                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-        sampler = loader.batch_sampler
-        first_epoch, skip = resume_position(resumed_micro_batches, sampler.batches_per_epoch)
-        for epoch in range(first_epoch, num_epochs):
-            sampler.set_epoch(epoch)
-            if epoch == first_epoch:
-                sampler.skip(skip)          # exact data position after --resume_from_checkpoint
-            for batch in loader: ...
-
-    Passing the loader through ``accelerator.prepare`` also works on one process (the sampler is kept; call
-    ``loader.set_epoch(epoch)`` each epoch since Accelerate sets the sampler's epoch from its own counter),
-    but with several processes Accelerate would shard whole batches again: use ``num_replicas``/``rank``.
-
-    Args:
-        dataset: a map-style dataset of this module (accepts ``(index, seed)`` keys).
-        batch_size: per-process batch size.
-        seed: data seed (order and augmentations).
-        shuffle: shuffle each epoch.
-        drop_last: drop the last incomplete global batch.
-        num_workers: DataLoader workers; the stream does not depend on it.
-        num_replicas: number of processes.
-        rank: this process.
-        pin_memory: DataLoader ``pin_memory``.
-        persistent_workers: DataLoader ``persistent_workers`` (needs ``num_workers > 0``).
-    """
-    sampler = ResumableBatchSampler(len(dataset), batch_size, seed, shuffle, drop_last, num_replicas, rank)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=persistent_workers and num_workers > 0,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Argument checks
-# ----------------------------------------------------------------------------------------------------
-
-
-def _check_channels(in_channels) -> str:
-    if in_channels not in _CHANNEL_MODES:
-        raise ValueError(f"in_channels must be 1 (grey, 'L') or 3 (RGB), got {in_channels!r}")
-    return _CHANNEL_MODES[in_channels]
-
-
-def _check_resolution(resolution) -> None:
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
-        raise ValueError(f"resolution must be a positive int (square images), got {resolution!r}")
