@@ -8,7 +8,7 @@
 - :func:`stop_signals` turns SIGTERM and SIGINT into a stop request: the trainer finishes the optimizer step it
   is in, writes a checkpoint of it and raises :class:`RunInterrupted`. :func:`follow_launcher` makes a process
   started by ``accelerate launch`` (or torchrun) get SIGTERM when its launcher dies, so no run outlives it.
-- :func:`run_cli` runs a training command: one ``error:`` (or ``stopped:``) line and a documented exit code
+- :func:`run_cli` runs a training command: one ``error: ...`` (or ``stopped by ...``) line and a documented exit code
   (:data:`EXIT_CODES`) instead of a traceback for every failure the user can act on.
 """
 
@@ -92,7 +92,7 @@ def on_main_process(accelerator, fn: Callable[[], Any]) -> Any:
 
     If it raises, every process raises the same message (as FileExistsError, CheckpointError or ValueError), so
     no process is left waiting at the next collective call; on the other processes the error is marked
-    ``from_main_process`` (:func:`run_cli` prints it once, on the main process).
+    ``reported_by_main`` (:func:`run_cli` prints it once, on the main process).
     """
     result, error, main_error = None, None, None
     if accelerator.is_main_process:
@@ -112,7 +112,7 @@ def on_main_process(accelerator, fn: Callable[[], Any]) -> Any:
             raise main_error
         exc = {"FileExistsError": FileExistsError, "OutputDirBusyError": FileExistsError,
                "CheckpointError": CheckpointError}.get(name, ValueError)(message)
-        exc.from_main_process = True
+        exc.reported_by_main = True
         raise exc
     return result
 
@@ -127,11 +127,12 @@ def all_finite_and_mean(accelerator, loss: torch.Tensor):
     return finite, mean
 
 
-def step_consensus(accelerator, loss: torch.Tensor, stop: bool = False):
-    """(every loss is finite, mean loss over processes, some process asked to stop) with one collective call.
+def step_consensus(accelerator, loss: torch.Tensor, stop: int = 0):
+    """(every loss is finite, mean loss over processes, the largest stop request) with one collective call.
 
-    Every process sees the same three values at the same micro-batch, so all of them stop after the same
-    optimizer step when a signal reached only some of them (or reached them at different moments).
+    ``stop`` is this process's stop request (a signal number, 0 for none). Every process gets the same three
+    values at the same micro-batch, so all of them stop after the same optimizer step (naming the same signal)
+    when a signal reached only some of them, or reached them at different moments.
     """
     value = loss.detach().float().reshape(1)
     packed = torch.cat([torch.isfinite(value).float(), torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0),
@@ -141,14 +142,14 @@ def step_consensus(accelerator, loss: torch.Tensor, stop: bool = False):
     else:
         packed = packed.reshape(1, 3)
     finite = bool(packed[:, 0].min() > 0)
-    return finite, float(packed[:, 1].mean()) if finite else float("nan"), bool(packed[:, 2].max() > 0)
+    return finite, float(packed[:, 1].mean()) if finite else float("nan"), int(packed[:, 2].max())
 
 
-def any_process(accelerator, flag: bool) -> bool:
-    """True on every process if ``flag`` is True on any (one collective call with several processes)."""
+def largest_on_any_process(accelerator, value: int) -> int:
+    """The largest of every process's ``value`` (one collective call with several processes)."""
     if accelerator.num_processes == 1:
-        return bool(flag)
-    return any(gather_object(accelerator, bool(flag)))
+        return int(value)
+    return max(int(v) for v in gather_object(accelerator, int(value)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,12 +317,13 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EAC
 
 
 def exit_line(exc: BaseException) -> Optional[tuple]:
-    """``(exit code, one line)`` for a failure the user can act on; None for anything else (a bug: traceback)."""
+    """``(exit code, one line)`` for a failure the user can act on or a stop by a signal; None for anything else
+    (a bug: its traceback is worth more than a line)."""
     from .hub import HubPushError
     from .trainer import NonFiniteLossError
 
-    if isinstance(exc, RunInterrupted):
-        return exc.exit_code, f"stopped: {exc}"
+    if isinstance(exc, RunInterrupted):  # "stopped by SIGTERM after step 6: saved checkpoint-6 in ..."
+        return exc.exit_code, str(exc)
     if isinstance(exc, NonFiniteLossError):
         return 3, f"error: {exc}"
     if isinstance(exc, HubPushError):
@@ -357,7 +359,7 @@ def run_cli(main: Callable[[], Any]) -> None:
         rank = int(os.environ.get("RANK", "0") or 0)
         if rank == 0:
             print(line, file=sys.stderr, flush=True)
-        elif not getattr(exc, "from_main_process", False):
+        elif not getattr(exc, "reported_by_main", False):
             print(f"[rank {rank}] {line}", file=sys.stderr, flush=True)
         sys.exit(code)
 

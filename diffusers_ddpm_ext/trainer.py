@@ -43,8 +43,8 @@ import torch
 from . import checkpoints, runflags
 from .checkpoints import CheckpointError, capture_rng_state, restore_rng_state
 from .losses import LOSS_TYPES, diffusion_loss
-from .processes import (LocalAccelerator, RunInterrupted, any_process, gather_object, lock_on_main_process,
-                        on_main_process, step_consensus, stop_signals)
+from .processes import (LocalAccelerator, RunInterrupted, gather_object, largest_on_any_process,
+                        lock_on_main_process, on_main_process, step_consensus, stop_signals)
 from .rundir import CHECKPOINT_PREFIX, fault_point, write_image_atomic
 from .scheduler import LEARNED_VARIANCE_TYPES
 from .timestep_sampler import SAMPLER_NAMES, create_timestep_sampler
@@ -429,8 +429,8 @@ class Trainer:
         self.run_flags = dict(run_flags or {})
         # Flags changed on resume with --allow_changed_flags, as "name old -> new from step N" (all segments).
         self.flag_changes: List[str] = []
-        self._stop = None  # the StopSignals of run(); _stop_agreed: every process saw a stop request
-        self._stop_agreed = False
+        self._stop = None  # the StopSignals of run(); _stop_agreed: the signal every process agreed to stop on
+        self._stop_agreed = 0
 
     # ---- one step
 
@@ -483,8 +483,8 @@ class Trainer:
             loss = out.loss.mean()
             if config.debug_nan_at_step == self.state.global_step + 1 and not self._nan_injected:
                 loss, self._nan_injected = loss * float("nan"), True  # once: a skipped step retries with new data
-            finite, mean_loss, stop = step_consensus(acc, loss, self._stop is not None and self._stop.requested)
-            self._stop_agreed = self._stop_agreed or stop
+            finite, mean_loss, stop = step_consensus(acc, loss, self._stop_signum())
+            self._stop_agreed = max(self._stop_agreed, stop)
             if not finite:
                 self._non_finite(f"non-finite loss ({loss.item()}) at optimizer step {self.state.global_step + 1} "
                                  f"(epoch {self.state.epoch})",
@@ -595,7 +595,7 @@ class Trainer:
             if self.output_dir is not None:  # one writer per output folder (the script's lock is re-entered)
                 stack.enter_context(lock_on_main_process(self.accelerator, self.output_dir))
             self._stop = stack.enter_context(stop_signals(self.output_dir, defer=True)) if handle_signals else None
-            self._stop_agreed = False
+            self._stop_agreed = 0
             try:
                 return self._run(loader, on_epoch_end, progress)
             finally:
@@ -654,8 +654,10 @@ class Trainer:
         if self.output_dir is not None and config.checkpointing_steps and not os.path.isdir(
                 os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")):
             self.save_checkpoint()
-        if self._stop is not None and any_process(acc, self._stop.requested):  # during the last step
-            self._stop_now()
+        if self._stop is not None:  # a request during the last step
+            signum = largest_on_any_process(acc, self._stop_signum())
+            if signum:
+                self._stop_now(signum)
         return state
 
     def _after_step(self, out: StepOutput) -> None:
@@ -686,11 +688,15 @@ class Trainer:
 
     # ---- stopping on a signal
 
+    def _stop_signum(self) -> int:
+        """The signal that asked this process to stop, 0 for none."""
+        return int(self._stop.signum or 0) if self._stop is not None else 0
+
     def _should_stop(self) -> bool:
         """A stop was requested: on this process (one process), or on any process (agreed in ``train_step``)."""
-        if self._stop is None:
-            return False
-        return self._stop.requested if self.accelerator.num_processes == 1 else self._stop_agreed
+        if self.accelerator.num_processes == 1:
+            return bool(self._stop_signum())
+        return bool(self._stop_agreed)
 
     @contextlib.contextmanager
     def _interruptible(self):
@@ -708,7 +714,7 @@ class Trainer:
 
     def _stop_now(self, signum: Optional[int] = None) -> None:
         """Write the checkpoint of the last completed step (with an output_dir) and raise RunInterrupted."""
-        signum = signum or (self._stop.signum if self._stop is not None else None) or signal.SIGTERM
+        signum = signum or self._stop_agreed or self._stop_signum() or signal.SIGTERM
         step = self._snapshot["global_step"]
         if self.output_dir is None:
             where = "no checkpoint was written (the trainer has no output_dir)"
@@ -716,7 +722,9 @@ class Trainer:
             self.save_checkpoint()
             where = (f"saved {CHECKPOINT_PREFIX}{step} in {self.output_dir}; continue with "
                      f"--resume_from_checkpoint latest")
-        raise RunInterrupted(f"stopped by {signal.Signals(signum).name} after step {step}: {where}", signum)
+        exc = RunInterrupted(f"stopped by {signal.Signals(signum).name} after step {step}: {where}", signum)
+        exc.reported_by_main = not self.accelerator.is_main_process  # every process stops after the same step
+        raise exc
 
     # ---- checkpoints
 
