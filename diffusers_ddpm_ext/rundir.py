@@ -158,7 +158,7 @@ def writing(path: str) -> Iterator[None]:
     """
     try:
         yield
-    except OutputWriteError:
+    except (OutputWriteError, OutputDirBusyError):
         raise
     except Exception as exc:
         if not isinstance(exc, OSError) and _os_error_code(exc) is None:

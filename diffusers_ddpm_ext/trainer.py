@@ -532,7 +532,8 @@ class Trainer:
             raise NonFiniteLossError(f"{what}; no checkpoint was saved (no output_dir). {advice}")
         self.save_checkpoint()  # the snapshot of the last step boundary: the last good state
         raise NonFiniteLossError(f"{what}; the last good state is {CHECKPOINT_PREFIX}{self._snapshot['global_step']} "
-                                 f"in {self.output_dir}. {advice}")
+                                 f"in {self.output_dir}. {advice} (--resume_from_checkpoint latest continues from it; "
+                                 f"name changed flags in --allow_changed_flags.)")
 
     def _end_step(self, grad_norm) -> StepOutput:
         """Book-keeping after the last micro-batch of an optimizer step (done or skipped)."""

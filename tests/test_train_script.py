@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -393,6 +394,8 @@ def test_failed_intermediate_push_warns_and_trains_on_failed_final_push_raises(p
     # The kept export is the one the final commit tried to send (model card included); its retry goes through.
     kept = tmp_path / "run-hub"
     assert "bits/dim" in (kept / "README.md").read_text() and (kept / "model_index.json").is_file()
+    mode = rundir.file_mode()  # the export was built private (0700 folder, 0600 weights); kept, it is not
+    assert all(stat.S_IMODE(os.stat(kept / f).st_mode) == mode for f in rundir.files_under(str(kept)))
     from diffusers_ddpm_ext.hub import push_to_hub
 
     push_to_hub(str(kept), "me/pushes", token="hf_dummy", private=True, commit_message="retry")
