@@ -16,7 +16,10 @@ whole accumulation window (and gives up after :data:`MAX_CONSECUTIVE_SKIPS` in a
 :meth:`Trainer.run` adds the rest of a run: epochs over a :class:`~diffusers_ddpm_ext.data.ResumableBatchSampler`
 loader with an exact data position, a checkpoint every ``checkpointing_steps`` (:meth:`Trainer.resume` restores
 one bit for bit), bits/dim every ``eval_every`` steps, a sample grid every ``save_images_epochs`` epochs, a
-progress bar and tracker logs, and an ``on_epoch_end`` hook (the training script exports the pipeline there).
+progress bar and tracker logs, and an ``on_epoch_end`` hook (the training script exports the pipeline there). It
+holds the output folder's lock (one writer per folder) and stops on SIGTERM/SIGINT after the optimizer step in
+progress, with a checkpoint of it. A resume compares the flags that change the result with those the checkpoint
+recorded (:mod:`diffusers_ddpm_ext.runflags`).
 
 Without an ``accelerator`` the trainer runs in this process on the model's device (:class:`LocalAccelerator`):
 what a notebook, a benchmark or a side-by-side comparison needs. The training script builds the model, the
@@ -704,6 +707,8 @@ class Trainer:
         """Periodic work a one-process run abandons at once on a signal (it writes only atomic files, and the
         weights, EMA and RNG are those of the last step boundary), to stop with the checkpoint of that step. With
         several processes the others wait in a collective call, so the request waits for the next boundary."""
+        if self._should_stop():  # a request that came after the last step's check
+            self._stop_now()
         if self._stop is None or self.accelerator.num_processes > 1:
             yield
             return
