@@ -29,11 +29,18 @@ _LAZY_NAMES = {
     "diffusion_loss": ("losses",),
     "create_timestep_sampler": ("timestep_sampler",),
     "UNET_PRESETS": ("presets", "unet"),
+    "Trainer": ("trainer",),
+    "TrainConfig": ("trainer",),
+    "evaluate_pipeline": ("evaluate",),
+    "estimate_analytic_gamma": ("analytic",),
+    "fit_analytic_variance": ("analytic",),
+    "optimal_trajectory": ("analytic",),
 }
 # Submodules reachable as attributes of the package (`diffusers_ddpm_ext.hub`) without importing them up front.
 _LAZY_SUBMODULES = (
-    "compare", "convert", "data", "hub", "likelihood", "losses", "metrics", "presets", "timestep_sampler",
-    "training_utils",
+    "analytic", "build", "checkpoints", "compare", "convert", "data", "data_order", "evaluate", "hub", "images",
+    "likelihood", "losses", "metrics", "model_card", "presets", "processes", "publish", "rundir", "runflags",
+    "timestep_sampler", "trainer", "viz",
 )
 
 __all__ = [
@@ -44,11 +51,17 @@ __all__ = [
     "GaussianDiffusionPipeline",
     "GaussianDiffusionScheduler",
     "GaussianDiffusionSchedulerOutput",
+    "TrainConfig",
+    "Trainer",
     "UNET_PRESETS",
     "bits_per_dim",
     "create_timestep_sampler",
     "diffusion_loss",
+    "estimate_analytic_gamma",
     "estimate_bits_per_dim",
+    "evaluate_pipeline",
+    "fit_analytic_variance",
+    "optimal_trajectory",
     "parse_respacing",
 ]
 

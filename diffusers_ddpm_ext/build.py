@@ -36,6 +36,11 @@ def check_flags(flags) -> None:
         value = getattr(flags, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             _fail(f"--{name} must be a positive integer (or left unset), got {value!r}")
+    if not isinstance(flags.eval_num_images, int) or flags.eval_num_images < 1:
+        _fail(f"--eval_num_images must be a positive integer (the images bits/dim is measured on), got "
+              f"{flags.eval_num_images!r}")
+    if not isinstance(flags.dataloader_num_workers, int) or flags.dataloader_num_workers < 0:
+        _fail(f"--dataloader_num_workers must be an integer >= 0, got {flags.dataloader_num_workers!r}")
     if flags.ddpm_num_inference_steps > flags.ddpm_num_steps:
         _fail(f"--ddpm_num_inference_steps ({flags.ddpm_num_inference_steps}) cannot exceed --ddpm_num_steps "
               f"({flags.ddpm_num_steps})")
@@ -48,8 +53,9 @@ def check_flags(flags) -> None:
               "datasets' save_to_disk and pass that folder as --dataset_name")
     if flags.unet_preset is not None and flags.unet_config is not None:
         _fail("pass either --unet_preset or --unet_config, not both")
-    if flags.unet_config is not None and not os.path.isfile(flags.unet_config):
-        _fail(f"--unet_config {flags.unet_config!r} is not a file (expected a JSON UNet config)")
+    if flags.unet_config is not None and not os.path.isfile(unet_config_file(flags.unet_config)):
+        _fail(f"--unet_config {flags.unet_config!r} is neither a JSON UNet config file nor a folder holding a "
+              f"config.json")
     if flags.enable_xformers_memory_efficient_attention and flags.model_type != "unet2d":
         _fail("--enable_xformers_memory_efficient_attention applies to --model_type unet2d only")
     if flags.class_column is not None and flags.num_class_embeds is None:
@@ -67,8 +73,66 @@ def check_flags(flags) -> None:
               "for classifier-free guidance")
 
 
+def check_run_flags(flags) -> None:
+    """Reject bad values of the flags that shape the run rather than the model or the data: its length, the
+    export cadence, resuming, the Hub (before anything is built).
+
+    Raises:
+        ValueError: naming the flag(s), the bad value and what is allowed.
+    """
+    from .runflags import parse_allowed_flags
+
+    if not isinstance(flags.num_epochs, int) or flags.num_epochs < 1:
+        _fail(f"--num_epochs must be a positive integer, got {flags.num_epochs!r}")
+    for name in ("max_train_steps", "save_model_epochs"):
+        value = getattr(flags, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            _fail(f"--{name} must be a positive integer (or left unset), got {value!r}")
+    if flags.resume_from_checkpoint is not None and flags.overwrite_output_dir:
+        _fail("--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir would delete its "
+              "checkpoints. Pass one of them.")
+    allowed = parse_allowed_flags(flags.allow_changed_flags)
+    if allowed and flags.resume_from_checkpoint is None:
+        _fail("--allow_changed_flags only applies with --resume_from_checkpoint")
+    if flags.push_to_hub and flags.hub_model_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(flags.hub_model_id)
+        except HFValidationError as exc:
+            raise ValueError(f"--hub_model_id {flags.hub_model_id!r} is not a valid repo id ('user/name'): {exc}") \
+                from exc
+    if flags.hub_strategy is not None and not flags.push_to_hub:
+        _fail(f"--hub_strategy {flags.hub_strategy} has no effect without --push_to_hub")
+    if flags.hub_private_repo and not flags.push_to_hub:
+        logger.warning("--hub_private_repo has no effect without --push_to_hub")
+
+
+def check_environment(flags, accelerator) -> None:
+    """What the flags need from this machine (run on the main process before training): xformers, a GPU for fp16,
+    a Hub token for --push_to_hub (so a missing token fails now, not hours later at the first push)."""
+    if flags.enable_xformers_memory_efficient_attention:
+        try:
+            import xformers  # noqa: F401
+        except ImportError as exc:
+            raise ValueError("--enable_xformers_memory_efficient_attention needs xformers installed") from exc
+    if flags.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        _fail("--mixed_precision fp16 needs a GPU; on CPU use bf16 or no")
+    if flags.push_to_hub:
+        import huggingface_hub
+
+        if not (flags.hub_token or os.environ.get("HF_TOKEN") or huggingface_hub.get_token()):
+            _fail("--push_to_hub needs a Hub write token: pass --hub_token, set HF_TOKEN or run `hf auth login`")
+
+
 def _fail(message: str) -> None:
     raise ValueError(message)
+
+
+def unet_config_file(path: str) -> str:
+    """The JSON file of a ``--unet_config`` value: the file itself, or ``config.json`` inside a folder (e.g. the
+    ``unet/`` folder of a saved pipeline)."""
+    return os.path.join(path, "config.json") if os.path.isdir(path) else path
 
 
 def resolve_out_channels(in_channels: int, variance_type: str, out_channels: Optional[int] = None) -> int:
@@ -101,7 +165,7 @@ def load_unet_config(path: str) -> Dict[str, Any]:
     """
     from .unet import unet2d_config_to_ours
 
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    file = unet_config_file(path)
     try:
         with open(file) as f:
             config = json.load(f)

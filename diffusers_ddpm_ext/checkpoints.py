@@ -15,6 +15,8 @@ epoch is a counter stored with the step.)
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -33,10 +35,11 @@ from .rundir import (
     checkpoint_step,
     fault_point,
     fsync_dir,
-    fsync_tree,
     remove_tree_safely,
     sha256_file,
     write_json_atomic,
+    write_new_file,
+    writing,
 )
 
 logger = logging.getLogger(__name__)
@@ -276,55 +279,59 @@ def save_checkpoint(
     Raises:
         ValueError: if any weight is NaN or infinite (a checkpoint is never written with such weights).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     assert_finite(model_state, "model weights")
     final = os.path.join(folder, f"{CHECKPOINT_PREFIX}{step}")
     tmp = os.path.join(folder, f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}-{os.getpid()}-{time.time_ns()}")
-    os.makedirs(tmp)
+    # Every file is serialised in memory first and written with plain writes, so a full disk or a read-only
+    # folder is reported as an OutputWriteError naming the file (torch.save writing to a path reports it as
+    # "unexpected pos ..."), and nothing is in place until the complete folder is renamed.
+    state = dict(training_state or {})
+    state["step"] = int(step)
+    state["model_class"] = type(model).__name__
+    state["model_config"] = _plain_config(getattr(model, "config", {}) or {})
+    files = {"model.safetensors": safetensors_bytes(model_state)}
+    if ema is not None:
+        names = [name for name, _ in model.named_parameters()]
+        if len(names) != len(ema.shadow_params):
+            raise ValueError(f"EMA tracks {len(ema.shadow_params)} tensors, the model has {len(names)} parameters")
+        ema_state = {n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}
+        assert_finite(ema_state, "EMA weights")
+        files["ema.safetensors"] = safetensors_bytes(ema_state)
+        state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    if sampler_state:
+        files["timestep_sampler.safetensors"] = safetensors_bytes(
+            {k: v.detach().cpu().contiguous() for k, v in sampler_state.items()})
+    for name, obj in (("optimizer.pt", optimizer), ("lr_scheduler.pt", lr_scheduler), ("scaler.pt", scaler)):
+        if obj is not None:
+            buffer = io.BytesIO()
+            torch.save(obj.state_dict(), buffer)
+            files[name] = buffer.getvalue()
+    files["training_state.json"] = json.dumps(state, allow_nan=False).encode()
+    files["rng_states.json"] = json.dumps(list(rng_states or [])).encode()
+    with writing(final):
+        os.makedirs(tmp)
     try:
-        save_file(model_state, os.path.join(tmp, "model.safetensors"))
-        fault_point("checkpoint_write")
-        state = dict(training_state or {})
-        state["step"] = int(step)
-        state["model_class"] = type(model).__name__
-        state["model_config"] = _plain_config(getattr(model, "config", {}) or {})
-        if ema is not None:
-            names = [name for name, _ in model.named_parameters()]
-            if len(names) != len(ema.shadow_params):
-                raise ValueError(f"EMA tracks {len(ema.shadow_params)} tensors, the model has {len(names)} parameters")
-            ema_state = {n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}
-            assert_finite(ema_state, "EMA weights")
-            save_file(ema_state, os.path.join(tmp, "ema.safetensors"))
-            ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-            state["ema"] = ema_meta
-        if sampler_state:
-            save_file({k: v.detach().cpu().contiguous() for k, v in sampler_state.items()},
-                      os.path.join(tmp, "timestep_sampler.safetensors"))
-        for name, obj in (("optimizer.pt", optimizer), ("lr_scheduler.pt", lr_scheduler), ("scaler.pt", scaler)):
-            if obj is not None:
-                torch.save(obj.state_dict(), os.path.join(tmp, name))
-        with open(os.path.join(tmp, "training_state.json"), "w") as f:
-            json.dump(state, f, allow_nan=False)
-        with open(os.path.join(tmp, "rng_states.json"), "w") as f:
-            json.dump(list(rng_states or []), f)
-        fsync_tree(tmp)
+        for name, data in files.items():
+            write_new_file(os.path.join(tmp, name), data, shown_path=os.path.join(final, name))
+            if name == "model.safetensors":
+                fault_point("checkpoint_write")
         manifest = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "step": int(step),
-            "files": {
-                name: {"size": os.path.getsize(os.path.join(tmp, name)), "sha256": sha256_file(os.path.join(tmp, name))}
-                for name in sorted(os.listdir(tmp))
-            },
+            "files": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                      for name, data in sorted(files.items())},
         }
         # The manifest is written last: a folder without it is never taken for a checkpoint.
         write_json_atomic(os.path.join(tmp, MANIFEST_NAME), manifest)
         fault_point("checkpoint_rename")
-        if os.path.exists(final):  # e.g. the NaN guard saving the step a periodic save already wrote
-            remove_tree_safely(final)
-        os.rename(tmp, final)
-        fsync_dir(folder)
+        with writing(final):
+            if os.path.exists(final):  # e.g. the NaN guard saving the step a periodic save already wrote
+                remove_tree_safely(final)
+            os.rename(tmp, final)
+            fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

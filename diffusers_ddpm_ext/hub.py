@@ -154,17 +154,30 @@ def load_pipeline(
     Returns:
         The pipeline class the index names (``GaussianDiffusionPipeline``, ``ClassConditionalDDPMPipeline``,
         ``DDPMPipeline``, ...) holding our classes.
+
+    Raises:
+        ValueError: ``model_index.json`` is not valid JSON or not a pipeline index (naming the file), or a model's
+            weights hold NaN or infinite values (naming the component and the tensor: the export is corrupt and
+            would sample NaN images).
     """
     dtype = dtype if dtype is not None else torch_dtype
-    from .training_utils import PUBLISH_JOURNAL_NAME
+    from .rundir import PUBLISH_JOURNAL_NAME
 
     journal = Path(pretrained_model_name_or_path) / PUBLISH_JOURNAL_NAME
     if journal.is_file():  # a training run died while replacing this pipeline: its files may be old and new mixed
         raise OSError(f"{pretrained_model_name_or_path} holds an interrupted export ({journal.name}): its files may "
                       "mix two pipelines. Restart the training command with --resume_from_checkpoint latest, or "
-                      "call diffusers_ddpm_ext.training_utils.recover_output_dir on the folder, to complete it.")
+                      "call diffusers_ddpm_ext.rundir.recover_output_dir on the folder, to complete it.")
     hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
-    source, index = _read_model_index(pretrained_model_name_or_path, **hub_kwargs)
+    index_name = f"{pretrained_model_name_or_path}/{MODEL_INDEX}"
+    try:
+        source, index = _read_model_index(pretrained_model_name_or_path, **hub_kwargs)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{index_name} is not valid JSON ({exc}); it should be the pipeline index written by "
+                         f"`save_pretrained`") from exc
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise ValueError(f"{index_name} is not a pipeline index (a JSON object with '_class_name' and one "
+                         f"[library, class] entry per component)")
     is_local = Path(source).is_dir()
     components = {}
     for name, value in index.items():
@@ -178,6 +191,12 @@ def load_pipeline(
             if dtype is not None:
                 kwargs["dtype"] = dtype
         components[name] = klass.from_pretrained(source, subfolder=name, **kwargs)
+        if isinstance(components[name], torch.nn.Module):
+            for tensor_name, tensor in components[name].state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"{pretrained_model_name_or_path}: {name} weight {tensor_name!r} holds NaN or "
+                                     f"infinite values; the export is corrupt (its samples would be NaN). Export "
+                                     f"the pipeline again from a checkpoint.")
     class_name = index["_class_name"]
     class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else class_name
     pipeline_cls = _resolve_class(class_name, "pipeline")

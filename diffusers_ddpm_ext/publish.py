@@ -17,7 +17,8 @@ import re
 from typing import Any, Dict, List, Mapping, Optional
 
 from .checkpoints import assert_finite
-from .rundir import TMP_PREFIX, files_under, fsync_tree, publish_dir, remove_tree_safely
+from .rundir import (PUBLISH_JOURNAL_NAME, TMP_PREFIX, apply_umask, files_under, fsync_tree, publish_dir,
+                     remove_tree_safely, writing)
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +101,17 @@ class RunPublisher:
             with trainer.ema_weights():
                 assert_finite(dict(trainer.unwrapped.state_dict()), "exported weights")
                 pipe = trainer.pipeline()
-                pipe.save_pretrained(stage, safe_serialization=True)
-                grid.save(os.path.join(stage, hub.GRID_NAME))
                 steps = config.ddpm_num_inference_steps
-                hub.render_model_card(pipe, repo_id=card_repo_id, metrics=card_metrics,
-                                      training_config=self.training_config, datasets=self.datasets,
-                                      sample_grid=hub.GRID_NAME, num_inference_steps=steps,
-                                      sample_grid_caption=f"EMA samples, {steps} steps, seed {config.seed}.",
-                                      ).save(os.path.join(stage, "README.md"))
+                with writing(f"the pipeline export in {stage}"):  # a full disk: one line, nothing published
+                    pipe.save_pretrained(stage, safe_serialization=True)
+                    grid.save(os.path.join(stage, hub.GRID_NAME))
+                    hub.render_model_card(pipe, repo_id=card_repo_id, metrics=card_metrics,
+                                          training_config=self.training_config, datasets=self.datasets,
+                                          sample_grid=hub.GRID_NAME, num_inference_steps=steps,
+                                          sample_grid_caption=f"EMA samples, {steps} steps, seed {config.seed}.",
+                                          ).save(os.path.join(stage, "README.md"))
+                    apply_umask(stage)  # safetensors writes the weights 0600
+                    fsync_tree(stage)
                 if commit_message is not None:
                     try:
                         hub.export_pipeline(pipe, hub_dir, sample_grid=grid, metrics=card_metrics,
@@ -115,7 +119,6 @@ class RunPublisher:
                                             datasets=self.datasets)
                     except Exception as exc:  # the local pipeline is still published below
                         error = exc
-            fsync_tree(stage)
             new_files = files_under(stage)
             stale = [f for f in files_under(out) if f.split(os.sep)[0] in ("unet", "scheduler") and f not in new_files]
             publish_dir(stage, out, remove=stale)
@@ -126,6 +129,8 @@ class RunPublisher:
                 except Exception as exc:
                     error = exc
         finally:
+            if not os.path.exists(os.path.join(out, PUBLISH_JOURNAL_NAME)):  # else the next start completes it
+                remove_tree_safely(stage)
             built = os.path.isfile(os.path.join(hub_dir, "model_index.json"))
             if keep_failed_upload and error is not None and built:
                 self.kept_export = self._keep(hub_dir)
@@ -143,6 +148,7 @@ class RunPublisher:
             number += 1
             kept = f"{base}-{number}"
         os.replace(hub_dir, kept)
+        apply_umask(kept)  # the export's temporary folder and weights were private (0700/0600)
         return kept
 
     def on_epoch_end(self, trainer, epoch: int) -> None:

@@ -12,6 +12,12 @@ A training run owns one folder (``--output_dir``). Everything written into it go
   start completes the swap.
 - **Leftovers** (:func:`remove_tree_safely`, :func:`clean_stale_temporaries`): deletions go through a hidden
   trash name; ``.tmp-*``/``.trash-*`` leftovers of a killed run are removed at the next start.
+- **One writer** (:func:`lock_output_dir`): an exclusive ``flock`` on ``<output_dir>/.run.lock`` held by the
+  run's main process for its whole life; a second run is refused naming the live one (pid, host, start time),
+  and the kernel drops the lock when its holder dies, however it dies, so a crashed run never leaves it stale.
+- **Write errors** (:class:`OutputWriteError`, :func:`writing`): a full disk, a file-size limit, a read-only file
+  system or a missing permission become one line naming the path and the cause. Every artefact is written to a
+  temporary name first, so a failed write never leaves a truncated file in place.
 - **Fault points** (:func:`fault_point`): ``DDPM_EXT_FAULT`` kills the process at a named point, for the
   crash tests.
 """
@@ -20,21 +26,30 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are not locked there
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 RUN_MARKER_NAME = "training_args.json"
 PUBLISH_JOURNAL_NAME = ".publish-journal.json"
+RUN_LOCK_NAME = ".run.lock"
 # Files and folders the training script writes into its output folder; --overwrite_output_dir only ever
 # touches these names, never anything else the user keeps there.
 MANAGED_OUTPUT_NAMES = (
@@ -104,6 +119,76 @@ def fault_point(name: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------------
+# Write errors
+# --------------------------------------------------------------------------------------------------
+
+
+class OutputWriteError(OSError):
+    """Writing ``path`` failed: disk full, file too large, read-only file system, no permission, I/O error.
+
+    ``str()`` is one line, e.g. ``no space left on device while writing out/checkpoint-6/model.safetensors``;
+    ``errno`` is the cause's. Raised by :func:`writing`.
+    """
+
+    def __init__(self, path: str, cause: BaseException):
+        code = _os_error_code(cause)
+        super().__init__(code, os.strerror(code) if code else str(cause))
+        self.path = path
+        self.reason = os.strerror(code).lower() if code else f"{type(cause).__name__}: {cause}"
+
+    def __str__(self) -> str:
+        return f"{self.reason} while writing {self.path}"
+
+
+def _os_error_code(exc: BaseException) -> Optional[int]:
+    """The errno of an OSError, or of a library error that only carries it in its text (safetensors' Rust I/O
+    errors say "... (os error 28)")."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    match = re.search(r"os error (\d+)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Turn an OS-level failure inside the block into :class:`OutputWriteError` naming ``path``.
+
+    Catches ``OSError`` and errors of writers that wrap one (safetensors); any other error passes unchanged.
+    """
+    try:
+        yield
+    except (OutputWriteError, OutputDirBusyError):
+        raise
+    except Exception as exc:
+        if not isinstance(exc, OSError) and _os_error_code(exc) is None:
+            raise
+        raise OutputWriteError(path, exc) from exc
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open()`` under the current umask (0o644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def apply_umask(folder: str) -> None:
+    """Give every file under ``folder`` the usual mode (:func:`file_mode`) and every folder 0o777 under the umask.
+
+    Writers that go through a private temporary file (``tempfile.mkstemp``, safetensors' ``save_file``) leave
+    mode 0600, so another user could read a pipeline's config but not its weights.
+    """
+    files = file_mode()
+    folders = files | ((files & 0o444) >> 2)  # x wherever r
+    for root, dirs, names in os.walk(folder):
+        os.chmod(root, folders)
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, files)
+
+
 def fsync_dir(path: str) -> None:
     """fsync a directory so a rename or a new entry inside it survives a power cut (no-op on Windows)."""
     if os.name == "nt":
@@ -125,24 +210,48 @@ def fsync_tree(path: str) -> None:
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` through a fsynced temporary file and an atomic rename.
+
+    The file gets the usual permissions (:func:`file_mode`). A failure (full disk, read-only folder, ...) raises
+    :class:`OutputWriteError` naming ``path`` and leaves the previous file, if any, untouched.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+    with writing(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+        try:
+            os.chmod(tmp, file_mode())  # mkstemp creates 0600
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(folder)
+
+
+def write_new_file(path: str, data: bytes, shown_path: Optional[str] = None) -> None:
+    """Create ``path`` (which must not exist) holding ``data``, fsynced, with the usual permissions.
+
+    For files inside a temporary folder that is renamed into place as a whole (a checkpoint); failures raise
+    :class:`OutputWriteError` naming ``shown_path`` (default ``path``).
+    """
+    with writing(shown_path or path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(folder)
+
+
+def write_image_atomic(path: str, image) -> None:
+    """Save a PIL image as PNG to ``path`` atomically (:func:`write_bytes_atomic`)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -193,6 +302,132 @@ def clean_stale_temporaries(folder: str) -> List[str]:
                     os.unlink(path)
             removed.append(name)
     return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# One writer per output folder
+# --------------------------------------------------------------------------------------------------
+
+
+class OutputDirBusyError(FileExistsError):
+    """Another live run holds the output folder's lock; ``holder`` is what it wrote into the lock file."""
+
+    def __init__(self, message: str, holder: Dict[str, Any]):
+        super().__init__(message)
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+# Locks this process holds: realpath of the folder -> [file descriptor, number of RunLock handles].
+_held_locks: Dict[str, list] = {}
+
+
+class RunLock:
+    """A handle on the lock of one output folder (see :func:`lock_output_dir`); ``release()`` or ``with``."""
+
+    def __init__(self, output_dir: str, key: str):
+        self.output_dir, self.path, self._key, self._released = output_dir, os.path.join(output_dir,
+                                                                                         RUN_LOCK_NAME), key, False
+
+    def release(self) -> None:
+        """Give this handle back; the last handle of the process deletes the lock file and unlocks it."""
+        if self._released:
+            return
+        self._released = True
+        entry = _held_locks.get(self._key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held_locks[self._key]
+            with contextlib.suppress(OSError):  # unlinked before unlocking: see lock_output_dir's retry
+                os.unlink(self.path)
+            os.close(entry[0])
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def lock_output_dir(output_dir: str) -> RunLock:
+    """Take the exclusive lock of ``output_dir`` (created if missing) for this process, or refuse.
+
+    The lock is ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``<output_dir>/.run.lock``, which records the holder's pid,
+    host, start time and command. The kernel releases it when the holder's descriptor closes, also when the
+    process is killed with SIGKILL, so a crashed run never leaves a stale lock (a leftover lock file is
+    harmless: the lock, not the file, is what counts). ``flock`` works on local file systems (ext4, xfs, btrfs,
+    tmpfs, overlayfs) and on NFS v4 (where Linux emulates it with byte-range locks). Calls from a process that
+    already holds the lock succeed (the trainer takes it again inside a script run); without ``fcntl``
+    (Windows) nothing is locked.
+
+    Raises:
+        OutputDirBusyError: another process holds it; the message names that run and what to do.
+        OutputWriteError: the lock file cannot be created (read-only folder, full disk, no permission).
+    """
+    key = os.path.realpath(output_dir)
+    if key in _held_locks:
+        _held_locks[key][1] += 1
+        return RunLock(output_dir, key)
+    path = os.path.join(output_dir, RUN_LOCK_NAME)
+    with writing(path):
+        os.makedirs(output_dir, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            if fcntl is None:
+                break
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_lock_holder(fd)
+                os.close(fd)
+                raise OutputDirBusyError(_busy_message(output_dir, holder), holder) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # The previous holder deletes the file before unlocking it: if that happened between our open and our
+            # flock, we locked a deleted file and must try again with the new one.
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)[:300]}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
+            raise
+    _held_locks[key] = [fd, 1]
+    return RunLock(output_dir, key)
+
+
+def _read_lock_holder(fd: int) -> Dict[str, Any]:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _busy_message(output_dir: str, holder: Dict[str, Any]) -> str:
+    pid, host = holder.get("pid", "?"), holder.get("host", "an unknown host")
+    where = "this machine" if host == socket.gethostname() else f"host {host}"
+    started = holder.get("started", "at an unknown time")
+    command = f": {holder['command']}" if holder.get("command") else ""
+    return (f"--output_dir {output_dir!r} is in use by another training run (pid {pid} on {where}, started "
+            f"{started}{command}); two runs writing one folder would mix their checkpoints and pipelines. Wait "
+            f"for it to end, stop it (`kill -TERM {pid}` saves a checkpoint first; --resume_from_checkpoint latest "
+            f"continues it), or choose another --output_dir.")
 
 
 # --------------------------------------------------------------------------------------------------

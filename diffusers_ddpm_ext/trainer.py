@@ -16,7 +16,10 @@ whole accumulation window (and gives up after :data:`MAX_CONSECUTIVE_SKIPS` in a
 :meth:`Trainer.run` adds the rest of a run: epochs over a :class:`~diffusers_ddpm_ext.data.ResumableBatchSampler`
 loader with an exact data position, a checkpoint every ``checkpointing_steps`` (:meth:`Trainer.resume` restores
 one bit for bit), bits/dim every ``eval_every`` steps, a sample grid every ``save_images_epochs`` epochs, a
-progress bar and tracker logs, and an ``on_epoch_end`` hook (the training script exports the pipeline there).
+progress bar and tracker logs, and an ``on_epoch_end`` hook (the training script exports the pipeline there). It
+holds the output folder's lock (one writer per folder) and stops on SIGTERM/SIGINT after the optimizer step in
+progress, with a checkpoint of it. A resume compares the flags that change the result with those the checkpoint
+recorded (:mod:`diffusers_ddpm_ext.runflags`).
 
 Without an ``accelerator`` the trainer runs in this process on the model's device (:class:`LocalAccelerator`):
 what a notebook, a benchmark or a side-by-side comparison needs. The training script builds the model, the
@@ -32,18 +35,20 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from . import checkpoints
+from . import checkpoints, runflags
 from .checkpoints import CheckpointError, capture_rng_state, restore_rng_state
 from .losses import LOSS_TYPES, diffusion_loss
-from .processes import LocalAccelerator, all_finite_and_mean, gather_object, on_main_process
-from .rundir import CHECKPOINT_PREFIX, fault_point
+from .processes import (LocalAccelerator, RunInterrupted, gather_object, largest_on_any_process,
+                        lock_on_main_process, on_main_process, step_consensus, stop_signals)
+from .rundir import CHECKPOINT_PREFIX, fault_point, write_image_atomic
 from .scheduler import LEARNED_VARIANCE_TYPES
 from .timestep_sampler import SAMPLER_NAMES, create_timestep_sampler
 
@@ -249,10 +254,19 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}")
         for name in ("checkpointing_steps", "checkpoints_total_limit", "eval_every", "eval_bpd_steps",
-                     "save_images_epochs"):
+                     "save_images_epochs", "debug_nan_at_step", "debug_interrupt_after_step"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name} must be a positive integer (or left unset), got {value!r}")
+        for f in dataclasses.fields(self):  # NaN passes every comparison below, inf most of them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name} must be a finite number, got {value!r}")
+        if self.eval_bpd_steps is not None and self.eval_bpd_steps < 2:
+            raise ValueError(f"--eval_bpd_steps must be >= 2 (bits/dim draws two timesteps per stratum), got "
+                             f"{self.eval_bpd_steps!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate!r}")
         if self.lr_warmup_steps < 0:
@@ -265,6 +279,11 @@ class TrainConfig:
                              f"{self.adam_weight_decay!r}, {self.adam_epsilon!r}")
         if not 0.0 <= self.ema_max_decay <= 1.0:
             raise ValueError(f"--ema_max_decay must be in [0, 1], got {self.ema_max_decay!r}")
+        for name in ("ema_inv_gamma", "ema_power"):  # EMA warm-up decay 1 - (1 + step / inv_gamma) ** -power
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)!r}")
+        if self.guidance_scale is not None and not self.guidance_scale >= 0:
+            raise ValueError(f"--guidance_scale must be >= 0 (or left unset), got {self.guidance_scale!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"--max_grad_norm must be positive (or unset for no clipping), got "
                              f"{self.max_grad_norm!r}")
@@ -352,11 +371,15 @@ class Trainer:
             an object with ``loss`` (its mean is minimised: (B,) per example, or already reduced),
             ``unweighted_loss`` ((B,), fed to the timestep sampler) and optionally ``mse`` ((B,)), e.g. diffusers'
             plain ε-MSE for a ``DDPMScheduler``.
+        run_flags: values of result-changing flags the trainer cannot see (the training script passes
+            :func:`~diffusers_ddpm_ext.runflags.script_flags`: batch size, data, precision). Recorded with the
+            config's and the scheduler's in every checkpoint; :meth:`resume` compares them.
     """
 
     def __init__(self, model, noise_scheduler, config: Optional[TrainConfig] = None, *, max_train_steps: int,
                  accelerator=None, generator: Optional[torch.Generator] = None, output_dir: Optional[str] = None,
-                 eval_set: Optional[EvalSet] = None, loss_fn: Optional[Callable] = None):
+                 eval_set: Optional[EvalSet] = None, loss_fn: Optional[Callable] = None,
+                 run_flags: Optional[Dict[str, Any]] = None):
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
@@ -406,6 +429,11 @@ class Trainer:
         self._nan_injected = False
         self._segment_start = time.time()
         self._snapshot = self._take_snapshot()
+        self.run_flags = dict(run_flags or {})
+        # Flags changed on resume with --allow_changed_flags, as "name old -> new from step N" (all segments).
+        self.flag_changes: List[str] = []
+        self._stop = None  # the StopSignals of run(); _stop_agreed: the signal every process agreed to stop on
+        self._stop_agreed = 0
 
     # ---- one step
 
@@ -458,7 +486,8 @@ class Trainer:
             loss = out.loss.mean()
             if config.debug_nan_at_step == self.state.global_step + 1 and not self._nan_injected:
                 loss, self._nan_injected = loss * float("nan"), True  # once: a skipped step retries with new data
-            finite, mean_loss = all_finite_and_mean(acc, loss)
+            finite, mean_loss, stop = step_consensus(acc, loss, self._stop_signum())
+            self._stop_agreed = max(self._stop_agreed, stop)
             if not finite:
                 self._non_finite(f"non-finite loss ({loss.item()}) at optimizer step {self.state.global_step + 1} "
                                  f"(epoch {self.state.epoch})",
@@ -506,7 +535,8 @@ class Trainer:
             raise NonFiniteLossError(f"{what}; no checkpoint was saved (no output_dir). {advice}")
         self.save_checkpoint()  # the snapshot of the last step boundary: the last good state
         raise NonFiniteLossError(f"{what}; the last good state is {CHECKPOINT_PREFIX}{self._snapshot['global_step']} "
-                                 f"in {self.output_dir}. {advice}")
+                                 f"in {self.output_dir}. {advice} (--resume_from_checkpoint latest continues from it; "
+                                 f"name changed flags in --allow_changed_flags.)")
 
     def _end_step(self, grad_norm) -> StepOutput:
         """Book-keeping after the last micro-batch of an optimizer step (done or skipped)."""
@@ -543,18 +573,39 @@ class Trainer:
     # ---- the run
 
     def run(self, loader, on_epoch_end: Optional[Callable[["Trainer", int], None]] = None,
-            progress: bool = True) -> TrainState:
+            progress: bool = True, handle_signals: bool = True) -> TrainState:
         """Train to ``max_train_steps`` over ``loader``, epoch after epoch, from where :attr:`state` stands.
+
+        With an ``output_dir`` the main process holds the folder's lock (:func:`~diffusers_ddpm_ext.rundir.
+        lock_output_dir`) for the whole run: a second run on the same folder is refused.
 
         Args:
             loader: a DataLoader; with a :class:`~diffusers_ddpm_ext.data.ResumableBatchSampler` as its batch
                 sampler (``data.make_dataloader``) the data order and position are restored exactly on resume.
             on_epoch_end: called as ``on_epoch_end(trainer, epoch)`` after every complete epoch but the last.
             progress: show a progress bar (main process).
+            handle_signals: SIGTERM/SIGINT (Ctrl-C) stop the run at the end of the optimizer step in progress
+                (every process after the same step), write a checkpoint of it (with an ``output_dir``) and raise
+                :class:`~diffusers_ddpm_ext.processes.RunInterrupted`; the periodic evaluation, sample grid and
+                ``on_epoch_end`` of a one-process run are abandoned at once instead. A second Ctrl-C stops at once.
 
         Returns:
             The final :class:`TrainState`. A checkpoint of the last step is written if ``checkpointing_steps``.
+
+        Raises:
+            RunInterrupted: stopped by a signal (after the checkpoint of the last completed step).
         """
+        with contextlib.ExitStack() as stack:
+            if self.output_dir is not None:  # one writer per output folder (the script's lock is re-entered)
+                stack.enter_context(lock_on_main_process(self.accelerator, self.output_dir))
+            self._stop = stack.enter_context(stop_signals(self.output_dir, defer=True)) if handle_signals else None
+            self._stop_agreed = 0
+            try:
+                return self._run(loader, on_epoch_end, progress)
+            finally:
+                self._stop = None
+
+    def _run(self, loader, on_epoch_end, progress: bool) -> TrainState:
         from tqdm.auto import tqdm
 
         acc, config, state = self.accelerator, self.config, self.state
@@ -586,11 +637,17 @@ class Trainer:
                     if state.batch_in_epoch >= self.micro_batches_per_epoch:
                         break
                     out = self.train_step(batch)
-                    if out is None or out.skipped:
+                    if out is None:
                         continue
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{out.logs['lr']:.2e}")
-                    self._after_step(out)
+                    if not out.skipped:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{out.logs['lr']:.2e}")
+                        self._after_step(out)
+                    if self._should_stop():
+                        self._stop_now()
+                    if out.skipped:
+                        continue
+                    self._periodic_evaluation()
                     if state.global_step >= self.max_train_steps:
                         done = True
                         break
@@ -601,28 +658,79 @@ class Trainer:
         if self.output_dir is not None and config.checkpointing_steps and not os.path.isdir(
                 os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")):
             self.save_checkpoint()
+        if self._stop is not None:  # a request during the last step
+            signum = largest_on_any_process(acc, self._stop_signum())
+            if signum:
+                self._stop_now(signum)
         return state
 
     def _after_step(self, out: StepOutput) -> None:
-        """Periodic work after an optimizer step: logs, checkpoint, bits/dim."""
+        """Book-keeping after an optimizer step: logs and the periodic checkpoint."""
         acc, config, step = self.accelerator, self.config, self.state.global_step
         acc.log(out.logs, step=step)
         if self.output_dir is not None and config.checkpointing_steps and step % config.checkpointing_steps == 0:
             self.save_checkpoint()
         if config.debug_interrupt_after_step == step:
             raise SimulatedInterrupt(f"stopped after step {step} (--debug_interrupt_after_step)")
+
+    def _periodic_evaluation(self) -> None:
+        """Bits/dim every ``eval_every`` steps (main process)."""
+        acc, config, step = self.accelerator, self.config, self.state.global_step
         if config.eval_every and step % config.eval_every == 0 and acc.is_main_process and self.eval_set is not None:
-            acc.log({"bits_per_dim": self.evaluate_bpd().mean}, step=step)
+            with self._interruptible():
+                acc.log({"bits_per_dim": self.evaluate_bpd().mean}, step=step)
 
     def _after_epoch(self, epoch: int, on_epoch_end) -> None:
         """Periodic work after a complete epoch: a sample grid, then the caller's hook."""
         every = self.config.save_images_epochs
-        if every and (epoch + 1) % every == 0 and self.accelerator.is_main_process and self.output_dir is not None:
-            path = os.path.join(self.output_dir, "samples", f"epoch_{epoch + 1:04d}.png")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.sample_grid().save(path)
-        if on_epoch_end is not None:
-            on_epoch_end(self, epoch)
+        with self._interruptible():
+            if every and (epoch + 1) % every == 0 and self.accelerator.is_main_process and self.output_dir is not None:
+                path = os.path.join(self.output_dir, "samples", f"epoch_{epoch + 1:04d}.png")
+                write_image_atomic(path, self.sample_grid())
+            if on_epoch_end is not None:
+                on_epoch_end(self, epoch)
+
+    # ---- stopping on a signal
+
+    def _stop_signum(self) -> int:
+        """The signal that asked this process to stop, 0 for none."""
+        return int(self._stop.signum or 0) if self._stop is not None else 0
+
+    def _should_stop(self) -> bool:
+        """A stop was requested: on this process (one process), or on any process (agreed in ``train_step``)."""
+        if self.accelerator.num_processes == 1:
+            return bool(self._stop_signum())
+        return bool(self._stop_agreed)
+
+    @contextlib.contextmanager
+    def _interruptible(self):
+        """Periodic work a one-process run abandons at once on a signal (it writes only atomic files, and the
+        weights, EMA and RNG are those of the last step boundary), to stop with the checkpoint of that step. With
+        several processes the others wait in a collective call, so the request waits for the next boundary."""
+        if self._should_stop():  # a request that came after the last step's check
+            self._stop_now()
+        if self._stop is None or self.accelerator.num_processes > 1:
+            yield
+            return
+        try:
+            with stop_signals(defer=False):
+                yield
+        except RunInterrupted as exc:
+            self._stop_now(exc.signum)
+
+    def _stop_now(self, signum: Optional[int] = None) -> None:
+        """Write the checkpoint of the last completed step (with an output_dir) and raise RunInterrupted."""
+        signum = signum or self._stop_agreed or self._stop_signum() or signal.SIGTERM
+        step = self._snapshot["global_step"]
+        if self.output_dir is None:
+            where = "no checkpoint was written (the trainer has no output_dir)"
+        else:
+            self.save_checkpoint()
+            where = (f"saved {CHECKPOINT_PREFIX}{step} in {self.output_dir}; continue with "
+                     f"--resume_from_checkpoint latest")
+        exc = RunInterrupted(f"stopped by {signal.Signals(signum).name} after step {step}: {where}", signum)
+        exc.reported_by_main = not self.accelerator.is_main_process  # every process stops after the same step
+        raise exc
 
     # ---- checkpoints
 
@@ -653,7 +761,8 @@ class Trainer:
             n = snapshot["num_losses"]
             training_state = {k: snapshot[k] for k in ("global_step", "epoch", "batch_in_epoch", "skipped_steps",
                                                         "train_time_s")}
-            training_state.update(loss_steps=self.state.loss_steps[:n], losses=self.state.losses[:n])
+            training_state.update(loss_steps=self.state.loss_steps[:n], losses=self.state.losses[:n],
+                                  flags=self.recorded_flags(), flag_changes=self.flag_changes)
             path = checkpoints.save_checkpoint(
                 self.output_dir, snapshot["global_step"], model=self.unwrapped, ema=self.ema,
                 optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=acc.scaler,
@@ -663,18 +772,27 @@ class Trainer:
             logger.info("saved %s", path)
         acc.wait_for_everyone()
 
-    def resume(self, checkpoint: Optional[str]) -> Optional[str]:
+    def resume(self, checkpoint: Optional[str], allow_changed_flags: Sequence[str] = ()) -> Optional[str]:
         """Restore weights, EMA, optimizer, LR schedule, timestep sampler, RNG states and position.
+
+        The flags that change the result (:meth:`recorded_flags`) are compared with those the checkpoint
+        recorded first (:func:`~diffusers_ddpm_ext.runflags.compare_flags`): a difference is refused unless the
+        flag is in ``allow_changed_flags``; an allowed new value then takes effect from this step on (learning
+        rate, schedule, AdamW and EMA hyperparameters are set into the restored optimizer, schedule and EMA; a
+        changed timestep sampler starts with an empty history) and is recorded in :attr:`flag_changes`.
 
         Args:
             checkpoint: ``"latest"`` (the newest intact checkpoint in ``output_dir``; None when there is none
                 yet, so a first run starts fresh), a checkpoint folder, or None (nothing to do).
+            allow_changed_flags: flag names (:data:`~diffusers_ddpm_ext.runflags.CHANGEABLE_ON_RESUME`) whose
+                change is intended.
 
         Returns:
             The folder resumed from, or None.
 
         Raises:
             CheckpointError: missing, altered, from another architecture or another number of processes.
+            ValueError: a result-changing flag differs from the checkpoint's and is not allowed to.
         """
         if checkpoint is None:
             return None
@@ -690,6 +808,8 @@ class Trainer:
         # `latest` has just checked every SHA-256; an explicitly named checkpoint is checked here.
         data = checkpoints.load_checkpoint(path, check_hashes=checkpoint != "latest")
         checkpoints.check_checkpoint_matches(data, self.unwrapped)
+        changes = on_main_process(acc, lambda: self._compare_flags(data, allow_changed_flags))
+        changed = {name for name, _, _ in changes}
         self.unwrapped.load_state_dict(data.model_state, strict=True)
         self.optimizer.load_state_dict(data.optimizer_state)
         self.lr_scheduler.load_state_dict(data.lr_scheduler_state)
@@ -697,7 +817,14 @@ class Trainer:
             acc.scaler.load_state_dict(data.scaler_state)
         if self.ema is not None:
             checkpoints.load_ema_state(self.ema, self.unwrapped, data)
-        self.timestep_sampler.load_state_dict(data.sampler_state)
+        if "timestep_sampler" in changed:
+            logger.info("--timestep_sampler %s starts with an empty loss history", self.config.timestep_sampler)
+        else:
+            try:
+                self.timestep_sampler.load_state_dict(data.sampler_state)
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: its timestep-sampler state does not fit --timestep_sampler "
+                                      f"{self.config.timestep_sampler} ({exc})") from exc
         if len(data.rng_states) != acc.num_processes:
             raise CheckpointError(f"{path} was written by {len(data.rng_states)} processes, this run has "
                                   f"{acc.num_processes}: exact resume needs the same number of processes")
@@ -705,10 +832,56 @@ class Trainer:
         defaults = TrainState()
         self.state = TrainState(**{f.name: data.training_state.get(f.name, getattr(defaults, f.name))
                                    for f in dataclasses.fields(TrainState)})
+        self._apply_changed_flags(changed)
+        self.flag_changes = list(data.training_state.get("flag_changes", [])) + runflags.describe_changes(
+            changes, self.state.global_step)
         self._snapshot = self._take_snapshot()
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.global_step,
-                    self.state.epoch, self.state.batch_in_epoch)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)%s", path, self.state.global_step,
+                    self.state.epoch, self.state.batch_in_epoch,
+                    "".join(f"; --{n} {o!r} -> {v!r}" for n, o, v in changes))
         return path
+
+    def recorded_flags(self) -> Dict[str, Any]:
+        """The result-changing flags of this run, by flag name, as every checkpoint records them: the config's,
+        the scheduler's (``ddpm_num_steps``, ``ddpm_beta_schedule``, ``prediction_type``, ``variance_type``),
+        ``max_train_steps`` and the ``run_flags`` given."""
+        sched = self.noise_scheduler.config
+        flags = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
+                 if f.name in runflags.COMPARED_FLAGS}
+        flags.update(max_train_steps=self.max_train_steps, ddpm_num_steps=sched.get("num_train_timesteps"),
+                     ddpm_beta_schedule=sched.get("beta_schedule"), prediction_type=sched.get("prediction_type"),
+                     variance_type=sched.get("variance_type"))
+        flags.update(self.run_flags)
+        return flags
+
+    def _compare_flags(self, data, allowed: Sequence[str]) -> list:
+        recorded, source = data.training_state.get("flags"), data.path
+        if recorded is None:  # written before checkpoints recorded their flags: the run's training_args.json
+            recorded = runflags.flags_from_training_args(runflags.recorded_flags_path(data.path))
+            source = f"{data.path} (flags of its training_args.json)"
+        if recorded is None:
+            logger.warning("%s records no flags (an older checkpoint without training_args.json): resuming without "
+                           "comparing them", data.path)
+            return []
+        return runflags.compare_flags(recorded, self.recorded_flags(), allowed, source)
+
+    def _apply_changed_flags(self, changed: set) -> None:
+        """Put allowed new hyperparameters into the optimizer, LR schedule and EMA just restored (which carry the
+        checkpoint's); the schedule's shape (type, warm-up, length) is already this run's."""
+        config = self.config
+        if changed & {"learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "adam_beta1",
+                      "adam_beta2", "adam_weight_decay", "adam_epsilon"}:
+            groups, schedule = self.optimizer.param_groups, self.lr_scheduler
+            for group in groups:
+                group.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                             weight_decay=config.adam_weight_decay, initial_lr=config.learning_rate)
+            schedule.base_lrs = [config.learning_rate] * len(groups)
+            for group, base, factor in zip(groups, schedule.base_lrs, schedule.lr_lambdas):
+                group["lr"] = base * factor(schedule.last_epoch)
+            schedule._last_lr = [group["lr"] for group in groups]
+        if self.ema is not None and changed & {"ema_inv_gamma", "ema_power", "ema_max_decay"}:
+            self.ema.inv_gamma, self.ema.power, self.ema.decay = config.ema_inv_gamma, config.ema_power, \
+                config.ema_max_decay
 
     # ---- sampling and evaluation (EMA weights)
 

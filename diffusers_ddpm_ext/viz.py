@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
+
+from .rundir import write_bytes_atomic
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -78,7 +80,11 @@ def _as_uint8_batch(images) -> np.ndarray:
 
 
 def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str, title: str = "training loss") -> None:
-    """Plot loss against optimizer step (raw and a moving average) to a PNG with matplotlib's Agg backend."""
+    """Plot loss against optimizer step (raw and a moving average) to a PNG with matplotlib's Agg backend.
+
+    The file is replaced atomically (:func:`~diffusers_ddpm_ext.rundir.write_bytes_atomic`): a failed write
+    raises ``OutputWriteError`` naming ``path`` and leaves the previous curve, if any, in place.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -99,6 +105,6 @@ def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str, ti
     axes.set_title(title)
     axes.legend()
     figure.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    figure.savefig(path, format="png")
+    buffer = io.BytesIO()  # rendered first, then written atomically: a full disk never leaves half a PNG
+    figure.savefig(buffer, format="png")
+    write_bytes_atomic(path, buffer.getvalue())

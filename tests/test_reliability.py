@@ -3,8 +3,8 @@
 The crash tests run the real training script in separate processes and kill them with SIGKILL, either at exact
 points through the fault-injection hook (`DDPM_EXT_FAULT=<point>:<n>`, `rundir.fault_point`) or from
 outside at a moment chosen by the clock. To keep nine process starts affordable, the processes are forked from a
-multiprocessing forkserver that has imported torch/diffusers/accelerate once (each child is still a fresh
-process: it loads `training/train.py`, trains, and dies by SIGKILL when told to).
+multiprocessing forkserver that has imported torch/diffusers/accelerate once (`train_helpers.forkserver`; each
+child is still a fresh process: it loads `training/train.py`, trains, and dies by SIGKILL when told to).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import multiprocessing
 import os
 import pickle
 import shutil
@@ -23,7 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 import train_helpers
-from train_helpers import ROOT, TRAIN, TRAIN_PY, assert_same_checkpoint, run_train
+from train_helpers import ROOT, TRAIN, assert_same_checkpoint, forkserver, run_train
+from train_helpers import finish_process as finish
+from train_helpers import start_process as start
+from train_helpers import train_process
 
 import diffusers_ddpm_ext  # noqa: F401
 from diffusers_ddpm_ext import checkpoints as ck
@@ -41,54 +43,10 @@ SIGKILLED = -signal.SIGKILL
 # Separate training processes (forkserver children)
 # ------------------------------------------------------------------------------------------------------------
 
-# Executed by `exec` in the child: picklable by reference, and no test module has to be importable there.
-_CHILD = """
-import os, sys, importlib.util
-log = os.open(LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-os.dup2(log, 1)
-os.dup2(log, 2)
-os.environ.pop("DDPM_EXT_FAULT", None)
-os.environ.update(ENV)
-import torch
-torch.set_num_threads(1)  # every run the same: bitwise comparisons across processes
-spec = importlib.util.spec_from_file_location("ddpm_ext_train_child", TRAIN_PY)
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
-train.main(ARGV)
-"""
-_PRELOAD = ["torch", "numpy", "accelerate", "diffusers", "diffusers.training_utils", "diffusers.optimization",
-            "diffusers_ddpm_ext", "diffusers_ddpm_ext.trainer", "diffusers_ddpm_ext.build", "diffusers_ddpm_ext.publish",
-            "diffusers_ddpm_ext.likelihood", "diffusers_ddpm_ext.losses", "diffusers_ddpm_ext.data",
-            "diffusers_ddpm_ext.hub"]
-
 
 @pytest.fixture(scope="module")
 def spawner():
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    return ctx
-
-
-def start(ctx, log, *argv, fault=None):
-    env = {"DDPM_EXT_FAULT": fault} if fault else {}
-    g = {"LOG": str(log), "ENV": env, "TRAIN_PY": str(TRAIN_PY), "ARGV": [str(a) for a in argv]}
-    proc = ctx.Process(target=exec, args=(_CHILD, g), daemon=True)
-    proc.start()
-    return proc
-
-
-def finish(proc, log, expect, timeout=300):
-    proc.join(timeout)
-    if proc.exitcode is None:
-        proc.kill()
-        proc.join()
-    assert proc.exitcode == expect, f"exit code {proc.exitcode}, expected {expect}; log tail:\n" + \
-        Path(log).read_text()[-3000:]
-
-
-def train_process(ctx, log, *argv, fault=None, expect=0):
-    proc = start(ctx, log, *argv, fault=fault)
-    finish(proc, log, expect)
+    return forkserver()
 
 
 def digest(path):

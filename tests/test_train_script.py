@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -145,7 +146,7 @@ def parse(*argv):
         (["--learning_rate", "0"], ["--learning_rate"]),
         (["--ddpm_num_inference_steps", "2000"], ["--ddpm_num_inference_steps", "2000", "1000"]),
         (["--unet_preset", "digits-small", "--unet_config", "c.json"], ["--unet_preset", "--unet_config"]),
-        (["--unet_config", "/nonexistent/c.json"], ["--unet_config", "not a file"]),
+        (["--unet_config", "/nonexistent/c.json"], ["--unet_config", "/nonexistent/c.json", "folder holding a config.json"]),
         (["--ema_max_decay", "1.5"], ["--ema_max_decay"]),
         (["--push_to_hub", "--hub_model_id", "a/b/c"], ["--hub_model_id"]),
         (["--hub_strategy", "end"], ["--hub_strategy end", "--push_to_hub"]),
@@ -300,15 +301,18 @@ def test_two_process_run_synchronises_and_writes_one_output(tmp_path):
                                               rundir.RUN_MARKER_NAME, "unet"])
     data = ck.load_checkpoint(str(out / "checkpoint-2"))
     assert len(data.rng_states) == 2 and data.rng_states[0] != data.rng_states[1]
-    # Resume both processes with `latest`: the main process picks the checkpoint and broadcasts it.
+    # Resume both processes with `latest` for 2 more steps: the main process picks the checkpoint and broadcasts
+    # it; the longer run is an intended change of a result-changing flag, so it is named.
     resume = [a if a != "2" or cmd[i - 1] != "--max_train_steps" else "4" for i, a in enumerate(cmd)]
-    proc = subprocess.run([*resume, "--resume_from_checkpoint", "latest"], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    proc = subprocess.run([*resume, "--resume_from_checkpoint", "latest", "--allow_changed_flags", "max_train_steps"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr and "checkpoint-2" in proc.stdout + proc.stderr
     lines = re.findall(r"\[rank (\d)\] weight checksum (\w+) ema (\w+)", proc.stdout)
     assert sorted(rank for rank, _, _ in lines) == ["0", "1"] and len({(w, e) for _, w, e in lines}) == 1
     assert ck.load_checkpoint(str(out / "checkpoint-4")).step == 4
+    assert json.loads((out / rundir.RUN_MARKER_NAME).read_text())["changed_on_resume"] == \
+        ["max_train_steps 2 -> 4 from step 2"]
 
 
 # ---- Hub pushes at save points (HfApi replaced by train_helpers.FakeHubApi: nothing leaves the machine)
@@ -390,6 +394,8 @@ def test_failed_intermediate_push_warns_and_trains_on_failed_final_push_raises(p
     # The kept export is the one the final commit tried to send (model card included); its retry goes through.
     kept = tmp_path / "run-hub"
     assert "bits/dim" in (kept / "README.md").read_text() and (kept / "model_index.json").is_file()
+    mode = rundir.file_mode()  # the export was built private (0700 folder, 0600 weights); kept, it is not
+    assert all(stat.S_IMODE(os.stat(kept / f).st_mode) == mode for f in rundir.files_under(str(kept)))
     from diffusers_ddpm_ext.hub import push_to_hub
 
     push_to_hub(str(kept), "me/pushes", token="hf_dummy", private=True, commit_message="retry")

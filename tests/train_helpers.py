@@ -1,10 +1,12 @@
-"""What the tests of training/train.py share: the loaded script, an in-process runner, tiny flags, checkpoint
-readers and a recording stand-in for the Hub API (imported by test_train_script.py and test_reliability.py)."""
+"""What the tests of training/train.py share: the loaded script, an in-process runner, separate training
+processes, tiny flags, checkpoint readers and a recording stand-in for the Hub API (imported by
+test_train_script.py, test_reliability.py and test_run_safety.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -38,6 +40,77 @@ def run_train(*argv):
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Separate training processes (forkserver children)
+# ------------------------------------------------------------------------------------------------------------
+
+# Executed by `exec` in the child: picklable by reference, and no test module has to be importable there.
+_CHILD = """
+import os, sys, importlib.util
+log = os.open(LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+os.dup2(log, 1)
+os.dup2(log, 2)
+os.environ.pop("DDPM_EXT_FAULT", None)
+os.environ.update(ENV)
+if FILE_SIZE_LIMIT is not None:
+    import resource, signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+import torch
+torch.set_num_threads(1)  # every run the same: bitwise comparisons across processes
+spec = importlib.util.spec_from_file_location("ddpm_ext_train_child", TRAIN_PY)
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+if CLI:  # as `python training/train.py` runs: one-line errors, exit codes, stop signals
+    from diffusers_ddpm_ext.processes import run_cli
+    run_cli(lambda: train.main(ARGV))
+else:
+    train.main(ARGV)
+"""
+_PRELOAD = ["torch", "numpy", "accelerate", "diffusers", "diffusers.training_utils", "diffusers.optimization",
+            "diffusers_ddpm_ext", "diffusers_ddpm_ext.trainer", "diffusers_ddpm_ext.build", "diffusers_ddpm_ext.publish",
+            "diffusers_ddpm_ext.likelihood", "diffusers_ddpm_ext.losses", "diffusers_ddpm_ext.data",
+            "diffusers_ddpm_ext.hub", "matplotlib.figure"]
+
+
+def forkserver():
+    """The multiprocessing context whose children start with torch/diffusers/accelerate already imported."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def start_process(ctx, log, *argv, fault=None, cli=False, file_size_limit=None):
+    """Start training/train.py's main(argv) in a fresh process, its output appended to ``log``.
+
+    Args:
+        fault: a DDPM_EXT_FAULT value (kill at a point).
+        cli: run it as the command does (processes.run_cli): exit codes, one-line errors, stop signals.
+        file_size_limit: RLIMIT_FSIZE in bytes (SIGXFSZ ignored, so larger writes fail with EFBIG).
+    """
+    env = {"DDPM_EXT_FAULT": fault} if fault else {}
+    g = {"LOG": str(log), "ENV": env, "TRAIN_PY": str(TRAIN_PY), "ARGV": [str(a) for a in argv], "CLI": cli,
+         "FILE_SIZE_LIMIT": file_size_limit}
+    proc = ctx.Process(target=exec, args=(_CHILD, g), daemon=True)
+    proc.start()
+    return proc
+
+
+def finish_process(proc, log, expect, timeout=300):
+    """Wait for ``proc`` and assert its exit code (negative: killed by that signal)."""
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+    assert proc.exitcode == expect, f"exit code {proc.exitcode}, expected {expect}; log tail:\n" + \
+        Path(log).read_text()[-3000:]
+
+
+def train_process(ctx, log, *argv, fault=None, expect=0, **kwargs):
+    proc = start_process(ctx, log, *argv, fault=fault, **kwargs)
+    finish_process(proc, log, expect)
 
 
 def checkpoint_tensors(path):

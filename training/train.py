@@ -17,21 +17,22 @@ import argparse
 import functools
 import logging
 import os
-import sys
 import time
 from typing import Optional, Sequence
 
 import torch
 
-from diffusers_ddpm_ext.build import MODEL_TYPES, build_data, build_model, check_flags
+from diffusers_ddpm_ext.build import (MODEL_TYPES, build_data, build_model, check_environment, check_flags,
+                                      check_run_flags)
 from diffusers_ddpm_ext.losses import LOSS_TYPES
-from diffusers_ddpm_ext.processes import on_main_process
+from diffusers_ddpm_ext.processes import lock_on_main_process, on_main_process, run_cli
 from diffusers_ddpm_ext.publish import RunPublisher, public_training_config
 from diffusers_ddpm_ext.rundir import RUN_MARKER_NAME, prepare_output_dir, write_json_atomic
+from diffusers_ddpm_ext.runflags import parse_allowed_flags, script_flags
 from diffusers_ddpm_ext.scheduler import BETA_SCHEDULE_ALIASES, BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 from diffusers_ddpm_ext.timestep_sampler import SAMPLER_NAMES
-from diffusers_ddpm_ext.trainer import (NAN_POLICIES, NonFiniteLossError, TrainConfig, Trainer, check_objective,
-                                        process_seed, seed_everything, steps_per_epoch)
+from diffusers_ddpm_ext.trainer import (NAN_POLICIES, TrainConfig, Trainer, check_objective, process_seed,
+                                        seed_everything, steps_per_epoch)
 
 logger = logging.getLogger("train")
 
@@ -65,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
       "on it).")
     # ---- model
     a("--unet_preset", default=None, help="UNet preset (DDPMUNet2DModel.list_presets()); default digits-small.")
-    a("--unet_config", default=None, help="JSON UNet config (ours or a UNet2DModel config.json, or a folder with "
-      "one) instead of a preset.")
+    a("--unet_config", default=None, help="JSON UNet config (ours or a UNet2DModel config.json), or a folder "
+      "holding a config.json (e.g. a saved pipeline's unet/), instead of a preset.")
     a("--model_config_name_or_path", default=None, help="train_unconditional.py's name for --unet_config (local "
       "config only).")
     a("--model_type", default="ours", choices=MODEL_TYPES, help="'ours' trains DDPMUNet2DModel; 'unet2d' "
@@ -131,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoints_total_limit", type=int, default=2, help="Keep at most this many checkpoints.")
     a("--resume_from_checkpoint", default=None, help="'latest' (newest complete checkpoint in --output_dir; a "
       "fresh start if none) or a checkpoint folder. Restores weights, EMA, optimizer, LR schedule, RNG, "
-      "timestep-sampler state and the data position.")
+      "timestep-sampler state and the data position. Every flag that changes the result must be the checkpoint's "
+      "(a difference is refused, naming the flag and both values) unless --allow_changed_flags names it.")
+    a("--allow_changed_flags", default=None, help="With --resume_from_checkpoint: comma-separated flags whose new "
+      "values are intended (e.g. learning_rate,max_train_steps); they apply from the resumed step and are recorded "
+      "(training_args.json 'changed_on_resume', the model card). Seed, batch size, accumulation, data and T never "
+      "change on resume.")
     # ---- evaluation
     a("--eval_bpd_steps", type=int, default=20, help="Timesteps per image for the held-out bits/dim estimate "
       "(stratified, unbiased; exact needs T).")
@@ -175,51 +181,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def validate_args(args) -> None:
-    """Reject bad flag combinations before anything is built, naming the flags, the value and what is allowed.
-
-    `TrainConfig`, `check_objective` and `build.check_flags` check the flags they consume; argparse's `choices`
-    the allowed values; this function the rest.
-    """
+    """Reject bad flags and flag combinations before anything is built, naming the flags, the value and what is
+    allowed: `TrainConfig` (training), `check_objective`, `build.check_flags` (model and data) and
+    `build.check_run_flags` (length, saves, resume, Hub); argparse's `choices` the allowed names."""
     TrainConfig.from_flags(args)
     check_objective(args.loss_type, args.variance_type)
     check_flags(args)
-    if not isinstance(args.num_epochs, int) or args.num_epochs < 1:
-        raise ValueError(f"--num_epochs must be a positive integer, got {args.num_epochs!r}")
-    for name in ("max_train_steps", "save_model_epochs"):
-        value = getattr(args, name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"--{name} must be a positive integer (or left unset), got {value!r}")
-    if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
-        raise ValueError("--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir would "
-                         "delete its checkpoints. Pass one of them.")
-    if args.push_to_hub and args.hub_model_id is not None:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(args.hub_model_id)
-        except HFValidationError as exc:
-            raise ValueError(f"--hub_model_id {args.hub_model_id!r} is not a valid repo id ('user/name'): {exc}") \
-                from exc
-    if args.hub_strategy is not None and not args.push_to_hub:
-        raise ValueError(f"--hub_strategy {args.hub_strategy} has no effect without --push_to_hub")
-    if args.hub_private_repo and not args.push_to_hub:
-        logger.warning("--hub_private_repo has no effect without --push_to_hub")
-
-
-def _check_environment(args, accelerator) -> None:
-    if args.enable_xformers_memory_efficient_attention:
-        try:
-            import xformers  # noqa: F401
-        except ImportError as exc:
-            raise ValueError("--enable_xformers_memory_efficient_attention needs xformers installed") from exc
-    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ValueError("--mixed_precision fp16 needs a GPU; on CPU use bf16 or no")
-    if args.push_to_hub:  # fail before training, not hours later at the first push, when no token is available
-        import huggingface_hub
-
-        if not (args.hub_token or os.environ.get("HF_TOKEN") or huggingface_hub.get_token()):
-            raise ValueError("--push_to_hub needs a Hub write token: pass --hub_token, set HF_TOKEN or run "
-                             "`hf auth login`")
+    check_run_flags(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -236,7 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         log_with=None if args.logger == "none" else args.logger,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
-    on_main_process(accelerator, functools.partial(_check_environment, args, accelerator))
+    on_main_process(accelerator, functools.partial(check_environment, args, accelerator))
 
     # ---- build: model and scheduler (identical initial weights on every rank: seeded before building), data
     model, noise_scheduler = build_model(args)
@@ -245,55 +213,54 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     max_train_steps = args.max_train_steps or args.num_epochs * epoch_steps
 
     # Only now that the flags, the model and the data are known to be good may the output folder be touched:
-    # --overwrite_output_dir deletes the previous run's checkpoints, which a typo in a flag must never cost.
-    resuming = args.resume_from_checkpoint is not None
-    on_main_process(accelerator, functools.partial(prepare_output_dir, args.output_dir, args.overwrite_output_dir,
-                                                   resuming))
-    accelerator.wait_for_everyone()
+    # --overwrite_output_dir deletes the previous run's checkpoints, which a typo in a flag must never cost. And
+    # only by this run: its main process holds the folder's lock until the end (a second run is refused).
+    with lock_on_main_process(accelerator, args.output_dir):
+        resuming = args.resume_from_checkpoint is not None
+        on_main_process(accelerator, functools.partial(prepare_output_dir, args.output_dir, args.overwrite_output_dir,
+                                                       resuming))
+        accelerator.wait_for_everyone()
 
-    # ---- train. Per-rank randomness (dropout, noise, t, label dropout); the data order is the sampler's.
-    generator = torch.Generator(device=accelerator.device)
-    seed_everything(process_seed(args.seed, accelerator.process_index), generator)
-    trainer = Trainer(model, noise_scheduler, TrainConfig.from_flags(args, num_levels=num_levels),
-                      max_train_steps=max_train_steps, accelerator=accelerator, generator=generator,
-                      output_dir=args.output_dir, eval_set=eval_set)
-    trainer.resume(args.resume_from_checkpoint)
-    run_config = public_training_config(vars(args))
-    if accelerator.is_main_process:
-        write_json_atomic(os.path.join(args.output_dir, RUN_MARKER_NAME), run_config)
-        if args.logger != "none":  # tensorboard's hparams take int/float/str/bool only
-            accelerator.init_trackers("train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                       for k, v in run_config.items()})
-    publisher = RunPublisher(trainer, run_config, dataset_name=args.dataset_name,
-                             save_model_epochs=args.save_model_epochs, push_to_hub=args.push_to_hub,
-                             hub_model_id=args.hub_model_id, hub_token=args.hub_token,
-                             hub_private_repo=args.hub_private_repo, hub_strategy=args.hub_strategy)
-    trainer.run(loader, on_epoch_end=publisher.on_epoch_end)
+        # ---- train. Per-rank randomness (dropout, noise, t, label dropout); the data order is the sampler's.
+        generator = torch.Generator(device=accelerator.device)
+        seed_everything(process_seed(args.seed, accelerator.process_index), generator)
+        trainer = Trainer(model, noise_scheduler, TrainConfig.from_flags(args, num_levels=num_levels),
+                          max_train_steps=max_train_steps, accelerator=accelerator, generator=generator,
+                          output_dir=args.output_dir, eval_set=eval_set, run_flags=script_flags(args, accelerator))
+        trainer.resume(args.resume_from_checkpoint, parse_allowed_flags(args.allow_changed_flags))
+        run_config = public_training_config(vars(args))
+        if trainer.flag_changes:  # what actually ran: the flags of this segment, and what earlier ones changed
+            run_config["changed_on_resume"] = trainer.flag_changes
+        if accelerator.is_main_process:
+            write_json_atomic(os.path.join(args.output_dir, RUN_MARKER_NAME), run_config)
+            if args.logger != "none":  # tensorboard's hparams take int/float/str/bool only
+                accelerator.init_trackers("train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                           for k, v in run_config.items()})
+        publisher = RunPublisher(trainer, run_config, dataset_name=args.dataset_name,
+                                 save_model_epochs=args.save_model_epochs, push_to_hub=args.push_to_hub,
+                                 hub_model_id=args.hub_model_id, hub_token=args.hub_token,
+                                 hub_private_repo=args.hub_private_repo, hub_strategy=args.hub_strategy)
+        trainer.run(loader, on_epoch_end=publisher.on_epoch_end)
 
-    # ---- measure and publish
-    metrics = trainer.report()
-    accelerator.wait_for_everyone()
-    push_error = publisher.publish_final(metrics)
-    if accelerator.is_main_process:
-        metrics["wall_time_s"] = time.time() - wall_start
-        if args.push_to_hub:
-            metrics["hub_pushes"] = publisher.pushes
-        write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
-        logger.info("done: %d steps, final loss %.4f, bits/dim (%s) %.3f ± %.3f, %.0f s", metrics["train_steps"],
-                    metrics["final_loss"] or float("nan"), eval_set.split, metrics["bits_per_dim"],
-                    metrics["bits_per_dim_standard_error"], metrics["wall_time_s"])
-    accelerator.end_training()
+        # ---- measure and publish
+        metrics = trainer.report()
+        accelerator.wait_for_everyone()
+        push_error = publisher.publish_final(metrics)
+        if accelerator.is_main_process:
+            metrics["wall_time_s"] = time.time() - wall_start
+            if args.push_to_hub:
+                metrics["hub_pushes"] = publisher.pushes
+            write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
+            logger.info("done: %d steps, final loss %.4f, bits/dim (%s) %.3f ± %.3f, %.0f s", metrics["train_steps"],
+                        metrics["final_loss"] or float("nan"), eval_set.split, metrics["bits_per_dim"],
+                        metrics["bits_per_dim_standard_error"], metrics["wall_time_s"])
+        accelerator.end_training()
     if push_error is not None:  # the final upload must not fail quietly; everything local is written by now
         raise publisher.final_push_error(push_error) from push_error
     return metrics
 
 
 if __name__ == "__main__":
-    from diffusers_ddpm_ext.hub import HubPushError
-
-    try:
-        main()
-    except (ValueError, FileExistsError, NonFiniteLossError, HubPushError) as exc:
-        # Bad flags, a protected output folder, a diverged run or a failed final upload: one clear line.
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(3 if isinstance(exc, NonFiniteLossError) else 4 if isinstance(exc, HubPushError) else 2)
+    # One line and a documented exit code for every failure the user can act on (processes.EXIT_CODES); SIGTERM
+    # and SIGINT stop after the current step with a checkpoint; the run stops when its launcher dies.
+    run_cli(main)
