@@ -528,6 +528,12 @@ def mount():
 
     def do(*args, target):
         proc = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+        if proc.returncode != 0 and not targets and ("permission denied" in proc.stderr.lower()
+                                                     or "must be superuser" in proc.stderr.lower()
+                                                     or "not permitted" in proc.stderr.lower()):
+            # Containers without CAP_SYS_ADMIN cannot mount at all; the disk-full path is still exercised there
+            # by the RLIMIT_FSIZE tests above. Anything else that breaks a mount is a failure.
+            pytest.skip(f"mount(8) is not permitted on this machine: {proc.stderr.strip()}")
         assert proc.returncode == 0, f"this test needs mount(8) (root): {proc.stderr}"
         targets.append(target)
 
