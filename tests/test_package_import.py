@@ -20,6 +20,8 @@ PUBLIC = [
     "ClassConditionalDDPMPipeline", "DDPMUNet2DModel", "DDPMUNet2DOutput", "GaussianDiffusionModelOutput",
     "GaussianDiffusionPipeline", "GaussianDiffusionScheduler", "GaussianDiffusionSchedulerOutput", "UNET_PRESETS",
     "bits_per_dim", "create_timestep_sampler", "diffusion_loss", "estimate_bits_per_dim", "parse_respacing",
+    "Trainer", "TrainConfig", "evaluate_pipeline", "estimate_analytic_gamma", "fit_analytic_variance",
+    "optimal_trajectory",
 ]
 
 FRESH = textwrap.dedent(
@@ -62,9 +64,14 @@ def test_lazy_names_are_the_real_objects_and_listed():
     presets = importlib.util.find_spec("diffusers_ddpm_ext.presets")
     home = importlib.import_module("diffusers_ddpm_ext.presets" if presets else "diffusers_ddpm_ext.unet")
     assert diffusers_ddpm_ext.UNET_PRESETS is home.UNET_PRESETS
+    from diffusers_ddpm_ext import analytic, evaluate, trainer
+
+    assert diffusers_ddpm_ext.Trainer is trainer.Trainer and diffusers_ddpm_ext.TrainConfig is trainer.TrainConfig
+    assert diffusers_ddpm_ext.evaluate_pipeline is evaluate.evaluate_pipeline
+    assert diffusers_ddpm_ext.fit_analytic_variance is analytic.fit_analytic_variance
     assert set(diffusers_ddpm_ext.__all__) == set(PUBLIC)
     assert set(PUBLIC) <= set(dir(diffusers_ddpm_ext))
-    for module in ("data", "hub", "metrics", "training_utils", "compare"):
+    for module in ("data", "hub", "metrics", "trainer", "checkpoints", "rundir", "viz", "model_card", "analytic"):
         assert getattr(diffusers_ddpm_ext, module).__name__ == f"diffusers_ddpm_ext.{module}"
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         diffusers_ddpm_ext.not_a_name
