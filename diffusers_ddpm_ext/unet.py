@@ -20,6 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders.peft import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.model_loading_utils import load_state_dict as _read_checkpoint_file
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
@@ -195,42 +199,106 @@ class DDPMResBlock(nn.Module):
         return out
 
 
-class DDPMAttentionBlock(nn.Module):
-    """Multi-head self-attention over all positions (L, H*W or F*H*W) with a residual connection.
+class DDPMAttnProcessor:
+    """Computes a [`DDPMAttention`] layer through diffusers' `dispatch_attention_fn`, so the backend chosen with
+    `model.set_attention_backend(...)` (or diffusers' `attention_backend` context) runs the attention product.
 
-    GroupNorm -> fused QKV projection -> `F.scaled_dot_product_attention` -> output projection, added to the
-    input (then divided by `rescale_output_factor`, as diffusers' mid block does). For 3D inputs every frame
-    position attends to every other one (IDM's `AttentionBlock` flattens all spatial axes the same way).
+    Replace it with `model.set_attn_processor(...)` by any callable `processor(attn, hidden_states)`.
     """
 
-    def __init__(
-        self, channels: int, num_heads: int, norm_groups: int | None, eps: float, rescale_output_factor: float = 1.0
-    ):
-        super().__init__()
-        self.num_heads = num_heads
-        self.rescale_output_factor = rescale_output_factor
-        self.norm = nn.GroupNorm(norm_groups, channels, eps=eps) if norm_groups else None
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj_out = nn.Linear(channels, channels)
+    _attention_backend = None  # set by `set_attention_backend`; None: diffusers' active backend (native SDPA)
+    _parallel_config = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, attn: "DDPMAttention", hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states
         if x.ndim != 4:
             # 1D / 3D: the same attention on a (B, C, 1, N) view (same positions in the same order, same GroupNorm
             # groups), so the 2D path below keeps its exact code and cost.
-            return self.forward(x.reshape(x.shape[0], x.shape[1], 1, -1)).reshape(x.shape)
+            return self(attn, x.reshape(x.shape[0], x.shape[1], 1, -1)).reshape(x.shape)
         b, c, hgt, wid = x.shape
-        h = x if self.norm is None else self.norm(x)
+        # 1. Normalise; every position becomes a token.
+        h = x if attn.group_norm is None else attn.group_norm(x)
         h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
-        qkv = self.qkv(h).unflatten(-1, (3, self.num_heads, c // self.num_heads))  # (B, HW, 3, heads, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, d)
-        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
-        a = self.proj_out(a.transpose(1, 2).reshape(b, hgt * wid, c))  # (B, HW, C)
+        # 2. Project to queries, keys and values, split into heads.
+        if attn.fused_projections:  # after `fuse_qkv_projections()`: one GEMM instead of three
+            q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+        q, k, v = (t.unflatten(-1, (attn.heads, -1)) for t in (q, k, v))  # each (B, HW, heads, d)
+        # 3. softmax(Q K^T / sqrt(d)) V per head (Vaswani et al. 2017 eq. 1), by the selected backend.
+        a = dispatch_attention_fn(q, k, v, backend=self._attention_backend, parallel_config=self._parallel_config)
+        # 4. Output projection back to the feature map, residual, optional rescale (diffusers' mid block).
+        a = attn.to_out[0](a.flatten(2))  # (B, HW, C)
         out = a.transpose(1, 2).reshape(b, c, hgt, wid)  # a view for one head; channels_last when x is
         if torch.is_grad_enabled():
             out = out + x
-            return out / self.rescale_output_factor if self.rescale_output_factor != 1.0 else out
-        out = out.add_(x)  # no autograd: `out` is this block's own fresh tensor
-        return out.div_(self.rescale_output_factor) if self.rescale_output_factor != 1.0 else out
+            return out / attn.rescale_output_factor if attn.rescale_output_factor != 1.0 else out
+        out = out.add_(x)  # no autograd: `out` is this layer's own fresh tensor
+        return out.div_(attn.rescale_output_factor) if attn.rescale_output_factor != 1.0 else out
+
+
+class DDPMAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head self-attention over all positions (L, H*W or F*H*W) with a residual connection.
+
+    GroupNorm -> Q/K/V projections -> attention -> output projection, added to the input (then divided by
+    `rescale_output_factor`, as diffusers' mid block does). For 3D inputs every frame position attends to every
+    other one (IDM's `AttentionBlock` flattens all spatial axes the same way).
+
+    The sub-module names are those of diffusers' `Attention` in `UNet2DModel` (`group_norm`, `to_q`, `to_k`, `to_v`,
+    `to_out.0`), so LoRA recipes targeting them apply unchanged, and as an `AttentionModuleMixin` the layer is reached
+    by `set_attention_backend`, `set_attn_processor` and `fuse_qkv_projections`. Checkpoints written before this
+    layout (one fused `qkv` Linear, `proj_out`, `norm`) are converted when loaded (`_split_legacy_attention`).
+    """
+
+    _default_processor_cls = DDPMAttnProcessor
+    _available_processors = [DDPMAttnProcessor]
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        norm_groups: int | None,
+        eps: float,
+        rescale_output_factor: float = 1.0,
+        processor=None,
+    ):
+        super().__init__()
+        self.heads = heads
+        self.rescale_output_factor = rescale_output_factor
+        self.use_bias = True  # read by `AttentionModuleMixin.fuse_projections`
+        self.group_norm = nn.GroupNorm(norm_groups, channels, eps=eps) if norm_groups else None
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.set_processor(processor if processor is not None else self._default_processor_cls())
+        self.register_load_state_dict_pre_hook(_split_legacy_attention_hook)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (B, C, *spatial). Returns the same shape."""
+        return self.processor(self, hidden_states)
+
+
+# Parameter names of the attention layer before it took diffusers' names: `norm` -> `group_norm`, one fused `qkv`
+# Linear (rows [q; k; v]) -> `to_q`, `to_k`, `to_v`, `proj_out` -> `to_out.0`.
+_LEGACY_ATTENTION_RENAMES = {"norm": "group_norm", "proj_out": "to_out.0"}
+
+
+def _split_legacy_attention(state_dict: dict, prefix: str) -> None:
+    """Rewrite, in place, the legacy keys of the attention layer at `prefix` (e.g. `"mid_block.attention."`)."""
+    for suffix in ("weight", "bias"):
+        qkv = state_dict.pop(f"{prefix}qkv.{suffix}", None)
+        if qkv is not None:
+            for name, part in zip(("to_q", "to_k", "to_v"), qkv.chunk(3, dim=0)):
+                state_dict[f"{prefix}{name}.{suffix}"] = part
+        for old, new in _LEGACY_ATTENTION_RENAMES.items():
+            if f"{prefix}{old}.{suffix}" in state_dict:
+                state_dict[f"{prefix}{new}.{suffix}"] = state_dict.pop(f"{prefix}{old}.{suffix}")
+
+
+def _split_legacy_attention_hook(module, state_dict, prefix, *args) -> None:
+    # `nn.Module.load_state_dict` path (accelerate checkpoints, user code): runs before this layer reads its keys.
+    _split_legacy_attention(state_dict, prefix)
 
 
 class DDPMDownsample(nn.Module):
@@ -377,7 +445,7 @@ class DDPMUNet2DOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class DDPMUNet2DModel(ModelMixin, ConfigMixin):
+class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""A DDPM / improved-diffusion style UNet that plugs into diffusers pipelines.
 
     Layout (as DDPM and diffusers' `UNet2DModel`): `conv_in`; per level `layers_per_block` res blocks
@@ -455,7 +523,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["DDPMResBlock", "DDPMAttentionBlock", "DDPMDownLevel", "DDPMMidBlock", "DDPMUpLevel"]
+    _no_split_modules = ["DDPMResBlock", "DDPMAttention", "DDPMDownLevel", "DDPMMidBlock", "DDPMUpLevel"]
     _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
@@ -530,8 +598,8 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
             return DDPMResBlock(cin, cout, temb_dim, norm_num_groups, norm_eps, act_fn, dropout,
                                 resnet_time_scale_shift, scale, dims)
 
-        def attn(c: int, groups: int | None = norm_num_groups, scale: float = 1.0) -> DDPMAttentionBlock:
-            return DDPMAttentionBlock(c, heads(c), groups, norm_eps, scale)
+        def attn(c: int, groups: int | None = norm_num_groups, scale: float = 1.0) -> DDPMAttention:
+            return DDPMAttention(c, heads(c), groups, norm_eps, scale)
 
         self.conv_in = conv(in_channels, chans[0], 3, padding=1)
         self.time_embedding = DDPMTimestepMLP(chans[0], temb_dim, time_embedding_act_fn)
@@ -581,8 +649,8 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         for module in self.modules():
             if isinstance(module, DDPMResBlock):
                 targets = [module.conv2]
-            elif isinstance(module, DDPMAttentionBlock):
-                targets = [module.proj_out]
+            elif isinstance(module, DDPMAttention):
+                targets = [module.to_out[0]]
             else:
                 continue
             for t in targets:
@@ -595,6 +663,35 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
     def null_class_label(self) -> int | None:
         """Index of the reserved null (unconditional) class, or None for an unconditional model."""
         return self.config.num_class_embeds if self.config.num_class_embeds else None
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def _load_pretrained_model(
+        cls, model, state_dict, resolved_model_file, pretrained_model_name_or_path, loaded_keys, *args, **kwargs
+    ):
+        """`ModelMixin.from_pretrained`'s weight loading, plus two guards: a checkpoint saved before the attention
+        layers took diffusers' names (fused `qkv`, `proj_out`) is converted, and a checkpoint that lacks any of the
+        model's tensors is refused (diffusers would leave them random, or on the meta device)."""
+        if any(key.endswith(".qkv.weight") for key in loaded_keys):
+            if state_dict is None:  # sharded: diffusers reads shard by shard; a layer's keys may span two shards
+                state_dict = {}
+                for shard in resolved_model_file:
+                    state_dict.update(_read_checkpoint_file(shard))
+            for name, module in model.named_modules():
+                if isinstance(module, DDPMAttention):
+                    _split_legacy_attention(state_dict, f"{name}.")
+            loaded_keys = list(state_dict)
+        missing = sorted(set(model.state_dict()) - set(loaded_keys))
+        if missing and kwargs.get("hf_quantizer") is None:
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path!r} has no tensors for {len(missing)} of "
+                f"{cls.__name__}'s parameters (e.g. {missing[:4]}): its weights do not match its config.json. "
+                "Refusing to leave them randomly initialised; load it with the class that saved it."
+            )
+        return super()._load_pretrained_model(
+            model, state_dict, resolved_model_file, pretrained_model_name_or_path, loaded_keys, *args, **kwargs
+        )
 
     # ------------------------------------------------------------------ forward
 
@@ -637,6 +734,14 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
                         f"`class_labels` must lie in [0, {n}] ({n} = null class); got values in [{lo}, {hi}]."
                     )
         return self.class_embedding(labels)
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the layers compute in: the weights' own, or under diffusers' layerwise casting (weights stored in
+        e.g. float8, cast per layer on use) the hook's compute dtype, as `ModelMixin.dtype` reports it. Read from
+        `conv_in` alone, so each call does not walk every module (`self.dtype` would)."""
+        registry = getattr(self.conv_in, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        return hook.compute_dtype if hook is not None else self.conv_in.weight.dtype
 
     def _check_sample(self, sample: torch.Tensor) -> None:
         if sample.ndim != self._sample_ndim:
@@ -681,7 +786,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         self._check_sample(sample)
         cfg = self.config
         batch, device = sample.shape[0], sample.device
-        dtype = self.conv_in.weight.dtype
+        dtype = self._compute_dtype()
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
 
@@ -1105,12 +1210,10 @@ def _state_dict_from_unet2d(theirs: dict, cfg: dict) -> dict:
             if f"{their}.{suffix}" in theirs:
                 ours[f"{our}.{suffix}"] = take(f"{their}.{suffix}")
     for our, their in attn_pairs:
-        if f"{their}.group_norm.weight" in theirs:
-            ours[f"{our}.norm.weight"] = take(f"{their}.group_norm.weight")
-            ours[f"{our}.norm.bias"] = take(f"{their}.group_norm.bias")
-        for suffix in ("weight", "bias"):
-            ours[f"{our}.qkv.{suffix}"] = torch.cat([take(f"{their}.to_{p}.{suffix}") for p in "qkv"], dim=0)
-            ours[f"{our}.proj_out.{suffix}"] = take(f"{their}.to_out.0.{suffix}")
+        for part in ("group_norm", "to_q", "to_k", "to_v", "to_out.0"):
+            for suffix in ("weight", "bias"):
+                if f"{their}.{part}.{suffix}" in theirs:
+                    ours[f"{our}.{part}.{suffix}"] = take(f"{their}.{part}.{suffix}")
     if "class_embedding.weight" in theirs:
         table = take("class_embedding.weight")  # (N, T) -> (N + 1, T), null row zero
         ours["class_embedding.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])], dim=0)
@@ -1132,13 +1235,10 @@ def _state_dict_to_unet2d(ours: dict, cfg: dict) -> dict:
             if f"{our}.{suffix}" in ours:
                 theirs[f"{their}.{suffix}"] = take(f"{our}.{suffix}")
     for our, their in attn_pairs:
-        if f"{our}.norm.weight" in ours:
-            theirs[f"{their}.group_norm.weight"] = take(f"{our}.norm.weight")
-            theirs[f"{their}.group_norm.bias"] = take(f"{our}.norm.bias")
-        for suffix in ("weight", "bias"):
-            for p, part in zip("qkv", take(f"{our}.qkv.{suffix}").chunk(3, dim=0)):
-                theirs[f"{their}.to_{p}.{suffix}"] = part.clone()
-            theirs[f"{their}.to_out.0.{suffix}"] = take(f"{our}.proj_out.{suffix}")
+        for part in ("group_norm", "to_q", "to_k", "to_v", "to_out.0"):
+            for suffix in ("weight", "bias"):
+                if f"{our}.{part}.{suffix}" in ours:
+                    theirs[f"{their}.{part}.{suffix}"] = take(f"{our}.{part}.{suffix}")
     if "class_embedding.weight" in ours:
         theirs["class_embedding.weight"] = take("class_embedding.weight")[:-1].clone()  # drop the null row
     if ours:
