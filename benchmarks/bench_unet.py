@@ -217,7 +217,7 @@ def peak_memory_mb(layout: str, which: str, mode: str, batch: int, threads: int)
     """Peak RSS growth (MiB) of two steps of one model, each model in a fresh subprocess."""
     code = (
         "import sys,torch;sys.path.insert(0,%r);import bench_unet as b\n"
-        "from diffusers_ddpm_ext.unet import unet2d_config_to_ours\n"
+        "from diffusers_ddpm_ext.convert import unet2d_config_to_ours\n"
         "torch.set_num_threads(%d);torch.manual_seed(0);cfg=b.unet2d_config(%r)\n"
         "with torch.device('meta'): full=dict(b.UNet2DModel(**cfg).config)\n"
         "m=b.UNet2DModel(**cfg) if %r=='unet2d' else b.DDPMUNet2DModel(**unet2d_config_to_ours(full))\n"

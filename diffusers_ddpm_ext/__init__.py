@@ -17,7 +17,8 @@ from .scheduler import (
     parse_respacing,
 )
 from .timestep_sampler import create_timestep_sampler
-from .unet import UNET_PRESETS, DDPMUNet2DModel, DDPMUNet2DOutput
+from .presets import UNET_PRESETS
+from .unet import DDPMUNet2DModel, DDPMUNet2DOutput
 
 __version__ = "0.1.0"
 

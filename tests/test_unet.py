@@ -12,7 +12,8 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.models.embeddings import get_timestep_embedding
 
-from diffusers_ddpm_ext.unet import UNET_PRESETS, DDPMUNet2DModel, DDPMUNet2DOutput, sinusoidal_timestep_embedding
+from diffusers_ddpm_ext.presets import UNET_PRESETS
+from diffusers_ddpm_ext.unet import DDPMUNet2DModel, DDPMUNet2DOutput, sinusoidal_timestep_embedding
 
 # Parameter counts of every preset (the README table). ddpm-cifar10 must be the paper's 35.7M (+-0.1M);
 # diffusers-tutorial must equal seed 004's printed UNet2DModel count.
