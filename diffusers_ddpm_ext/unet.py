@@ -601,20 +601,8 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
-        chans, attn_res = _validate_config(
-            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
-            center_input_sample=center_input_sample, block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
-            time_embedding_dim=time_embedding_dim, time_embedding_act_fn=time_embedding_act_fn, act_fn=act_fn,
-            resnet_skip_time_act=resnet_skip_time_act, resnet_time_scale_shift=resnet_time_scale_shift,
-            norm_num_groups=norm_num_groups, norm_eps=norm_eps, dropout=dropout,
-            attention_resolutions=attention_resolutions, add_attention=add_attention,
-            attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
-            mid_attention_norm=mid_attention_norm, attn_norm_num_groups=attn_norm_num_groups,
-            mid_block_scale_factor=mid_block_scale_factor, downsample_type=downsample_type,
-            downsample_padding=downsample_padding, upsample_type=upsample_type,
-            zero_init_residual=zero_init_residual, num_class_embeds=num_class_embeds, dims=dims,
-        )
+        # `register_to_config` has recorded every argument; check them all before building anything.
+        chans, attn_res = _validate_config({**self.config, "out_channels": out_channels})
         if self.config.out_channels is None:  # record the resolved value, so the config is complete
             self.register_to_config(out_channels=out_channels)
         size = _as_spatial(sample_size, dims)
@@ -686,18 +674,11 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
 
     def _zero_init_residual(self) -> None:
         """IDM `zero_module`: every residual branch and the output start at zero."""
-        for module in self.modules():
-            if isinstance(module, DDPMResBlock):
-                targets = [module.conv2]
-            elif isinstance(module, DDPMAttention):
-                targets = [module.to_out[0]]
-            else:
-                continue
-            for t in targets:
-                nn.init.zeros_(t.weight)
-                nn.init.zeros_(t.bias)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        layers = [m.conv2 for m in self.modules() if isinstance(m, DDPMResBlock)] + [self.conv_out]
+        layers += [m.to_out[0] for m in self.modules() if isinstance(m, DDPMAttention)]
+        for layer in layers:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     @property
     def null_class_label(self) -> int | None:
@@ -977,7 +958,7 @@ def _int_list(name: str, value, allow_empty: bool, optional: bool = False) -> li
     return list(value)
 
 
-def _validate_config(**cfg) -> tuple[list[int], list[int]]:
+def _validate_config(cfg: dict) -> tuple[list[int], list[int]]:
     """Check every constructor argument (types first, then ranges, then consistency); raise a ValueError or
     TypeError naming the field. Returns `(block_out_channels, attention_resolutions sorted descending)`."""
     _check_choice("dims", cfg["dims"], _DIMS)  # first: `sample_size` is read against it

@@ -5,6 +5,7 @@ took diffusers' names, attention backends / processors, LoRA through `add_adapte
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -409,3 +410,15 @@ def test_hub_copy_of_unet_py_loads_and_samples_without_the_package(tmp_path):
         assert max_diff(torch.tensor(result["out"]), model(x, 5).sample.flatten()) <= 1e-6
     for name, message in result["errors"].items():
         assert message is not None and "pip install diffusers-ddpm-ext" in message, name
+
+
+def test_readme_attention_tooling_snippet_runs(monkeypatch):
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    text = (PKG.parent / "README.md").read_text()
+    start = text.index("## Attention tooling, LoRA and layerwise casting")
+    (block,) = re.findall(r"```python\n(.*?)```", text[start:text.index("\n## ", start + 3)], flags=re.S)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert len(namespace["lora_params"]) == 2 * 4 * 4  # A and B for 4 projections in each of the 4 attention layers
+    assert namespace["small"].conv_in.weight.dtype == torch.float8_e4m3fn
+    assert namespace["out"].dtype == torch.float32 and torch.isfinite(namespace["out"]).all()
