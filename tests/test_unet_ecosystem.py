@@ -207,6 +207,11 @@ def test_checkpoint_keys_from_before_the_rename_load_to_identical_outputs(tmp_pa
     fresh = DDPMUNet2DModel(**ours.config).eval()
     fresh.load_state_dict(legacy)
     assert torch.equal(run(fresh), ref)
+    with torch.device("meta"):
+        assigned = DDPMUNet2DModel(**ours.config).eval()
+    assigned.load_state_dict(dict(legacy), assign=True)
+    assert torch.equal(run(assigned), ref)
+    assigned.save_pretrained(tmp_path / "assigned")  # the three row blocks of one qkv tensor save as three tensors
     # 2. `from_pretrained` of a single-file folder and of a sharded one whose fused qkv and its bias sit in other
     #    shards than the rest of the layer
     ours.save_pretrained(tmp_path / "single")
@@ -224,10 +229,11 @@ def test_checkpoint_keys_from_before_the_rename_load_to_identical_outputs(tmp_pa
         for low_cpu_mem_usage in (True, False):
             loaded = DDPMUNet2DModel.from_pretrained(tmp_path / folder, low_cpu_mem_usage=low_cpu_mem_usage)
             assert max_diff(run(loaded), ref) <= 1e-6, (folder, low_cpu_mem_usage)
-    # 3. saved again, the folder has diffusers' attention names
-    loaded.save_pretrained(tmp_path / "resaved")
-    keys = load_file(tmp_path / "resaved" / "diffusion_pytorch_model.safetensors").keys()
-    assert "mid_block.attention.to_q.weight" in keys and not any(k.endswith("qkv.weight") for k in keys)
+            # 3. saved again, the folder has diffusers' attention names
+            resaved = tmp_path / f"resaved-{folder}-{low_cpu_mem_usage}"
+            loaded.save_pretrained(resaved)
+            keys = load_file(resaved / "diffusion_pytorch_model.safetensors").keys()
+            assert "mid_block.attention.to_q.weight" in keys and not any(k.endswith("qkv.weight") for k in keys)
 
 
 # ---------------------------------------------------------------------- attention tooling (item 6)
