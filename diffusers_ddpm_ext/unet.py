@@ -258,7 +258,8 @@ class DDPMAttnProcessor:
         b, c, hgt, wid = x.shape
         # 1. Normalise; every position becomes a token.
         h = x if attn.group_norm is None else attn.group_norm(x)
-        h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
+        # (B, HW, C), made contiguous once: each projection would otherwise copy the transposed view itself
+        h = h.flatten(2).transpose(1, 2).contiguous()
         # 2. Project to queries, keys and values, split into heads.
         if attn.fused_projections:  # after `fuse_qkv_projections()`: one GEMM instead of three
             q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
