@@ -11,8 +11,10 @@ all alike), after warm-up rounds, and the medians compared. One JSON line per ro
 
 Variants: `ours` (fp32, the default mode, parity with UNet2DModel), `ours_bf16` (`torch.autocast` bf16; AMX/AVX512-
 BF16 on CPU, tensor cores on CUDA), `unet2d` (UNet2DModel fp32, the reference), and optionally `unet2d_bf16`
-(`--bf16-baseline`), `ours_cl` (`--channels-last`), and `ours_compile` / `unet2d_compile` (`--compile`: inductor,
-ours with `fullgraph=True`, weight freezing for forward rows; compile time is excluded and reported separately).
+(`--bf16-baseline`), `ours_cl` (`--channels-last`), `ours_fused` (`--fused-qkv`: after diffusers'
+`fuse_qkv_projections()`, one QKV GEMM per attention layer instead of three), and `ours_compile` / `unet2d_compile`
+(`--compile`: inductor, ours with `fullgraph=True`, weight freezing for forward rows; compile time is excluded and
+reported separately).
 
 Each row has `<variant>_s` (median seconds per call), `speed_ratio` = unet2d / ours (> 1: ours is faster),
 `bf16_speed_ratio` = unet2d fp32 / ours_bf16, achieved GFLOP/s per variant (FLOPs counted with
@@ -217,7 +219,7 @@ def peak_memory_mb(layout: str, which: str, mode: str, batch: int, threads: int)
     """Peak RSS growth (MiB) of two steps of one model, each model in a fresh subprocess."""
     code = (
         "import sys,torch;sys.path.insert(0,%r);import bench_unet as b\n"
-        "from diffusers_ddpm_ext.unet import unet2d_config_to_ours\n"
+        "from diffusers_ddpm_ext.convert import unet2d_config_to_ours\n"
         "torch.set_num_threads(%d);torch.manual_seed(0);cfg=b.unet2d_config(%r)\n"
         "with torch.device('meta'): full=dict(b.UNet2DModel(**cfg).config)\n"
         "m=b.UNet2DModel(**cfg) if %r=='unet2d' else b.DDPMUNet2DModel(**unet2d_config_to_ours(full))\n"
@@ -241,6 +243,7 @@ def main():
     parser.add_argument("--no-bf16", action="store_true", help="skip the ours_bf16 variant")
     parser.add_argument("--bf16-baseline", action="store_true", help="also time UNet2DModel under bf16 autocast")
     parser.add_argument("--channels-last", action="store_true", help="also time ours with channels_last memory")
+    parser.add_argument("--fused-qkv", action="store_true", help="also time ours after fuse_qkv_projections()")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of both models (ours with "
                         "fullgraph=True; inductor freezing for forward rows); compile time is reported, not timed")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocess per model)")
@@ -262,6 +265,9 @@ def main():
         models = {"ours": ours, "unet2d": theirs}
         if args.channels_last:
             models["ours_cl"] = DDPMUNet2DModel.from_unet2d(theirs).to(device, memory_format=torch.channels_last)
+        if args.fused_qkv:
+            models["ours_fused"] = DDPMUNet2DModel.from_unet2d(theirs).to(device)
+            models["ours_fused"].fuse_qkv_projections()
         if args.compile:  # own copies: freezing turns the weights of a compiled forward into constants
             models["ours_compile"] = DDPMUNet2DModel.from_unet2d(theirs).to(device)
             models["unet2d_compile"] = UNet2DModel.from_config(theirs.config).to(device)
@@ -281,6 +287,8 @@ def main():
                         fns["ours_bf16"] = step_fn(ours, mode, batch, True)
                     if args.bf16_baseline:
                         fns["unet2d_bf16"] = step_fn(theirs, mode, batch, True)
+                    if args.fused_qkv:
+                        fns["ours_fused"] = step_fn(models["ours_fused"], mode, batch, False)
                     if args.channels_last:
                         fns["ours_cl"] = step_fn(models["ours_cl"], mode, batch, False, channels_last=True)
                     compile_s = {}

@@ -21,14 +21,13 @@ from .unet import DDPMUNet2DModel, DDPMUNet2DOutput
 
 __version__ = "0.1.0"
 
-# Public names defined in lazily imported modules: name -> modules to look in, first hit wins. UNET_PRESETS moves
-# to `.presets`; until then (or in an older tree) it is found in `.unet`.
+# Public names defined in lazily imported modules: name -> modules to look in, first hit wins.
 _LAZY_NAMES = {
     "bits_per_dim": ("likelihood",),
     "estimate_bits_per_dim": ("likelihood",),
     "diffusion_loss": ("losses",),
     "create_timestep_sampler": ("timestep_sampler",),
-    "UNET_PRESETS": ("presets", "unet"),
+    "UNET_PRESETS": ("presets",),
     "Trainer": ("trainer",),
     "TrainConfig": ("trainer",),
     "evaluate_pipeline": ("evaluate",),

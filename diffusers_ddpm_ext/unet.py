@@ -7,23 +7,38 @@ DDPM-layout `UNet2DModel`, to which it converts both ways with equal outputs
 (`DDPMUNet2DModel.from_unet2d` / `DDPMUNet2DModel.to_unet2d`).
 
 This module is self-contained (torch, numpy, diffusers and the standard library only) because it is
-copied into Hub repositories as remote code.
+copied into Hub repositories as remote code. It holds the model and its config checks; the presets and the
+UNet2DModel conversion live in the package (`diffusers_ddpm_ext.presets`, `.convert`) and are imported by
+name when a method needs them (`_package_module`), so a Hub copy loads and samples without the package.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders.peft import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.model_loading_utils import load_state_dict as _read_checkpoint_file
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-__all__ = ["DDPMUNet2DModel", "DDPMUNet2DOutput", "UNET_PRESETS"]
+__all__ = ["DDPMAttention", "DDPMAttnProcessor", "DDPMUNet2DModel", "DDPMUNet2DOutput"]
+
+# Allowed values, as the constructor's signature declares them; the runtime checks read the same definitions.
+ActivationName = Literal["silu", "swish", "relu", "gelu", "mish"]
+TimeScaleShift = Literal["default", "scale_shift"]
+DownsampleType = Literal["conv", "avg_pool"]
+UpsampleType = Literal["conv", "nearest", "conv_transpose"]
+SpatialDims = Literal[1, 2, 3]
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "mish": F.mish}
 # In-place twins, used only under `torch.no_grad()` on freshly made tensors (inference saves one allocation and one
@@ -33,10 +48,10 @@ _INPLACE_ACTIVATIONS = {
     "relu": functools.partial(F.relu, inplace=True), "mish": functools.partial(F.mish, inplace=True),
     "gelu": F.gelu,
 }
-_TIME_SCALE_SHIFT = ("default", "scale_shift")
-_DOWNSAMPLE_TYPES = ("conv", "avg_pool")
-_UPSAMPLE_TYPES = ("conv", "nearest", "conv_transpose")
-_DIMS = (1, 2, 3)
+_TIME_SCALE_SHIFT = get_args(TimeScaleShift)
+_DOWNSAMPLE_TYPES = get_args(DownsampleType)
+_UPSAMPLE_TYPES = get_args(UpsampleType)
+_DIMS = get_args(SpatialDims)
 # Per `dims`: conv classes, the average-pooling function and the input layout (for error messages). Chosen once at
 # construction, so the forward pass has no per-call branching on `dims`.
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -44,6 +59,40 @@ _CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTrans
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _LAYOUT = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, F, H, W)"}
 _SIZE_FORM = {1: "an (L,) 1-tuple of ints", 2: "an (H, W) pair of ints", 3: "an (F, H, W) triple of ints"}
+
+
+# ---------------------------------------------------------------------- package companions
+
+_PACKAGE = "diffusers_ddpm_ext"
+# Names this module defined before the presets and the conversion moved into the package; still importable from here.
+_MOVED = {"UNET_PRESETS": "presets", "unet2d_config_to_ours": "convert", "ours_config_to_unet2d": "convert"}
+# `from_pretrained` arguments that locate config.json (read first, to recognise a UNet2DModel checkpoint).
+_CONFIG_LOOKUP_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
+def _package_module(name: str, what: str):
+    """`diffusers_ddpm_ext.<name>`, imported when first used. By name, through importlib, not an import statement:
+    diffusers refuses remote code whose import lines name a package that is not installed, so a Hub copy of this file
+    must not mention ours in one. Without the package, raise an ImportError saying what needs it and how to get it."""
+    try:
+        return importlib.import_module(f"{_PACKAGE}.{name}")
+    except ModuleNotFoundError as error:
+        if error.name not in (_PACKAGE, f"{_PACKAGE}.{name}"):
+            raise  # the package is there but something it imports is not: report that, unchanged
+        raise ImportError(
+            f"{what} needs the diffusers-ddpm-ext package, which this copy of `DDPMUNet2DModel` (remote code) ships "
+            "without: `pip install diffusers-ddpm-ext` (or `pip install -e .` in its source tree). Loading and "
+            "sampling need only this file."
+        ) from error
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        return getattr(_package_module(_MOVED[name], f"`{__name__}.{name}`"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------- config helpers
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -74,11 +123,6 @@ def _as_spatial(sample_size, dims: int = 2) -> tuple[int, ...] | None:
         return tuple(int(s) for s in sample_size)
     raise ValueError(f"`sample_size`={sample_size!r} must be an int, {_SIZE_FORM[dims]}, or None "
                      f"(dims={dims}: one entry per spatial axis of {_LAYOUT[dims]}).")
-
-
-def _as_hw(sample_size) -> tuple[int, int] | None:
-    """`sample_size` (int, (H, W) or None) as (H, W)."""
-    return _as_spatial(sample_size, 2)
 
 
 def _halved_from(dims: int) -> int:
@@ -195,42 +239,107 @@ class DDPMResBlock(nn.Module):
         return out
 
 
-class DDPMAttentionBlock(nn.Module):
-    """Multi-head self-attention over all positions (L, H*W or F*H*W) with a residual connection.
+class DDPMAttnProcessor:
+    """Computes a [`DDPMAttention`] layer through diffusers' `dispatch_attention_fn`, so the backend chosen with
+    `model.set_attention_backend(...)` (or diffusers' `attention_backend` context) runs the attention product.
 
-    GroupNorm -> fused QKV projection -> `F.scaled_dot_product_attention` -> output projection, added to the
-    input (then divided by `rescale_output_factor`, as diffusers' mid block does). For 3D inputs every frame
-    position attends to every other one (IDM's `AttentionBlock` flattens all spatial axes the same way).
+    Replace it with `model.set_attn_processor(...)` by any callable `processor(attn, hidden_states)`.
     """
 
-    def __init__(
-        self, channels: int, num_heads: int, norm_groups: int | None, eps: float, rescale_output_factor: float = 1.0
-    ):
-        super().__init__()
-        self.num_heads = num_heads
-        self.rescale_output_factor = rescale_output_factor
-        self.norm = nn.GroupNorm(norm_groups, channels, eps=eps) if norm_groups else None
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj_out = nn.Linear(channels, channels)
+    _attention_backend = None  # set by `set_attention_backend`; None: diffusers' active backend (native SDPA)
+    _parallel_config = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, attn: "DDPMAttention", hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states
         if x.ndim != 4:
             # 1D / 3D: the same attention on a (B, C, 1, N) view (same positions in the same order, same GroupNorm
             # groups), so the 2D path below keeps its exact code and cost.
-            return self.forward(x.reshape(x.shape[0], x.shape[1], 1, -1)).reshape(x.shape)
+            return self(attn, x.reshape(x.shape[0], x.shape[1], 1, -1)).reshape(x.shape)
         b, c, hgt, wid = x.shape
-        h = x if self.norm is None else self.norm(x)
-        h = h.flatten(2).transpose(1, 2)  # (B, HW, C)
-        qkv = self.qkv(h).unflatten(-1, (3, self.num_heads, c // self.num_heads))  # (B, HW, 3, heads, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, d)
-        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
-        a = self.proj_out(a.transpose(1, 2).reshape(b, hgt * wid, c))  # (B, HW, C)
+        # 1. Normalise; every position becomes a token.
+        h = x if attn.group_norm is None else attn.group_norm(x)
+        # (B, HW, C), made contiguous once: each projection would otherwise copy the transposed view itself
+        h = h.flatten(2).transpose(1, 2).contiguous()
+        # 2. Project to queries, keys and values, split into heads.
+        if attn.fused_projections:  # after `fuse_qkv_projections()`: one GEMM instead of three
+            q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+        q, k, v = (t.unflatten(-1, (attn.heads, -1)) for t in (q, k, v))  # each (B, HW, heads, d)
+        # 3. softmax(Q K^T / sqrt(d)) V per head (Vaswani et al. 2017 eq. 1), by the selected backend.
+        a = dispatch_attention_fn(q, k, v, backend=self._attention_backend, parallel_config=self._parallel_config)
+        # 4. Output projection back to the feature map, residual, optional rescale (diffusers' mid block).
+        a = attn.to_out[0](a.flatten(2))  # (B, HW, C)
         out = a.transpose(1, 2).reshape(b, c, hgt, wid)  # a view for one head; channels_last when x is
         if torch.is_grad_enabled():
             out = out + x
-            return out / self.rescale_output_factor if self.rescale_output_factor != 1.0 else out
-        out = out.add_(x)  # no autograd: `out` is this block's own fresh tensor
-        return out.div_(self.rescale_output_factor) if self.rescale_output_factor != 1.0 else out
+            return out / attn.rescale_output_factor if attn.rescale_output_factor != 1.0 else out
+        out = out.add_(x)  # no autograd: `out` is this layer's own fresh tensor
+        return out.div_(attn.rescale_output_factor) if attn.rescale_output_factor != 1.0 else out
+
+
+class DDPMAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head self-attention over all positions (L, H*W or F*H*W) with a residual connection.
+
+    GroupNorm -> Q/K/V projections -> attention -> output projection, added to the input (then divided by
+    `rescale_output_factor`, as diffusers' mid block does). For 3D inputs every frame position attends to every
+    other one (IDM's `AttentionBlock` flattens all spatial axes the same way).
+
+    The sub-module names are those of diffusers' `Attention` in `UNet2DModel` (`group_norm`, `to_q`, `to_k`, `to_v`,
+    `to_out.0`), so LoRA recipes targeting them apply unchanged, and as an `AttentionModuleMixin` the layer is reached
+    by `set_attention_backend`, `set_attn_processor` and `fuse_qkv_projections`. Checkpoints written before this
+    layout (one fused `qkv` Linear, `proj_out`, `norm`) are converted when loaded (`_split_legacy_attention`).
+    """
+
+    _default_processor_cls = DDPMAttnProcessor
+    _available_processors = [DDPMAttnProcessor]
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        norm_groups: int | None,
+        eps: float,
+        rescale_output_factor: float = 1.0,
+        processor=None,
+    ):
+        super().__init__()
+        self.heads = heads
+        self.rescale_output_factor = rescale_output_factor
+        self.use_bias = True  # read by `AttentionModuleMixin.fuse_projections`
+        self.group_norm = nn.GroupNorm(norm_groups, channels, eps=eps) if norm_groups else None
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.set_processor(processor if processor is not None else self._default_processor_cls())
+        self.register_load_state_dict_pre_hook(_split_legacy_attention_hook)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (B, C, *spatial). Returns the same shape."""
+        return self.processor(self, hidden_states)
+
+
+# Parameter names of the attention layer before it took diffusers' names: `norm` -> `group_norm`, one fused `qkv`
+# Linear (rows [q; k; v]) -> `to_q`, `to_k`, `to_v`, `proj_out` -> `to_out.0`.
+_LEGACY_ATTENTION_RENAMES = {"norm": "group_norm", "proj_out": "to_out.0"}
+
+
+def _split_legacy_attention(state_dict: dict, prefix: str) -> None:
+    """Rewrite, in place, the legacy keys of the attention layer at `prefix` (e.g. `"mid_block.attention."`)."""
+    for suffix in ("weight", "bias"):
+        qkv = state_dict.pop(f"{prefix}qkv.{suffix}", None)
+        if qkv is not None:
+            for name, part in zip(("to_q", "to_k", "to_v"), qkv.chunk(3, dim=0)):
+                state_dict[f"{prefix}{name}.{suffix}"] = part
+        for old, new in _LEGACY_ATTENTION_RENAMES.items():
+            if f"{prefix}{old}.{suffix}" in state_dict:
+                state_dict[f"{prefix}{new}.{suffix}"] = state_dict.pop(f"{prefix}{old}.{suffix}")
+
+
+def _split_legacy_attention_hook(module, state_dict, prefix, *args) -> None:
+    # `nn.Module.load_state_dict` path (accelerate checkpoints, user code): runs before this layer reads its keys.
+    _split_legacy_attention(state_dict, prefix)
 
 
 class DDPMDownsample(nn.Module):
@@ -377,7 +486,7 @@ class DDPMUNet2DOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class DDPMUNet2DModel(ModelMixin, ConfigMixin):
+class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""A DDPM / improved-diffusion style UNet that plugs into diffusers pipelines.
 
     Layout (as DDPM and diffusers' `UNet2DModel`): `conv_in`; per level `layers_per_block` res blocks
@@ -455,7 +564,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["DDPMResBlock", "DDPMAttentionBlock", "DDPMDownLevel", "DDPMMidBlock", "DDPMUpLevel"]
+    _no_split_modules = ["DDPMResBlock", "DDPMAttention", "DDPMDownLevel", "DDPMMidBlock", "DDPMUpLevel"]
     _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
@@ -470,10 +579,10 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         flip_sin_to_cos: bool = True,
         freq_shift: float = 0,
         time_embedding_dim: int | None = None,
-        time_embedding_act_fn: str = "silu",
-        act_fn: str = "silu",
+        time_embedding_act_fn: ActivationName = "silu",
+        act_fn: ActivationName = "silu",
         resnet_skip_time_act: bool = False,
-        resnet_time_scale_shift: str = "default",
+        resnet_time_scale_shift: TimeScaleShift = "default",
         norm_num_groups: int = 32,
         norm_eps: float = 1e-5,
         dropout: float = 0.0,
@@ -484,29 +593,17 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         mid_attention_norm: bool = True,
         attn_norm_num_groups: int | None = None,
         mid_block_scale_factor: float = 1.0,
-        downsample_type: str = "conv",
-        downsample_padding: int = 1,
-        upsample_type: str = "conv",
+        downsample_type: DownsampleType = "conv",
+        downsample_padding: Literal[0, 1] = 1,
+        upsample_type: UpsampleType = "conv",
         zero_init_residual: bool = False,
         num_class_embeds: int | None = None,
-        dims: int = 2,
+        dims: SpatialDims = 2,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
-        chans, attn_res = _validate_config(
-            sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
-            center_input_sample=center_input_sample, block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
-            time_embedding_dim=time_embedding_dim, time_embedding_act_fn=time_embedding_act_fn, act_fn=act_fn,
-            resnet_skip_time_act=resnet_skip_time_act, resnet_time_scale_shift=resnet_time_scale_shift,
-            norm_num_groups=norm_num_groups, norm_eps=norm_eps, dropout=dropout,
-            attention_resolutions=attention_resolutions, add_attention=add_attention,
-            attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
-            mid_attention_norm=mid_attention_norm, attn_norm_num_groups=attn_norm_num_groups,
-            mid_block_scale_factor=mid_block_scale_factor, downsample_type=downsample_type,
-            downsample_padding=downsample_padding, upsample_type=upsample_type,
-            zero_init_residual=zero_init_residual, num_class_embeds=num_class_embeds, dims=dims,
-        )
+        # `register_to_config` has recorded every argument; check them all before building anything.
+        chans, attn_res = _validate_config({**self.config, "out_channels": out_channels})
         if self.config.out_channels is None:  # record the resolved value, so the config is complete
             self.register_to_config(out_channels=out_channels)
         size = _as_spatial(sample_size, dims)
@@ -530,8 +627,8 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
             return DDPMResBlock(cin, cout, temb_dim, norm_num_groups, norm_eps, act_fn, dropout,
                                 resnet_time_scale_shift, scale, dims)
 
-        def attn(c: int, groups: int | None = norm_num_groups, scale: float = 1.0) -> DDPMAttentionBlock:
-            return DDPMAttentionBlock(c, heads(c), groups, norm_eps, scale)
+        def attn(c: int, groups: int | None = norm_num_groups, scale: float = 1.0) -> DDPMAttention:
+            return DDPMAttention(c, heads(c), groups, norm_eps, scale)
 
         self.conv_in = conv(in_channels, chans[0], 3, padding=1)
         self.time_embedding = DDPMTimestepMLP(chans[0], temb_dim, time_embedding_act_fn)
@@ -578,23 +675,45 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
 
     def _zero_init_residual(self) -> None:
         """IDM `zero_module`: every residual branch and the output start at zero."""
-        for module in self.modules():
-            if isinstance(module, DDPMResBlock):
-                targets = [module.conv2]
-            elif isinstance(module, DDPMAttentionBlock):
-                targets = [module.proj_out]
-            else:
-                continue
-            for t in targets:
-                nn.init.zeros_(t.weight)
-                nn.init.zeros_(t.bias)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        layers = [m.conv2 for m in self.modules() if isinstance(m, DDPMResBlock)] + [self.conv_out]
+        layers += [m.to_out[0] for m in self.modules() if isinstance(m, DDPMAttention)]
+        for layer in layers:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     @property
     def null_class_label(self) -> int | None:
         """Index of the reserved null (unconditional) class, or None for an unconditional model."""
         return self.config.num_class_embeds if self.config.num_class_embeds else None
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def _load_pretrained_model(
+        cls, model, state_dict, resolved_model_file, pretrained_model_name_or_path, loaded_keys, *args, **kwargs
+    ):
+        """`ModelMixin.from_pretrained`'s weight loading, plus two guards: a checkpoint saved before the attention
+        layers took diffusers' names (fused `qkv`, `proj_out`) is converted, and a checkpoint that lacks any of the
+        model's tensors is refused (diffusers would leave them random, or on the meta device)."""
+        if any(key.endswith(".qkv.weight") for key in loaded_keys):
+            if state_dict is None:  # sharded: diffusers reads shard by shard; a layer's keys may span two shards
+                state_dict = {}
+                for shard in resolved_model_file:
+                    state_dict.update(_read_checkpoint_file(shard))
+            for name, module in model.named_modules():
+                if isinstance(module, DDPMAttention):
+                    _split_legacy_attention(state_dict, f"{name}.")
+            loaded_keys = list(state_dict)
+        missing = sorted(set(model.state_dict()) - set(loaded_keys))
+        if missing and kwargs.get("hf_quantizer") is None:
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path!r} has no tensors for {len(missing)} of "
+                f"{cls.__name__}'s parameters (e.g. {missing[:4]}): its weights do not match its config.json. "
+                "Refusing to leave them randomly initialised; load it with the class that saved it."
+            )
+        return super()._load_pretrained_model(
+            model, state_dict, resolved_model_file, pretrained_model_name_or_path, loaded_keys, *args, **kwargs
+        )
 
     # ------------------------------------------------------------------ forward
 
@@ -637,6 +756,14 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
                         f"`class_labels` must lie in [0, {n}] ({n} = null class); got values in [{lo}, {hi}]."
                     )
         return self.class_embedding(labels)
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the layers compute in: the weights' own, or under diffusers' layerwise casting (weights stored in
+        e.g. float8, cast per layer on use) the hook's compute dtype, as `ModelMixin.dtype` reports it. Read from
+        `conv_in` alone, so each call does not walk every module (`self.dtype` would)."""
+        registry = getattr(self.conv_in, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        return hook.compute_dtype if hook is not None else self.conv_in.weight.dtype
 
     def _check_sample(self, sample: torch.Tensor) -> None:
         if sample.ndim != self._sample_ndim:
@@ -681,10 +808,12 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         self._check_sample(sample)
         cfg = self.config
         batch, device = sample.shape[0], sample.device
-        dtype = self.conv_in.weight.dtype
+        dtype = self._compute_dtype()
+        # 0. center input if necessary
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
 
+        # 1. time (+ class) embedding
         t = self._batch_timesteps(timestep, batch, device)
         t_emb = sinusoidal_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(t_emb.to(dtype))  # (B, T)
@@ -694,14 +823,23 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         # Every res block applies the same activation to the embedding; do it once.
         temb = emb if self._skip_time_act else self._act(emb)
 
+        # 2. pre-process
         h = self.conv_in(sample)  # (B, C0, *spatial)
         skips = [h]
+
+        # 3. down
         for block in self.down_blocks:
             h, level_skips = block(h, temb)
             skips.extend(level_skips)
+
+        # 4. mid
         h = self.mid_block(h, temb)
+
+        # 5. up
         for block in self.up_blocks:
             h = block(h, skips, temb)
+
+        # 6. post-process
         act = self._act if torch.is_grad_enabled() else self._act_
         h = self.conv_out(act(self.norm_out(h)))  # (B, out_channels, *spatial)
 
@@ -709,29 +847,25 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
             return (h,)
         return DDPMUNet2DOutput(sample=h)
 
-    # ------------------------------------------------------------------ presets
+    # ------------------------------------------------------------------ presets and UNet2DModel conversion
+    # These live in the package (`presets.py`, `convert.py`), not in this file: it is copied to the Hub as remote code,
+    # where sampling never needs them. A Hub copy of this class raises an ImportError naming the package to install.
 
     @classmethod
     def list_presets(cls) -> list[str]:
         """Names accepted by [`~DDPMUNet2DModel.from_preset`]."""
-        return list(UNET_PRESETS)
+        return _package_module("presets", "`list_presets`").list_presets()
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DDPMUNet2DModel":
-        """Build a randomly initialised model from a named configuration (see `UNET_PRESETS`).
+        """Build a randomly initialised model from a named configuration (see `diffusers_ddpm_ext.UNET_PRESETS`).
 
         Args:
             name (`str`): One of [`~DDPMUNet2DModel.list_presets`].
             **overrides: Config keys replacing the preset's values (e.g. `num_class_embeds=10`, or `dims=1` /
                 `dims=3` for the 1D / 3D variant of the preset; an int `sample_size` then applies to every axis).
         """
-        if name not in UNET_PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; allowed: {list(UNET_PRESETS)}.")
-        config = dict(UNET_PRESETS[name]["config"])
-        config.update(overrides)
-        return cls(**config)
-
-    # ------------------------------------------------------------------ conversion
+        return cls(**_package_module("presets", "`from_preset`").preset_config(name, **overrides))
 
     @classmethod
     def from_unet2d(cls, unet2d) -> "DDPMUNet2DModel":
@@ -740,14 +874,9 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         Supported: `DownBlock2D`/`AttnDownBlock2D`, `UpBlock2D`/`AttnUpBlock2D`, `UNetMidBlock2D`, positional
         time embedding, `resnet_time_scale_shift` default or scale_shift, any dividing `attention_head_dim`
         (or None), `downsample_padding` 0 or 1, `num_class_embeds`. A class table of N rows becomes N + 1 rows
-        (null row zero). Anything else raises a ValueError naming the part (also a model with `dims` != 2).
+        (null row zero). Anything else raises a ValueError naming the part.
         """
-        config = unet2d_config_to_ours(dict(unet2d.config))
-        with torch.device("meta"):
-            model = cls(**config)
-        state = _state_dict_from_unet2d(unet2d.state_dict(), config)
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.train(unet2d.training)
+        return _package_module("convert", "`from_unet2d`").from_unet2d(unet2d, cls)
 
     def to_unet2d(self):
         """Convert to an equivalent diffusers `UNet2DModel` (config and weights; the null class row is dropped).
@@ -756,14 +885,38 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         (e.g. `upsample_type="conv_transpose"`, a non-SiLU activation, per-level head dims from
         `num_attention_heads`, or `dims` other than 2: `UNet2DModel` is 2D only).
         """
-        from diffusers import UNet2DModel
+        return _package_module("convert", "`to_unet2d`").to_unet2d(self)
 
-        config = ours_config_to_unet2d(dict(self.config))
-        with torch.device("meta"):
-            unet = UNet2DModel(**config)
-        state = _state_dict_to_unet2d(self.state_dict(), dict(self.config))
-        unet.load_state_dict(state, strict=True, assign=True)
-        return unet.train(self.training)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""[`~ModelMixin.from_pretrained`], which also accepts a diffusers `UNet2DModel` folder or repo id.
+
+        A checkpoint whose config.json names `UNet2DModel` (`_class_name`) is loaded with
+        `UNet2DModel.from_pretrained(**kwargs)` and converted (see [`~DDPMUNet2DModel.from_unet2d`]); a layout with
+        no equivalent, or a config of another class, raises a ValueError naming the fix, never random weights.
+        """
+        config = cls._peek_config(pretrained_model_name_or_path, kwargs)
+        saved_as = config.get("_class_name")
+        if saved_as == "UNet2DModel":
+            convert = _package_module("convert", "Loading a UNet2DModel checkpoint")
+            return convert.unet2d_from_pretrained(cls, pretrained_model_name_or_path, config, **kwargs)
+        if saved_as not in (None, cls.__name__, DDPMUNet2DModel.__name__) and "attention_resolutions" not in config:
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} holds a {saved_as} (config.json `_class_name`), which "
+                f"{cls.__name__} cannot load; only its own checkpoints and UNet2DModel ones convert. Load it with "
+                f"`diffusers.{saved_as}.from_pretrained` instead."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def _peek_config(cls, pretrained_model_name_or_path, kwargs: dict) -> dict:
+        """The raw config.json `from_pretrained` will read (same folder, subfolder, cache and revision), or {} when it
+        cannot be read here: `from_pretrained` then reports the problem itself."""
+        lookup = {k: kwargs[k] for k in _CONFIG_LOOKUP_KWARGS if k in kwargs}
+        try:
+            return dict(cls.load_config(pretrained_model_name_or_path, **lookup))
+        except (OSError, ValueError):
+            return {}
 
 
 # ---------------------------------------------------------------------- validation
@@ -806,7 +959,7 @@ def _int_list(name: str, value, allow_empty: bool, optional: bool = False) -> li
     return list(value)
 
 
-def _validate_config(**cfg) -> tuple[list[int], list[int]]:
+def _validate_config(cfg: dict) -> tuple[list[int], list[int]]:
     """Check every constructor argument (types first, then ranges, then consistency); raise a ValueError or
     TypeError naming the field. Returns `(block_out_channels, attention_resolutions sorted descending)`."""
     _check_choice("dims", cfg["dims"], _DIMS)  # first: `sample_size` is read against it
@@ -814,8 +967,8 @@ def _validate_config(**cfg) -> tuple[list[int], list[int]]:
     for name in ("center_input_sample", "flip_sin_to_cos", "resnet_skip_time_act", "add_attention",
                  "mid_attention_norm", "zero_init_residual"):
         _require_bool(name, cfg[name])
-    _check_choice("time_embedding_act_fn", cfg["time_embedding_act_fn"], tuple(_ACTIVATIONS))
-    _check_choice("act_fn", cfg["act_fn"], tuple(_ACTIVATIONS))
+    _check_choice("time_embedding_act_fn", cfg["time_embedding_act_fn"], get_args(ActivationName))
+    _check_choice("act_fn", cfg["act_fn"], get_args(ActivationName))
     _check_choice("resnet_time_scale_shift", cfg["resnet_time_scale_shift"], _TIME_SCALE_SHIFT)
     _check_choice("downsample_type", cfg["downsample_type"], _DOWNSAMPLE_TYPES)
     _check_choice("upsample_type", cfg["upsample_type"], _UPSAMPLE_TYPES)
@@ -883,324 +1036,3 @@ def _validate_config(**cfg) -> tuple[list[int], list[int]]:
             raise ValueError(f"`num_attention_heads`={num_heads} does not divide attention channels {c} "
                              "(`block_out_channels`).")
     return chans, attn_res
-
-
-# ---------------------------------------------------------------------- UNet2DModel conversion
-
-_UNET2D_DOWN = ("DownBlock2D", "AttnDownBlock2D")
-_UNET2D_UP = ("UpBlock2D", "AttnUpBlock2D")
-
-
-def _require_2d(cfg: dict, what: str) -> None:
-    """UNet2DModel has no 1D/3D counterpart: refuse a `dims` != 2 config before any weight is touched."""
-    dims = cfg.get("dims", 2)
-    if dims != 2:
-        raise ValueError(f"`{what}` converts 2D models only (diffusers' UNet2DModel); this config has "
-                         f"`dims`={dims!r} (allowed: [2]).")
-
-
-def _strip_unetres(name: str) -> str:
-    return name[7:] if name.startswith("UNetRes") else name
-
-
-def unet2d_config_to_ours(cfg: dict) -> dict:
-    """Translate a `UNet2DModel` config into a `DDPMUNet2DModel` config, or raise naming what has no match."""
-    _require_2d(cfg, "from_unet2d")
-    downs = [_strip_unetres(b) for b in cfg["down_block_types"]]
-    ups = [_strip_unetres(b) for b in cfg["up_block_types"]]
-    chans = list(cfg["block_out_channels"])
-    levels = len(chans)
-    for name, blocks, allowed in (("down_block_types", downs, _UNET2D_DOWN), ("up_block_types", ups, _UNET2D_UP)):
-        bad = [b for b in blocks if b not in allowed]
-        if bad:
-            raise ValueError(f"UNet2DModel `{name}` contains {bad}; convertible blocks are {list(allowed)}.")
-    if len(downs) != levels or len(ups) != levels:
-        raise ValueError("UNet2DModel block type lists and `block_out_channels` disagree in length.")
-    down_attn = [b == "AttnDownBlock2D" for b in downs]
-    up_attn = [b == "AttnUpBlock2D" for b in reversed(ups)]
-    if down_attn != up_attn:
-        raise ValueError(f"UNet2DModel attention differs between encoder {downs} and decoder {ups} at some level; "
-                         "DDPMUNet2DModel puts attention on both sides of a level.")
-    checks = {
-        "time_embedding_type": (cfg.get("time_embedding_type", "positional"), ("positional",)),
-        "mid_block_type": (cfg.get("mid_block_type", "UNetMidBlock2D"), ("UNetMidBlock2D",)),
-        "class_embed_type": (cfg.get("class_embed_type"), (None,)),
-        "act_fn": (cfg.get("act_fn", "silu"), ("silu", "swish")),
-        "resnet_time_scale_shift": (cfg.get("resnet_time_scale_shift", "default"), _TIME_SCALE_SHIFT),
-        "downsample_padding": (cfg.get("downsample_padding", 1), (0, 1)),
-    }
-    if any(down_attn[:-1]):  # only AttnDownBlock2D with a downsampler reads downsample_type
-        checks["downsample_type"] = (cfg.get("downsample_type", "conv"), ("conv",))
-    if any(up_attn[1:]):
-        checks["upsample_type"] = (cfg.get("upsample_type", "conv"), ("conv",))
-    for key, (value, allowed) in checks.items():
-        if value not in allowed:
-            raise ValueError(f"UNet2DModel `{key}`={value!r} cannot be converted; supported: {list(allowed)}.")
-    if cfg.get("norm_num_groups") is None:
-        raise ValueError("UNet2DModel `norm_num_groups`=None cannot be converted; give an int.")
-    hw = _as_hw(cfg.get("sample_size"))
-    if any(down_attn) and hw is None:
-        raise ValueError("UNet2DModel `sample_size` is None but attention levels are located by resolution; set it.")
-    attn_res = tuple(hw[0] // 2**i for i in range(levels) if down_attn[i]) if any(down_attn) else ()
-    add_attention = cfg.get("add_attention", True)
-    head_dim = cfg.get("attention_head_dim", 8)
-    attn_chans = [c for c, a in zip(chans, down_attn) if a] + ([chans[-1]] if add_attention else [])
-    if head_dim is not None:
-        bad = [c for c in attn_chans if c % head_dim]
-        if bad:
-            raise ValueError(f"UNet2DModel `attention_head_dim`={head_dim} does not divide attention channels {bad}.")
-    attn_groups = cfg.get("attn_norm_num_groups")
-    scale_shift = cfg.get("resnet_time_scale_shift", "default")
-    if attn_groups is None:  # UNet2DModel's rule for the middle attention's GroupNorm
-        attn_groups = cfg["norm_num_groups"] if scale_shift == "default" else None
-    sample_size = cfg.get("sample_size")
-    return dict(
-        sample_size=list(sample_size) if isinstance(sample_size, (list, tuple)) else sample_size,
-        in_channels=cfg["in_channels"],
-        out_channels=cfg["out_channels"],
-        center_input_sample=cfg.get("center_input_sample", False),
-        block_out_channels=chans,
-        layers_per_block=cfg["layers_per_block"],
-        flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
-        freq_shift=cfg.get("freq_shift", 0),
-        time_embedding_dim=cfg.get("time_embedding_dim"),
-        time_embedding_act_fn="silu",
-        act_fn="silu",
-        resnet_skip_time_act=False,
-        resnet_time_scale_shift=scale_shift,
-        norm_num_groups=cfg["norm_num_groups"],
-        norm_eps=cfg.get("norm_eps", 1e-5),
-        dropout=cfg.get("dropout", 0.0),
-        attention_resolutions=list(attn_res),
-        add_attention=add_attention,
-        attention_head_dim=head_dim,
-        num_attention_heads=None,
-        mid_attention_norm=attn_groups is not None,
-        attn_norm_num_groups=attn_groups if attn_groups not in (None, cfg["norm_num_groups"]) else None,
-        mid_block_scale_factor=float(cfg.get("mid_block_scale_factor", 1.0)),
-        downsample_type="conv",
-        downsample_padding=cfg.get("downsample_padding", 1),
-        upsample_type="conv",
-        zero_init_residual=False,
-        num_class_embeds=cfg.get("num_class_embeds"),
-    )
-
-
-def _level_attention(cfg: dict) -> list[bool]:
-    hw = _as_hw(cfg["sample_size"])
-    res = set(cfg["attention_resolutions"] or ())
-    return [hw is not None and hw[0] // 2**i in res for i in range(len(cfg["block_out_channels"]))]
-
-
-def ours_config_to_unet2d(cfg: dict) -> dict:
-    """Translate a `DDPMUNet2DModel` config into a `UNet2DModel` config, or raise naming what has no match."""
-    _require_2d(cfg, "to_unet2d")
-    fixed = {
-        "time_embedding_act_fn": ("silu", "swish"),
-        "act_fn": ("silu", "swish"),
-        "resnet_skip_time_act": (False,),
-        "downsample_type": ("conv",),
-        "upsample_type": ("conv",),
-    }
-    for key, allowed in fixed.items():
-        if cfg[key] not in allowed:
-            raise ValueError(f"`{key}`={cfg[key]!r} has no UNet2DModel equivalent; convertible: {list(allowed)}.")
-    chans = list(cfg["block_out_channels"])
-    attn = _level_attention(cfg)
-    head_dim = cfg["attention_head_dim"]
-    if cfg["num_attention_heads"] is not None:
-        attn_chans = [c for c, a in zip(chans, attn) if a] + ([chans[-1]] if cfg["add_attention"] else [])
-        dims = sorted({c // cfg["num_attention_heads"] for c in attn_chans})
-        if len(dims) > 1:
-            raise ValueError(f"`num_attention_heads`={cfg['num_attention_heads']} gives head dims {dims} across "
-                             "levels; UNet2DModel needs one `attention_head_dim`.")
-        head_dim = dims[0] if dims else None
-    groups = cfg["norm_num_groups"]
-    # UNet2DModel's `attn_norm_num_groups=None` means norm_num_groups groups for "default" and no GroupNorm for
-    # "scale_shift"; write None where that rule gives the right thing so configs round-trip unchanged.
-    scale_shift = cfg["resnet_time_scale_shift"] == "scale_shift"
-    if cfg["mid_attention_norm"]:
-        attn_groups = cfg["attn_norm_num_groups"] or groups
-        if attn_groups == groups and not scale_shift:
-            attn_groups = None
-    else:
-        attn_groups = None
-        if cfg["add_attention"] and not scale_shift:
-            raise ValueError("`mid_attention_norm`=False is only expressible in UNet2DModel with "
-                             "`resnet_time_scale_shift`='scale_shift'.")
-    return dict(
-        sample_size=cfg["sample_size"],
-        in_channels=cfg["in_channels"],
-        out_channels=cfg["out_channels"],
-        center_input_sample=cfg["center_input_sample"],
-        time_embedding_type="positional",
-        time_embedding_dim=cfg["time_embedding_dim"],
-        freq_shift=cfg["freq_shift"],
-        flip_sin_to_cos=cfg["flip_sin_to_cos"],
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        mid_block_type="UNetMidBlock2D",
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        block_out_channels=tuple(chans),
-        layers_per_block=cfg["layers_per_block"],
-        mid_block_scale_factor=cfg["mid_block_scale_factor"],
-        downsample_padding=cfg["downsample_padding"],
-        downsample_type="conv",
-        upsample_type="conv",
-        dropout=cfg["dropout"],
-        act_fn="silu",
-        attention_head_dim=head_dim,
-        norm_num_groups=groups,
-        attn_norm_num_groups=attn_groups,
-        norm_eps=cfg["norm_eps"],
-        resnet_time_scale_shift=cfg["resnet_time_scale_shift"],
-        add_attention=cfg["add_attention"],
-        class_embed_type=None,
-        num_class_embeds=cfg["num_class_embeds"],
-    )
-
-
-def _name_map(cfg: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(our module prefix, UNet2DModel module prefix) pairs: plain modules (all tensors map one to one), and
-    attention blocks (fused QKV <-> to_q/to_k/to_v). The class table is handled by the callers."""
-    chans = list(cfg["block_out_channels"])
-    levels, n = len(chans), cfg["layers_per_block"]
-    attn = _level_attention(cfg)
-    pairs = [("conv_in", "conv_in"), ("time_embedding.linear_1", "time_embedding.linear_1"),
-             ("time_embedding.linear_2", "time_embedding.linear_2"), ("norm_out", "conv_norm_out"),
-             ("conv_out", "conv_out")]
-    res_parts = ["norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut"]
-    attn_pairs = []
-    for i in range(levels):
-        for j in range(n):
-            pairs += [(f"down_blocks.{i}.resnets.{j}.{p}", f"down_blocks.{i}.resnets.{j}.{p}") for p in res_parts]
-            if attn[i]:
-                attn_pairs.append((f"down_blocks.{i}.attentions.{j}", f"down_blocks.{i}.attentions.{j}"))
-        if i < levels - 1:
-            pairs.append((f"down_blocks.{i}.downsample.conv", f"down_blocks.{i}.downsamplers.0.conv"))
-    for j in range(2):
-        pairs += [(f"mid_block.resnets.{j}.{p}", f"mid_block.resnets.{j}.{p}") for p in res_parts]
-    if cfg["add_attention"]:
-        attn_pairs.append(("mid_block.attention", "mid_block.attentions.0"))
-    for k in range(levels):  # decoder block k works at level levels-1-k in both models
-        level = levels - 1 - k
-        for j in range(n + 1):
-            pairs += [(f"up_blocks.{k}.resnets.{j}.{p}", f"up_blocks.{k}.resnets.{j}.{p}") for p in res_parts]
-            if attn[level]:
-                attn_pairs.append((f"up_blocks.{k}.attentions.{j}", f"up_blocks.{k}.attentions.{j}"))
-        if level > 0:
-            pairs.append((f"up_blocks.{k}.upsample.conv", f"up_blocks.{k}.upsamplers.0.conv"))
-    return pairs, attn_pairs
-
-
-def _state_dict_from_unet2d(theirs: dict, cfg: dict) -> dict:
-    theirs = dict(theirs)
-    ours = {}
-
-    def take(key: str) -> torch.Tensor:
-        return theirs.pop(key).detach().clone()
-
-    pairs, attn_pairs = _name_map(cfg)
-    for our, their in pairs:
-        for suffix in ("weight", "bias"):
-            if f"{their}.{suffix}" in theirs:
-                ours[f"{our}.{suffix}"] = take(f"{their}.{suffix}")
-    for our, their in attn_pairs:
-        if f"{their}.group_norm.weight" in theirs:
-            ours[f"{our}.norm.weight"] = take(f"{their}.group_norm.weight")
-            ours[f"{our}.norm.bias"] = take(f"{their}.group_norm.bias")
-        for suffix in ("weight", "bias"):
-            ours[f"{our}.qkv.{suffix}"] = torch.cat([take(f"{their}.to_{p}.{suffix}") for p in "qkv"], dim=0)
-            ours[f"{our}.proj_out.{suffix}"] = take(f"{their}.to_out.0.{suffix}")
-    if "class_embedding.weight" in theirs:
-        table = take("class_embedding.weight")  # (N, T) -> (N + 1, T), null row zero
-        ours["class_embedding.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])], dim=0)
-    if theirs:
-        raise ValueError(f"UNet2DModel tensors with no counterpart (unsupported layout): {sorted(theirs)[:8]}")
-    return ours
-
-
-def _state_dict_to_unet2d(ours: dict, cfg: dict) -> dict:
-    ours = dict(ours)
-    theirs = {}
-
-    def take(key: str) -> torch.Tensor:
-        return ours.pop(key).detach().clone()
-
-    pairs, attn_pairs = _name_map(cfg)
-    for our, their in pairs:
-        for suffix in ("weight", "bias"):
-            if f"{our}.{suffix}" in ours:
-                theirs[f"{their}.{suffix}"] = take(f"{our}.{suffix}")
-    for our, their in attn_pairs:
-        if f"{our}.norm.weight" in ours:
-            theirs[f"{their}.group_norm.weight"] = take(f"{our}.norm.weight")
-            theirs[f"{their}.group_norm.bias"] = take(f"{our}.norm.bias")
-        for suffix in ("weight", "bias"):
-            for p, part in zip("qkv", take(f"{our}.qkv.{suffix}").chunk(3, dim=0)):
-                theirs[f"{their}.to_{p}.{suffix}"] = part.clone()
-            theirs[f"{their}.to_out.0.{suffix}"] = take(f"{our}.proj_out.{suffix}")
-    if "class_embedding.weight" in ours:
-        theirs["class_embedding.weight"] = take("class_embedding.weight")[:-1].clone()  # drop the null row
-    if ours:
-        raise ValueError(f"DDPMUNet2DModel tensors with no UNet2DModel counterpart: {sorted(ours)[:8]}")
-    return theirs
-
-
-# ---------------------------------------------------------------------- presets
-
-UNET_PRESETS: dict[str, dict] = {
-    "ddpm-cifar10": {
-        "source": "Ho et al. 2020 CIFAR-10 UNet (= google/ddpm-cifar10-32 layout): ch 128, mult (1,2,2,2), "
-                  "2 res blocks, attention at 16x16, dropout 0.1, TF-SAME downsampling, eps 1e-6.",
-        "config": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-                       layers_per_block=2, attention_resolutions=(16,), dropout=0.1, flip_sin_to_cos=False,
-                       freq_shift=1, norm_eps=1e-6, downsample_padding=0),
-    },
-    "idm-cifar10": {
-        "source": "Nichol & Dhariwal 2021 (improved-diffusion) CIFAR-10: 128 ch, mult (1,2,2,2), 3 res blocks, "
-                  "FiLM scale-shift norm, zero-init, 4-head attention at 16 and 8, dropout 0.3, learned sigma.",
-        "config": dict(sample_size=32, in_channels=3, out_channels=6, block_out_channels=(128, 256, 256, 256),
-                       layers_per_block=3, attention_resolutions=(16, 8), num_attention_heads=4, dropout=0.3,
-                       resnet_time_scale_shift="scale_shift", zero_init_residual=True),
-    },
-    "simple-unet": {
-        "source": "Seed 000 SimpleUNet: base 64, mults (1,2,4), 2 res blocks, ReLU time MLP, raw time embedding "
-                  "into the blocks, stride-2 conv down, ConvTranspose2d(4,2,1) up, Res-Res middle, dropout 0.1.",
-        "config": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 256),
-                       layers_per_block=2, attention_resolutions=(), add_attention=False, dropout=0.1,
-                       time_embedding_act_fn="relu", resnet_skip_time_act=True, upsample_type="conv_transpose"),
-    },
-    "labml-ddpm": {
-        "source": "Seed 002 (labml annotated DDPM) UNet: 64 ch, mults (1,2,2,4), attention at levels 2-3 "
-                  "(8x8, 4x4 for 32x32), single head, Res-Attn-Res middle, ConvTranspose2d up, [sin, cos] embedding.",
-        "config": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128, 256),
-                       layers_per_block=2, attention_resolutions=(8, 4), dropout=0.1, flip_sin_to_cos=False,
-                       freq_shift=1, upsample_type="conv_transpose"),
-    },
-    "smalldiffusion-cifar10": {
-        "source": "Seed 003 smalldiffusion Unet(32, 3, 3, ch=128, ch_mult=(1,2,2,2), attn_resolutions=(16,)): "
-                  "GroupNorm eps 1e-6, pad (0,1,0,1) + stride-2 conv down, nearest + conv up, dropout 0.1.",
-        "config": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-                       layers_per_block=2, attention_resolutions=(16,), dropout=0.1, flip_sin_to_cos=False,
-                       freq_shift=1, norm_eps=1e-6, downsample_padding=0),
-    },
-    "smalldiffusion-fashionmnist": {
-        "source": "Seed 003 smalldiffusion Unet(28, 1, 1, ch=64, ch_mult=(1,1,2), attn_resolutions=(14,)) with a "
-                  "10-class conditioning embedding (cond_embed) + null class for classifier-free guidance.",
-        "config": dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(64, 64, 128),
-                       layers_per_block=2, attention_resolutions=(14,), dropout=0.1, flip_sin_to_cos=False,
-                       freq_shift=1, norm_eps=1e-6, downsample_padding=0, num_class_embeds=10),
-    },
-    "diffusers-tutorial": {
-        "source": "Seed 004 diffusers tutorial UNet2DModel(sample_size=28, 1->1 channels, (32, 64, 64), "
-                  "2 layers, Down/AttnDown/AttnDown): attention at 14 and 7, head dim 8 (1,707,009 params).",
-        "config": dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
-                       layers_per_block=2, attention_resolutions=(14, 7), attention_head_dim=8),
-    },
-    "digits-small": {
-        "source": "Small default for scikit-learn's 8x8 digits upsampled to 16x16 grey: (32, 48, 64), 1 res block, "
-                  "single-head attention at 8x8 and in the middle, 8 groups; trains in minutes on 2 CPU cores.",
-        "config": dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 48, 64),
-                       layers_per_block=1, attention_resolutions=(8,), norm_num_groups=8, dropout=0.0),
-    },
-}

@@ -12,7 +12,8 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.models.embeddings import get_timestep_embedding
 
-from diffusers_ddpm_ext.unet import UNET_PRESETS, DDPMUNet2DModel, DDPMUNet2DOutput, sinusoidal_timestep_embedding
+from diffusers_ddpm_ext.presets import UNET_PRESETS
+from diffusers_ddpm_ext.unet import DDPMUNet2DModel, DDPMUNet2DOutput, sinusoidal_timestep_embedding
 
 # Parameter counts of every preset (the README table). ddpm-cifar10 must be the paper's 35.7M (+-0.1M);
 # diffusers-tutorial must equal seed 004's printed UNet2DModel count.
@@ -156,16 +157,16 @@ def test_resampling_options_and_learned_variance():
     assert not any("downsample" in k for k in tiny(downsample_type="avg_pool").state_dict())
     assert not any("upsample" in k for k in tiny(upsample_type="nearest").state_dict())
     heads = tiny(attention_head_dim=None, num_attention_heads=2)
-    assert heads.down_blocks[0].attentions[0].num_heads == 2 and heads.mid_block.attention.num_heads == 2
-    assert tiny().down_blocks[1].attentions[0].num_heads == 4  # head dim 8 at 32 channels
+    assert heads.down_blocks[0].attentions[0].heads == 2 and heads.mid_block.attention.heads == 2
+    assert tiny().down_blocks[1].attentions[0].heads == 4  # head dim 8 at 32 channels
     single = tiny(attention_head_dim=None)
-    assert single.mid_block.attention.num_heads == 1
+    assert single.mid_block.attention.heads == 1
 
 
 def test_zero_init_residual():
     m = tiny(zero_init_residual=True)
     for name, p in m.named_parameters():
-        if name.endswith(("conv2.weight", "proj_out.weight")) or name.startswith("conv_out"):
+        if name.endswith(("conv2.weight", "to_out.0.weight")) or name.startswith("conv_out"):
             assert torch.count_nonzero(p) == 0, name
     assert torch.count_nonzero(m.conv_in.weight) > 0
     assert torch.count_nonzero(m.down_blocks[0].resnets[0].conv1.weight) > 0

@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from diffusers_ddpm_ext.unet import DDPMUNet2DModel, _state_dict_to_unet2d
+from diffusers_ddpm_ext.convert import state_dict_to_unet2d
+from diffusers_ddpm_ext.unet import DDPMUNet2DModel
 
 DDPM_DOWN = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
 DDPM_UP = ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
@@ -186,7 +187,7 @@ def test_training_steps_stay_equal():
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x, t).sample, noise).backward()
         if step == 0:
-            ours_grads = _state_dict_to_unet2d({k: p.grad for k, p in ours.named_parameters()}, dict(ours.config))
+            ours_grads = state_dict_to_unet2d({k: p.grad for k, p in ours.named_parameters()})
             for key, p in theirs.named_parameters():
                 assert (ours_grads[key] - p.grad).abs().max() <= 1e-6, key
         for opt in opts:

@@ -1,5 +1,5 @@
 """Fast paths of `DDPMUNet2DModel` give the reference path's numbers: in-place inference ops, channels_last memory,
-fused QKV against UNet2DModel's separate projections, bf16 autocast within a stated tolerance, and
+attention (separate or fused QKV) against UNet2DModel's, bf16 autocast within a stated tolerance, and
 `torch.compile(fullgraph=True)` without graph breaks. No timing here (see benchmarks/bench_unet.py)."""
 
 import pytest
@@ -80,25 +80,33 @@ def test_channels_last_matches_contiguous(name):
         assert (model(x, t).sample - fast(x.contiguous(memory_format=torch.channels_last), t).sample).abs().max() <= 1e-5
 
 
-def test_fused_qkv_matches_unet2d_separate_projections():
-    """Our single QKV Linear + SDPA against UNet2DModel's to_q/to_k/to_v attention, forward and gradients."""
+def test_attention_matches_unet2d_separate_and_fused_projections():
+    """Our attention against UNet2DModel's, forward and gradients: with separate to_q/to_k/to_v (the default, the
+    names LoRA targets) and after diffusers' `fuse_qkv_projections()` (one QKV GEMM)."""
     cfg = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
                down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D",) * 2,
                norm_num_groups=4, attention_head_dim=8)
     torch.manual_seed(0)
     theirs = randomised(UNet2DModel(**cfg)).train()
-    ours = DDPMUNet2DModel.from_unet2d(theirs)
-    x, t = inputs(ours)
-    a, b = ours(x, t).sample, theirs(x, t).sample
-    assert (a - b).abs().max().item() <= 1e-5
-    a.square().mean().backward()
+    x, t = inputs(theirs)
+    b = theirs(x, t).sample
     b.square().mean().backward()
-    q = ours.down_blocks[0].attentions[0].qkv.weight.grad
-    q_theirs = torch.cat([getattr(theirs.down_blocks[0].attentions[0], f"to_{p}").weight.grad for p in "qkv"])
-    assert (q - q_theirs).abs().max().item() <= 1e-5 * max(1.0, q_theirs.abs().max().item())
-    with torch.no_grad():
-        ours.eval(), theirs.eval()
-        assert (ours(x, t).sample - theirs(x, t).sample).abs().max().item() <= 1e-5
+    layer_theirs = theirs.down_blocks[1].attentions[0]
+    q_theirs = torch.cat([getattr(layer_theirs, f"to_{p}").weight.grad for p in "qkv"])
+    for fused in (False, True):
+        ours = DDPMUNet2DModel.from_unet2d(theirs)
+        if fused:
+            ours.fuse_qkv_projections()
+        layer = ours.down_blocks[1].attentions[0]
+        assert layer.fused_projections is fused and layer.heads == 4
+        a = ours(x, t).sample
+        assert (a - b).abs().max().item() <= 1e-5
+        a.square().mean().backward()
+        q = layer.to_qkv.weight.grad if fused else torch.cat([getattr(layer, f"to_{p}").weight.grad for p in "qkv"])
+        assert (q - q_theirs).abs().max().item() <= 1e-5 * max(1.0, q_theirs.abs().max().item())
+        with torch.no_grad():
+            assert (ours.eval()(x, t).sample - theirs.eval()(x, t).sample).abs().max().item() <= 1e-5
+        theirs.train()
 
 
 def test_bf16_autocast_within_tolerance():
