@@ -56,6 +56,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Copied from diffusers_ddpm_ext.scheduler.LEARNED_VARIANCE_TYPES (this file is self-contained: Hub remote code)
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 # Schedulers whose `step` reads a predicted variance from output channels C..2C when their `variance_type` is
 # learned / learned_range (matched by class name through the MRO, so remote-code copies of ours count too).
