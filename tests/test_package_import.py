@@ -64,7 +64,7 @@ def test_lazy_names_are_the_real_objects_and_listed():
     assert diffusers_ddpm_ext.UNET_PRESETS is home.UNET_PRESETS
     assert set(diffusers_ddpm_ext.__all__) == set(PUBLIC)
     assert set(PUBLIC) <= set(dir(diffusers_ddpm_ext))
-    for module in ("data", "hub", "metrics", "training_utils", "compare"):
+    for module in ("data", "hub", "metrics", "training_utils"):
         assert getattr(diffusers_ddpm_ext, module).__name__ == f"diffusers_ddpm_ext.{module}"
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         diffusers_ddpm_ext.not_a_name
