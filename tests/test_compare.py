@@ -354,3 +354,22 @@ def test_quality_per_nfe_reports_points_baseline_and_reach(mini_report, tmp_path
     assert "| `ours-improved` | dpmsolver++ |" in table and "fewest NFE" in table
     with pytest.raises(ValueError, match="unknown"):
         NFE.quality_per_nfe(models, reference, _PixelExtractor(), samplers=("ddpm", "euler"), num_images=8)
+
+
+def test_ablation_script_writes_its_table(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    argv = ["--output_dir", str(tmp_path), "--cells", "default", "cap0.95", "fixed-simple", "--unet_overrides",
+            json.dumps(TINY), "--resolution", "8", "--num_train_timesteps", "40", "--max_train_steps", "3",
+            "--batch_size", "8", "--lr_warmup_steps", "1", "--bpd_num_images", "4", "--bpd_timesteps_sampled", "4",
+            "--sample_steps", "5", "--num_samples", "8", "--feature_extractor", "digits-classifier", "--num_threads",
+            "1", "--no_progress"]
+    result = ablation.main(argv)
+    assert [r["cell"] for r in result["rows"]] == ["diffusers", "default", "cap0.95", "fixed-simple"]
+    for row in result["rows"]:
+        assert row["bits_per_dim"] > 0 and row["bits_per_dim_unclipped"] > 0 and row["fd"]["5"][2] == 8
+    md = (tmp_path / "ablation.md").read_text()
+    assert "`--beta_cap 0.95`" in md and "unclipped" in md

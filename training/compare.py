@@ -88,10 +88,10 @@ def config_from_args(args, **extra) -> CompareConfig:
     if args.recipes is None and not args.recipe:
         recipes = list(CompareConfig.recipes)
     overrides["recipes"] = tuple(parse_recipe(r) for r in recipes + list(args.recipe))
-    for key in ("sample_steps", "num_samples"):
-        if key in overrides:
-            overrides[key] = tuple(overrides[key])
     overrides.update(extra)
+    for key in ("sample_steps", "num_samples"):
+        if isinstance(overrides.get(key), list):
+            overrides[key] = tuple(overrides[key])
     return quick_config(**overrides) if args.quick else CompareConfig(**overrides)
 
 
