@@ -37,7 +37,7 @@ _LAZY_NAMES = {
 }
 # Submodules reachable as attributes of the package (`diffusers_ddpm_ext.hub`) without importing them up front.
 _LAZY_SUBMODULES = (
-    "analytic", "build", "checkpoints", "compare", "convert", "data", "data_order", "evaluate", "hub", "images",
+    "analytic", "build", "checkpoints", "convert", "data", "data_order", "evaluate", "hub", "images",
     "likelihood", "losses", "metrics", "model_card", "presets", "processes", "publish", "rundir", "runflags",
     "timestep_sampler", "trainer", "viz",
 )

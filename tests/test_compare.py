@@ -1,8 +1,12 @@
-"""The side-by-side comparison: pure helpers against closed forms, and a miniature end-to-end run."""
+"""The side-by-side comparison harness (training/comparison/): pure helpers against closed forms, recipes as
+train.py flags, miniature end-to-end runs on the digits and on an RGB folder, bits/dim equal to the Trainer's,
+and quality per NFE."""
 
 import json
 import math
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusers_ddpm_ext import compare as C
 from diffusers_ddpm_ext.unet import DDPMUNet2DModel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+
+import comparison as C  # noqa: E402
+from comparison import datasets as D  # noqa: E402
+from comparison import evaluation as E  # noqa: E402
+from comparison import lockstep as L  # noqa: E402
+from comparison import nfe as NFE  # noqa: E402
+from comparison import recipes as R  # noqa: E402
 
 TINY = {"block_out_channels": [8, 16], "norm_num_groups": 4}
 
@@ -78,22 +91,51 @@ def test_tensor_bytes_counts_shared_storage_once():
     assert C.tensor_bytes([a, torch.zeros(5, dtype=torch.float64)]) == 440
 
 
-# ------------------------------------------------------------------------------------------- config
+# ------------------------------------------------------------------------------------------- recipes and config
 
 
-@pytest.mark.parametrize("bad", [
-    {"recipes": ("diffusers", "nope")},
-    {"recipes": ()},
-    {"sample_steps": (1000, 50), "num_samples": (10,)},
-    {"sample_steps": (2000,), "num_samples": (10,)},
-    {"bpd_timesteps_sampled": 3},
-    {"max_train_steps": 0},
-    {"budget_seconds": -1.0},
-    {"preset": "huge"},
+@pytest.mark.parametrize("bad, match", [
+    ({"recipes": ("diffusers", "nope")}, "unknown"),
+    ({"recipes": ()}, "non-empty"),
+    ({"recipes": ("diffusers", "x=--train_batch_size 4")}, "not a recipe flag"),
+    ({"recipes": ("x=--loss_type nope",)}, "cannot parse"),
+    ({"recipes": ("x=--beta_cap 1.5",)}, "beta_cap"),
+    ({"sample_steps": (1000, 50), "num_samples": (10,)}, "equal length"),
+    ({"sample_steps": (2000,), "num_samples": (10,)}, "sample_steps"),
+    ({"bpd_timesteps_sampled": 3}, "even"),
+    ({"max_train_steps": 0}, "max_train_steps"),
+    ({"budget_seconds": -1.0}, "budget_seconds"),
+    ({"preset": "huge"}, "huge"),
+    ({"dataset_name": "a", "train_data_dir": "b"}, "either"),
 ])
-def test_config_rejects_bad_values(bad):
-    with pytest.raises(ValueError):
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
         C.CompareConfig(**bad).validate()
+
+
+def test_recipe_flags_are_train_py_flags():
+    recipe = R.parse_recipe('kl2="--ddpm_beta_schedule linear --loss_type kl --timestep_sampler loss-second-moment '
+                            '--learning_rate 5e-4 --ema_max_decay 0.999"'.replace('"', ""))
+    assert recipe.name == "kl2"
+    config = C.CompareConfig(recipes=(recipe,))
+    tc = R.train_config(recipe, config, steps=10, num_levels=17)
+    assert (tc.loss_type, tc.timestep_sampler, tc.learning_rate, tc.ema_max_decay) == ("kl", "loss-second-moment",
+                                                                                     5e-4, 0.999)
+    assert tc.lr_warmup_steps == 10 and tc.checkpointing_steps is None and tc.num_levels == 17
+    sched = R.make_scheduler(recipe, 1000)
+    assert sched.config.beta_schedule == "linear" and sched.config.variance_type == "learned_range"
+    # The diffusers recipe keeps train_unconditional.py's learning rate; ours defaults to train.py's.
+    assert R.train_config(R.RECIPES["diffusers"], config, 10, 17).learning_rate == 1e-4
+    assert R.train_config(R.RECIPES["ours-improved"], config, 10, 17).learning_rate == 2e-3
+
+
+def test_beta_cap_clips_the_cosine_schedule():
+    capped = R.make_scheduler(R.parse_recipe("cap=--beta_cap 0.98"), 1000)
+    plain = R.make_scheduler(R.RECIPES["ours-improved"], 1000)
+    assert float(plain.betas.max()) == pytest.approx(0.999)
+    assert float(capped.betas.max()) == pytest.approx(0.98)
+    below = plain.betas < 0.98
+    torch.testing.assert_close(capped.betas[below], plain.betas[below])
 
 
 def test_recipe_models_share_initial_weights():
@@ -109,17 +151,50 @@ def test_recipe_models_share_initial_weights():
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])
     with torch.no_grad():
         torch.testing.assert_close(ours(x, t).sample, unet2d(x, t).sample, atol=1e-5, rtol=1e-5)
-        # Every layer but conv_out starts equal (same seed), so only the variance channel is new.
         assert improved(x, t).sample.shape == (3, 2, 8, 8)
     torch.testing.assert_close(improved.conv_in.weight, ours.conv_in.weight)
 
 
-def test_optional_recipe_separates_the_schedule():
-    config = C.CompareConfig(unet_overrides=TINY, resolution=8, recipes=("ours-same", "ours-hybrid-linear"))
+def test_cli_maps_flags_to_a_config():
+    import compare as cli
+
+    args = cli.build_parser().parse_args(["--output_dir", "x", "--quick", "--train_data_dir", "imgs", "--recipe",
+                                          "lin=--ddpm_beta_schedule linear", "--resolution", "32"])
+    config = cli.config_from_args(args)
+    assert [r.name for r in config.recipes] == ["diffusers", "lin"]
+    assert config.train_data_dir == "imgs" and config.resolution == 32 and config.max_train_steps == 300
+    default = cli.config_from_args(cli.build_parser().parse_args(["--output_dir", "x"]))
+    assert [r.name for r in default.recipes] == ["diffusers", "ours-same", "ours-improved"]
+
+
+# ------------------------------------------------------------------------------------------- bits/dim
+
+
+def test_comparison_bits_per_dim_equals_the_trainers(tmp_path):
+    """The comparison and train.py's Trainer (what metrics.json reports) compute the same bits/dim for the same
+    model, images and seed: the bound as the model samples (x̂0 clipped as its scheduler clips)."""
+    from diffusers_ddpm_ext.data import load_heldout_digits
+    from diffusers_ddpm_ext.trainer import EvalSet
+
+    config = C.CompareConfig(recipes=("ours-same", "ours-improved"), unet_overrides=TINY, resolution=8,
+                             num_train_timesteps=40, seed=5, lr_warmup_steps=1, batch_size=8)
     models = C.build_recipe_models(config)
-    model, sched = models["ours-hybrid-linear"]
-    assert list(models) == ["ours-same", "ours-hybrid-linear"] and model.config.out_channels == 2
-    assert (sched.config.beta_schedule, sched.config.variance_type) == ("linear", "learned_range")
+    images = load_heldout_digits(8)[0][:6]
+    for recipe in config.recipes:
+        model, scheduler = models[recipe.name]
+        trainer = L.make_trainer(recipe, model, scheduler, config, 3, num_levels=17)
+        trainer.config.eval_bpd_steps = 4
+        trainer.eval_set = EvalSet(images, split="heldout")
+        for step in range(3):
+            trainer.train_step(torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(step)) * 2 - 1)
+        expected = trainer.evaluate_bpd()
+        trainer.ema.copy_to(trainer.unwrapped.parameters())
+        trainer.unwrapped.eval()
+        got = E.held_out_bits_per_dim(trainer.unwrapped, scheduler, images, 17, 4, seed=config.seed)
+        assert got["clip_denoised"] is True and expected.clip_denoised is True
+        assert got["bits_per_dim"] == expected.mean and got["standard_error"] == expected.mean_standard_error
+        assert got["unclipped"]["bits_per_dim"] != got["bits_per_dim"]  # same draws, another bound
+        assert "clipped" in got["bound"] and "unclipped" in got["unclipped"]["bound"]
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -128,27 +203,28 @@ def test_optional_recipe_separates_the_schedule():
 class _PixelExtractor:
     """Cheap deterministic extractor with `predict`, so the test needs no trained classifier."""
 
-    __name__ = "pixel_extractor"
+    name = "pixel_extractor"
     heldout_accuracy = None
 
     def __call__(self, images):
-        x = F.adaptive_avg_pool2d(torch.as_tensor(images).float(), 4)  # (B, 1, 4, 4)
-        return x.flatten(1)  # (B, 16)
+        x = F.adaptive_avg_pool2d(torch.as_tensor(images).float(), 4)  # (B, C, 4, 4)
+        return x.flatten(1)
 
     def predict(self, images):
         f = self(images)
         return torch.softmax(f[:, :10] * 3, dim=1)  # (B, 10)
 
 
+MINI = dict(unet_overrides=TINY, resolution=8, num_train_timesteps=50, max_train_steps=12, batch_size=16,
+            lr_warmup_steps=2, sample_steps=(50, 10), num_samples=(8, 12), sample_batch_size=8, grid_images=8,
+            bpd_num_images=6, bpd_timesteps_sampled=4, bpd_exact_images=2, fd_bootstrap=5, speed_rounds=1,
+            speed_steps_per_call=2, num_threads=1, seed=3)
+
+
 @pytest.fixture(scope="module")
 def mini_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    config = C.CompareConfig(
-        unet_overrides=TINY, resolution=8, num_train_timesteps=50, max_train_steps=12, batch_size=16,
-        lr_warmup_steps=2, learning_rate=2e-3, sample_steps=(50, 10), num_samples=(8, 12), sample_batch_size=8,
-        grid_images=8, bpd_num_images=6, bpd_timesteps_sampled=4, bpd_exact_images=2, bpd_batch_size=64,
-        speed_rounds=1, speed_steps_per_call=2, num_threads=1, seed=3,
-    )
+    config = C.CompareConfig(**MINI, save_models=True)
     report = C.run_comparison(config, str(out), extractor=_PixelExtractor(), progress=False, command="pytest mini")
     return report, out
 
@@ -164,11 +240,13 @@ def test_mini_comparison_writes_every_file(mini_report):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "pytest mini" in md and "| `ours-improved` |" in md and "![loss curves](loss_curves.png)" in md
-    for n in names:
-        assert f"samples_{n}_10steps.png" in md
+    assert "held-out bits/dim, unclipped" in md and "as sampled" in md and "built-in digits" in md
     on_disk = json.loads((out / "report.json").read_text())
-    assert set(on_disk["recipes"]) == set(names)
+    assert set(on_disk["recipes"]) == set(names) and "_models" not in on_disk
     assert on_disk["config"]["max_train_steps"] == 12 and on_disk["verdict"]
+    assert on_disk["data"]["split"]["split"] == "heldout" and on_disk["data"]["heldout_images"] == 300
+    loaded = C.load_models(str(out / "models"))
+    assert list(loaded) == names and type(loaded["diffusers"][1]).__name__ == "DDPMScheduler"
 
 
 def test_mini_comparison_fields_are_present_and_sane(mini_report):
@@ -179,48 +257,119 @@ def test_mini_comparison_fields_are_present_and_sane(mini_report):
         assert rec["train_memory"]["peak_bytes"] > rec["train_memory"]["live_bytes"] > 0
         assert rec["sample_memory"]["peak_bytes"] > rec["sample_memory"]["live_bytes"] > 0
         assert rec["training"]["steps"] == 12 and rec["training"]["images_seen"] == 12 * 16
-        assert rec["training"]["train_img_per_s"] > 0 and len(rec["loss_curve"]["loss"]) == 12
-        assert all(math.isfinite(v) for v in rec["loss_curve"]["loss"])
+        assert len(rec["loss_curve"]["loss"]) == 12 and all(math.isfinite(v) for v in rec["loss_curve"]["loss"])
         bpd = rec["bits_per_dim"]
-        assert bpd["num_images"] == 6 and bpd["network_calls_per_image"] == 4
-        assert bpd["bits_per_dim"] > 0 and bpd["standard_error"] >= 0 and bpd["exact"]["num_images"] == 2
-        assert rec["sampling_speed"]["image_steps_per_s"] > 0
+        assert bpd["num_images"] == 6 and bpd["network_calls_per_image"] == 4 and bpd["clip_denoised"]
+        assert bpd["bits_per_dim"] > 0 and bpd["unclipped"]["bits_per_dim"] > 0 and bpd["exact"]["num_images"] == 2
         for steps, n in (("50", 8), ("10", 12)):
             s = rec["samples"][steps]
             q = s["quality"]
             assert s["num_images"] == n and q["n_generated"] == n and q["n_reference"] == 300
-            assert s["img_per_s"] > 0 and q["fd"] >= 0 and 0 <= q["precision"] <= 1 and 0 <= q["recall"] <= 1
-            assert 0 <= q["mode_coverage"] <= 1 and q["extractor"] == "pixel_extractor"
-    # Recipes 1 and 2 are the same network with the same weights, data and objective.
+            assert q["fd"] >= 0 and q["fd_standard_error"] > 0 and q["extractor"] == "pixel_extractor"
     d, o = r["diffusers"], r["ours-same"]
     assert d["parameters"] == o["parameters"] and d["flops_per_image"] == o["flops_per_image"]
     assert r["ours-improved"]["flops_per_image"] > d["flops_per_image"]  # one more output channel
     np.testing.assert_allclose(o["loss_curve"]["loss"], d["loss_curve"]["loss"], rtol=1e-4)
-    cmp = report["comparisons"]["ours_same_vs_diffusers_loss"]
-    assert cmp["near_identical"] and cmp["max_rel_diff"] < 1e-4
+    assert report["comparisons"]["ours_same_vs_diffusers_loss"]["max_rel_diff"] < 1e-4
     assert d["bits_per_dim"]["bits_per_dim"] == pytest.approx(o["bits_per_dim"]["bits_per_dim"], rel=1e-3)
-    assert d["samples"]["10"]["quality"]["fd"] == pytest.approx(o["samples"]["10"]["quality"]["fd"], rel=1e-2, abs=1e-3)
-    ratios = report["comparisons"]["ratios_vs_baseline"]
-    assert ratios["diffusers"]["train_img_per_s"] == 1.0 and ratios["ours-same"]["parameters"] == 1.0
-    assert report["real_data_reference"]["8"]["n_generated"] == 8
+    assert report["comparisons"]["ratios_vs_baseline"]["ours-same"]["parameters"] == 1.0
+    assert any("unclipped" in line for line in report["verdict"])
 
 
-def test_same_seed_gives_same_numbers(mini_report, tmp_path):
+def test_same_seed_gives_same_numbers(mini_report):
     report, _ = mini_report
-    config = C.CompareConfig(**{k: tuple(v) if isinstance(v, list) and k != "unet_overrides" else v
-                                for k, v in report["config"].items()})
-    config.max_train_steps, config.sample_steps, config.num_samples = 12, (10,), (12,)
-    config.bpd_exact_images = 0
+    config = C.CompareConfig(**{**MINI, "sample_steps": (10,), "num_samples": (12,), "bpd_exact_images": 0,
+                                "measure_cost": False})
     again = C.run_comparison(config, None, extractor=_PixelExtractor(), progress=False)
     for name in report["recipes"]:
         a, b = report["recipes"][name], again["recipes"][name]
         assert a["loss_curve"]["loss"] == b["loss_curve"]["loss"]
         assert a["bits_per_dim"]["bits_per_dim"] == b["bits_per_dim"]["bits_per_dim"]
         assert a["samples"]["10"]["quality"]["fd"] == b["samples"]["10"]["quality"]["fd"]
+    assert "flops_per_image" not in again["recipes"]["diffusers"]
 
 
-def test_image_grid_layout():
-    imgs = torch.full((10, 1, 4, 4), -1.0)  # black tiles
-    grid = C._image_grid(imgs, ncol=4, scale=2, padding=1)
-    assert grid.shape == ((3 * 5 + 1) * 2, (4 * 5 + 1) * 2) and grid.dtype == np.uint8
-    assert grid[0, 0] == 255 and grid[2, 2] == 0  # padding white, tile black
+def test_photo_patches_are_seeded_rgb(tmp_path):
+    from PIL import Image
+
+    a = D.make_photo_patches(str(tmp_path / "a"), num_images=5, size=16, seed=1)
+    b = D.make_photo_patches(str(tmp_path / "b"), num_images=5, size=16, seed=1)
+    files = sorted(os.listdir(a))
+    assert len(files) == 5 and files == sorted(os.listdir(b))
+    first = Image.open(os.path.join(a, files[0]))
+    assert first.mode == "RGB" and first.size == (16, 16)
+    for f in files:
+        assert np.array_equal(np.asarray(Image.open(os.path.join(a, f))), np.asarray(Image.open(os.path.join(b, f))))
+    with pytest.raises(ValueError, match="num_images"):
+        D.make_photo_patches(str(tmp_path / "c"), num_images=1)
+
+
+def test_comparison_on_an_rgb_folder_with_a_dinov2_encoder(tmp_path):
+    from test_metrics import save_tiny_dinov2
+
+    folder = D.make_photo_patches(str(tmp_path / "patches"), num_images=60, size=8, seed=0)
+    encoder = str(save_tiny_dinov2(tmp_path / "tiny-dinov2"))
+    config = C.CompareConfig(**{**MINI, "max_train_steps": 4, "sample_steps": (10,), "num_samples": (8,),
+                                "bpd_exact_images": 0, "measure_cost": False,
+                                "unet_overrides": {**TINY, "in_channels": 3}},
+                             recipes=("diffusers", "ours-improved"), train_data_dir=folder, validation_size=12,
+                             feature_extractor=encoder)
+    report = C.run_comparison(config, str(tmp_path / "out"), progress=False)
+    assert report["data"]["split"]["split"] == "validation" and report["data"]["heldout_images"] == 12
+    assert report["data"]["train_images"] == 48 and report["data"]["channels"] == 3
+    assert report["data"]["num_levels"] == 256
+    q = report["recipes"]["ours-improved"]["samples"]["10"]["quality"]
+    assert q["n_reference"] == 12 and q["fd"] >= 0 and "dinov2" in q["extractor"].lower()
+    assert "train_data_dir" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------- quality per NFE
+
+
+def test_quality_per_nfe_reports_points_baseline_and_reach(mini_report, tmp_path):
+    _, out = mini_report
+    models = C.load_models(str(out / "models"))
+    from diffusers_ddpm_ext.data import load_heldout_digits
+
+    reference = load_heldout_digits(8)[0][:40]
+    result = NFE.quality_per_nfe(models, reference, _PixelExtractor(), nfe=(2, 5, 50), num_images=8,
+                                 batch_size=8, fd_bootstrap=4, max_nfe_others=5)
+    points = result["points"]
+    # Every sampler for every recipe at NFE 2 and 5; NFE 50 only for the baseline (diffusers, ddpm).
+    assert len(points) == 3 * 5 * 2 + 1
+    assert {(p["recipe"], p["sampler"]) for p in points if p["nfe"] == 50} == {("diffusers", "ddpm")}
+    assert all(p["n_generated"] == 8 and p["fd_standard_error"] > 0 for p in points)
+    base = result["baseline"]
+    assert (base["recipe"], base["sampler"], base["nfe"]) == ("diffusers", "ddpm", 50)
+    assert result["threshold_fd"] == pytest.approx(base["fd"] + base["fd_standard_error"])
+    for recipe, reach in result["reach"].items():
+        if reach is not None:
+            assert reach["fd"] <= result["threshold_fd"]
+            assert not any(p["recipe"] == recipe and p["nfe"] < reach["nfe"] and p["fd"] <= result["threshold_fd"]
+                           for p in points)
+    assert result["reach"]["diffusers"] is not None  # the baseline point itself qualifies
+    NFE.plot_fd_vs_nfe(result, str(tmp_path / "fd.png"))
+    assert (tmp_path / "fd.png").read_bytes()[:4] == b"\x89PNG"
+    table = NFE.markdown_table(result)
+    assert "| `ours-improved` | dpmsolver++ |" in table and "fewest NFE" in table
+    with pytest.raises(ValueError, match="unknown"):
+        NFE.quality_per_nfe(models, reference, _PixelExtractor(), samplers=("ddpm", "euler"), num_images=8)
+
+
+def test_ablation_script_writes_its_table(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    argv = ["--output_dir", str(tmp_path), "--cells", "default", "cap0.95", "fixed-simple", "--unet_overrides",
+            json.dumps(TINY), "--resolution", "8", "--num_train_timesteps", "40", "--max_train_steps", "3",
+            "--batch_size", "8", "--lr_warmup_steps", "1", "--bpd_num_images", "4", "--bpd_timesteps_sampled", "4",
+            "--sample_steps", "5", "--num_samples", "8", "--feature_extractor", "digits-classifier", "--num_threads",
+            "1", "--no_progress"]
+    result = ablation.main(argv)
+    assert [r["cell"] for r in result["rows"]] == ["diffusers", "default", "cap0.95", "fixed-simple"]
+    for row in result["rows"]:
+        assert row["bits_per_dim"] > 0 and row["bits_per_dim_unclipped"] > 0 and row["fd"]["5"][2] == 8
+    md = (tmp_path / "ablation.md").read_text()
+    assert "`--beta_cap 0.95`" in md and "unclipped" in md

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Sample quality per network call: FD/KID (± s.e., N stated) at each NFE for every sampler and trained recipe.
+
+    python benchmarks/quality_per_nfe.py --quick --output_dir nfe-digits                      # trains, then measures
+    python benchmarks/quality_per_nfe.py --models compare-quick/models --output_dir nfe-digits  # reuse a comparison
+
+Trains the recipes as `training/compare.py` does (same data, architecture, recipe and budget flags) unless
+``--models`` points at the models a comparison saved (``--save_models``); then measures every (recipe, sampler,
+NFE) point (see `training/comparison/nfe.py`), reports per recipe the fewest NFE and the wall time that reach the
+baseline's (diffusers' recipe, DDPM ancestral, 1000 steps) FD within its standard error, and writes
+``fd_vs_nfe.png``, ``quality_per_nfe.md`` and ``quality_per_nfe.json``; prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "training"))
+
+import torch  # noqa: E402
+from compare import add_shared_flags, command_line, config_from_args  # noqa: E402
+from comparison.datasets import load_data  # noqa: E402
+from comparison.nfe import NFE_DEFAULT, SAMPLERS, fmt_json_line, markdown_table, plot_fd_vs_nfe, quality_per_nfe  # noqa: E402
+from comparison.run import load_extractor, load_models, run_comparison  # noqa: E402
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shared_flags(p)
+    a = p.add_argument
+    a("--models", default=None, help="A comparison's saved models folder (<output_dir>/models): skip training.")
+    a("--nfe", type=int, nargs="+", default=list(NFE_DEFAULT), help="Network calls per image to measure.")
+    a("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS, help="Samplers to measure.")
+    a("--num_images", type=int, default=500, help="N generated images at every point.")
+    a("--sample_batch_size", type=int, default=250)
+    a("--fd_bootstrap", type=int, default=20, help="Bootstrap resamples of the FD standard error.")
+    a("--max_nfe_others", type=int, default=None, help="Points above this NFE only for the baseline (time saver).")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    config = config_from_args(args, sample_steps=(10,), num_samples=(8,), measure_cost=False, bpd_exact_images=0)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    extractor = load_extractor(config)
+    if args.models:
+        models = load_models(args.models)
+        unet = next(iter(models.values()))[0]
+        size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
+        data = load_data(config, int(unet.config.in_channels), int(size))
+    else:
+        report = run_comparison(config, os.path.join(args.output_dir, "comparison"), extractor=extractor,
+                                progress=not args.no_progress)
+        models = report["_models"]
+        unet = next(iter(models.values()))[0]
+        data = load_data(config, int(unet.config.in_channels), int(data_size(unet)))
+    result = quality_per_nfe(models, data.heldout, extractor, nfe=args.nfe, samplers=args.samplers,
+                             num_images=args.num_images, batch_size=args.sample_batch_size, seed=config.seed,
+                             fd_bootstrap=args.fd_bootstrap, max_nfe_others=args.max_nfe_others,
+                             progress=not args.no_progress)
+    result["split"] = data.info
+    result["wall_seconds"] = time.perf_counter() - start
+    result["command"] = command_line("benchmarks/quality_per_nfe.py", argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    plot_fd_vs_nfe(result, os.path.join(args.output_dir, "fd_vs_nfe.png"))
+    table = markdown_table(result)
+    with open(os.path.join(args.output_dir, "quality_per_nfe.md"), "w") as f:
+        f.write(f"```bash\n{result['command']}\n```\n\nN = {result['num_images']} generated images per point, "
+                f"reference: {data.info.get('num_images')} held-out images ({data.info.get('split')}), features: "
+                f"{result['extractor']}; wall time {result['wall_seconds']:.0f} s.\n\n{table}\n\n"
+                "![FD vs NFE](fd_vs_nfe.png)\n")
+    line = fmt_json_line(result)
+    with open(os.path.join(args.output_dir, "quality_per_nfe.json"), "w") as f:
+        f.write(line + "\n")
+    print(line)
+    print(table)
+    return result
+
+
+def data_size(unet) -> int:
+    size = unet.config.sample_size
+    return size if isinstance(size, int) else size[0]
+
+
+if __name__ == "__main__":
+    main()

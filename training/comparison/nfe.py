@@ -1,0 +1,198 @@
+"""Sample quality per network call: FD/KID of every sampler at several NFE, for every trained recipe.
+
+Samplers, each built from the recipe's scheduler config with ``from_config`` and run through
+`GaussianDiffusionPipeline` (which strips a learned-variance channel for schedulers that do not read it):
+
+* ``ddpm``: diffusers' `DDPMScheduler` (ancestral; 1000 steps is `DDPMPipeline`'s default: the baseline);
+* ``ddim``: `DDIMScheduler` (η = 0);
+* ``dpmsolver++``: `DPMSolverMultistepScheduler` with ``algorithm_type="dpmsolver++"``;
+* ``unipc``: `UniPCMultistepScheduler`;
+
+  both with ``timestep_spacing="trailing"`` (their recommended spacing for few steps; the ``"leading"`` spacing a
+  DDPM config carries makes them run every step at t = 0 when NFE = T, a diffusers quirk);
+* ``ours``: our `GaussianDiffusionScheduler`, the respaced ancestral sampler (IDM) with the model's learned
+  variances where it has them.
+
+Every sampler makes one network call per step, so NFE = steps. The same N and the same initial noise at every
+point; FD ± bootstrap standard error and KID against the held-out split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "unipc", "ours")
+NFE_DEFAULT = (5, 10, 20, 50, 100, 250, 1000)
+
+
+def make_sampler(name: str, scheduler):
+    """The ``name`` sampler (:data:`SAMPLERS`) from a trained recipe's scheduler config."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    from diffusers_ddpm_ext.scheduler import GaussianDiffusionScheduler
+
+    config = scheduler.config
+    if name == "ddpm":
+        return DDPMScheduler.from_config(config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++",
+                                                       timestep_spacing="trailing")
+    if name == "unipc":
+        return UniPCMultistepScheduler.from_config(config, timestep_spacing="trailing")
+    if name == "ours":
+        return GaussianDiffusionScheduler.from_config(config)
+    raise ValueError(f"sampler {name!r} is unknown; choose from {SAMPLERS}")
+
+
+def quality_per_nfe(models: Dict[str, tuple], reference, extractor, *, nfe: Sequence[int] = NFE_DEFAULT,
+                    samplers: Sequence[str] = SAMPLERS, num_images: int = 500, batch_size: int = 250, seed: int = 0,
+                    fd_bootstrap: int = 20, max_nfe_others: Optional[int] = None, progress: bool = False) -> dict:
+    """Measure every (recipe, sampler, NFE) point; the first recipe's ``ddpm`` at the largest NFE is the baseline.
+
+    Args:
+        models: ``{recipe: (unet, scheduler)}`` trained models (EMA weights), the baseline recipe first.
+        reference: ``(M, C, H, W)`` held-out images in ``[-1, 1]``.
+        extractor: feature extractor (`evaluate.load_feature_extractor`).
+        nfe, samplers: the grid.
+        num_images: N generated images at every point.
+        batch_size, seed: sampling batches and their seed (the same initial noise at every point).
+        fd_bootstrap: resamples of the FD standard error.
+        max_nfe_others: points above this NFE are measured only for the baseline (recipe 0, ``ddpm``), to save
+            time (None: all points).
+
+    Returns:
+        dict with ``points`` (one per measured point: recipe, sampler, nfe, fd, fd_standard_error, kid_mean,
+        kid_std, wall_seconds, n_generated, n_reference), ``baseline`` (recipe, sampler, nfe, fd, its s.e.) and
+        ``reach`` (per recipe: the fewest NFE, its sampler and wall time with FD ≤ baseline FD + its s.e.).
+    """
+    from diffusers_ddpm_ext.evaluate import generate_images
+    from diffusers_ddpm_ext.metrics import extract_features, sample_quality
+    from diffusers_ddpm_ext.pipelines import GaussianDiffusionPipeline
+
+    for s in samplers:
+        if s not in SAMPLERS:
+            raise ValueError(f"sampler {s!r} is unknown; choose from {SAMPLERS}")
+    if "ddpm" not in samplers:
+        raise ValueError("the samplers must include 'ddpm' (the baseline)")
+    if not isinstance(num_images, int) or num_images < 4:
+        raise ValueError(f"num_images must be an int >= 4, got {num_images!r}")
+    names = list(models)
+    reference_features = extract_features(extractor, reference)
+    top = max(nfe)
+    points = []
+    for recipe in names:
+        unet, scheduler = models[recipe]
+        for sampler in samplers:
+            for k in sorted(nfe):
+                is_baseline = recipe == names[0] and sampler == "ddpm"
+                if max_nfe_others is not None and k > max_nfe_others and not is_baseline:
+                    continue
+                pipe = GaussianDiffusionPipeline(unet=unet.eval(), scheduler=make_sampler(sampler, scheduler))
+                pipe.set_progress_bar_config(disable=True)
+                t0 = time.perf_counter()
+                images = generate_images(pipe, num_images, k, batch_size, seed, progress=progress)
+                seconds = time.perf_counter() - t0
+                q = sample_quality(images, reference, extractor, reference_features=reference_features,
+                                   fd_bootstrap=fd_bootstrap, seed=seed)
+                points.append({"recipe": recipe, "sampler": sampler, "nfe": int(k), "fd": q["fd"],
+                               "fd_standard_error": q["fd_standard_error"], "kid_mean": q["kid_mean"],
+                               "kid_std": q["kid_std"], "wall_seconds": seconds, "n_generated": q["n_generated"],
+                               "n_reference": q["n_reference"]})
+                if progress:
+                    print(json.dumps(points[-1]), flush=True)
+    base = next(p for p in points if p["recipe"] == names[0] and p["sampler"] == "ddpm" and p["nfe"] == top)
+    threshold = base["fd"] + (base["fd_standard_error"] or 0.0)
+    reach = {}
+    for recipe in names:
+        ok = [p for p in points if p["recipe"] == recipe and p["fd"] <= threshold]
+        best = min(ok, key=lambda p: (p["nfe"], p["fd"])) if ok else None
+        reach[recipe] = None if best is None else {
+            "nfe": best["nfe"], "sampler": best["sampler"], "fd": best["fd"], "wall_seconds": best["wall_seconds"],
+            "speedup_vs_baseline_nfe": top / best["nfe"]}
+    return {"points": points, "num_images": num_images, "nfe": sorted(nfe), "samplers": list(samplers),
+            "baseline": {k: base[k] for k in ("recipe", "sampler", "nfe", "fd", "fd_standard_error", "wall_seconds")},
+            "threshold_fd": threshold, "reach": reach, "max_nfe_others": max_nfe_others,
+            "extractor": getattr(extractor, "name", None) or type(extractor).__name__}
+
+
+def plot_fd_vs_nfe(result: dict, path: str) -> None:
+    """FD ± s.e. against NFE (log axis), one line per (recipe, sampler), the baseline's level dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    recipes = list(dict.fromkeys(p["recipe"] for p in result["points"]))
+    styles = ["-", "--", ":", "-."]
+    markers = {"ddpm": "o", "ddim": "s", "dpmsolver++": "^", "unipc": "v", "ours": "*"}
+    for i, recipe in enumerate(recipes):
+        for sampler in result["samplers"]:
+            pts = sorted((p for p in result["points"] if p["recipe"] == recipe and p["sampler"] == sampler),
+                         key=lambda p: p["nfe"])
+            if pts:
+                ax.errorbar([p["nfe"] for p in pts], [p["fd"] for p in pts],
+                            yerr=[p["fd_standard_error"] or 0 for p in pts], ls=styles[i % 4],
+                            marker=markers.get(sampler, "o"), capsize=2, label=f"{recipe} / {sampler}")
+    b = result["baseline"]
+    ax.axhline(result["threshold_fd"], color="gray", ls="--", lw=1)
+    ax.annotate(f"{b['recipe']} ddpm@{b['nfe']} FD + s.e.", (0.01, result["threshold_fd"]),
+                xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network calls per image (NFE)")
+    ax.set_ylabel(f"FD ({result['extractor']} features)")
+    ax.set_title(f"sample quality per network call (N = {result['num_images']} per point)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png")
+
+
+def markdown_table(result: dict) -> str:
+    """FD ± s.e. per (recipe, sampler) row and NFE column, then the reach of the baseline per recipe."""
+    nfe = result["nfe"]
+    rows = ["| recipe | sampler | " + " | ".join(f"NFE {k}" for k in nfe) + " |", "|---|---|" + "---|" * len(nfe)]
+    index = {(p["recipe"], p["sampler"], p["nfe"]): p for p in result["points"]}
+    for recipe in dict.fromkeys(p["recipe"] for p in result["points"]):
+        for sampler in result["samplers"]:
+            cells = []
+            for k in nfe:
+                p = index.get((recipe, sampler, k))
+                cells.append("–" if p is None else f"{p['fd']:.2f} ± {(p['fd_standard_error'] or 0):.2f}")
+            if any(c != "–" for c in cells):
+                rows.append(f"| `{recipe}` | {sampler} | " + " | ".join(cells) + " |")
+    b = result["baseline"]
+    rows += ["", f"Baseline: `{b['recipe']}` with `ddpm` at {b['nfe']} NFE, FD {b['fd']:.3f} ± "
+             f"{(b['fd_standard_error'] or 0):.3f} ({b['wall_seconds']:.0f} s for N = {result['num_images']}).", "",
+             "| recipe | fewest NFE reaching the baseline FD (within its s.e.) | sampler | FD | sampling wall time, N images |"
+             " speed-up in NFE |", "|---|---|---|---|---|---|"]
+    for recipe, r in result["reach"].items():
+        rows.append(f"| `{recipe}` | " + ("not reached | – | – | – | –" if r is None else
+                                          f"{r['nfe']} | {r['sampler']} | {r['fd']:.3f} | {r['wall_seconds']:.1f} s | "
+                                          f"{r['speedup_vs_baseline_nfe']:.0f}×") + " |")
+    return "\n".join(rows)
+
+
+def fmt_json_line(result: dict) -> str:
+    def clean(o):
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [clean(v) for v in o]
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, np.generic):
+            return o.item()
+        return o
+
+    return json.dumps(clean(result))
