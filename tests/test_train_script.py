@@ -66,6 +66,16 @@ def test_default_run_writes_a_loadable_pipeline(default_run):
     assert "| bits/dim |" in card and "| Fréchet distance @ 3 steps |" in card and "8 generated vs 300 real" in card
     assert str(round(saved["bits_per_dim_unclipped"], 3)) not in card  # the card shows the sampled-process bound
     assert 'DiffusionPipeline.from_pretrained("ddpm-digits")' in card  # the local card names its own folder
+    assert "EMA samples, 3 steps, seed 0." in card and "num_inference_steps=3, generator=generator" in card
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)  # the card's own snippet runs as written
+    cwd = os.getcwd()
+    try:
+        os.chdir(out.parent)
+        namespace = {}
+        exec(compile(snippet, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert len(namespace["images"]) == 4 and type(namespace["fast"].scheduler).__name__ == "DPMSolverMultistepScheduler"
 
     pipe = DiffusionPipeline.from_pretrained(str(out))
     assert type(pipe) is GaussianDiffusionPipeline  # samples with every diffusers scheduler
@@ -115,6 +125,16 @@ def test_output_dir_of_another_run_is_refused_and_bad_combos_fail_before_trainin
         assert not list((tmp_path / "bad").glob("checkpoint-*"))
 
 
+def test_train_script_stays_flags_build_train_publish():
+    """The script is flags -> build -> Trainer.run -> publish; everything else lives in the package."""
+    import ast
+
+    source = TRAIN_PY.read_text()
+    functions = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)}
+    assert len(source.splitlines()) < 300
+    assert functions["main"].end_lineno - functions["main"].lineno + 1 < 80
+
+
 def test_help_lists_flags_with_defaults(capsys):
     with pytest.raises(SystemExit) as info:
         TRAIN.parse_args(["--help"])
@@ -133,7 +153,8 @@ def test_help_lists_flags_with_defaults(capsys):
                  "--seed", "--max_train_steps", "--image_column", "--class_column", "--num_class_embeds",
                  "--class_dropout_prob", "--gradient_checkpointing", "--max_grad_norm", "--unet_preset",
                  "--unet_config", "--model_type", "--variance_type", "--loss_type", "--snr_gamma",
-                 "--timestep_sampler", "--eval_bpd_steps", "--eval_every", "--nan_policy", "--skip_bad_images"):
+                 "--timestep_sampler", "--eval_bpd_steps", "--eval_every", "--nan_policy", "--skip_bad_images",
+                 "--validation_size", "--validation_split_seed", "--eval_quality_num_images", "--feature_extractor"):
         assert flag in text, flag
     assert "default: hybrid" in text and "default: learned_range" in text and "debug_" not in text
 
