@@ -39,6 +39,23 @@ def check_flags(flags) -> None:
     if not isinstance(flags.eval_num_images, int) or flags.eval_num_images < 1:
         _fail(f"--eval_num_images must be a positive integer (the images bits/dim is measured on), got "
               f"{flags.eval_num_images!r}")
+    quality_n = getattr(flags, "eval_quality_num_images", 0)
+    if isinstance(quality_n, bool) or not isinstance(quality_n, int) or quality_n < 0 or 0 < quality_n < 4:
+        _fail(f"--eval_quality_num_images must be 0 (no sample quality) or an integer >= 4 (precision/recall "
+              f"compare each image with its 3 nearest neighbours), got {quality_n!r}")
+    size = getattr(flags, "validation_size", None)
+    if size is not None and not ((isinstance(size, int) and not isinstance(size, bool) and size >= 1)
+                                 or (isinstance(size, float) and 0.0 < size < 1.0)):
+        _fail(f"--validation_size must be a number of images >= 1 (e.g. 500) or a fraction in (0, 1) (e.g. 0.1), "
+              f"got {size!r}")
+    split_seed = getattr(flags, "validation_split_seed", 0)
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**32:
+        _fail(f"--validation_split_seed must be an integer in [0, 2**32), got {split_seed!r}")
+    if flags.unet_preset is not None and flags.unet_config is None:
+        from .unet import UNET_PRESETS
+
+        if flags.unet_preset not in UNET_PRESETS:
+            _fail(f"--unet_preset {flags.unet_preset!r} is unknown; choose one of {sorted(UNET_PRESETS)}")
     if not isinstance(flags.dataloader_num_workers, int) or flags.dataloader_num_workers < 0:
         _fail(f"--dataloader_num_workers must be an integer >= 0, got {flags.dataloader_num_workers!r}")
     if flags.ddpm_num_inference_steps > flags.ddpm_num_steps:
@@ -178,6 +195,38 @@ def load_unet_config(path: str) -> Dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+def unet_config_from_flags(
+    *,
+    preset: Optional[str] = "digits-small",
+    config_path: Optional[str] = None,
+    resolution: Optional[int] = None,
+    variance_type: str = "fixed_small",
+    num_class_embeds: Optional[int] = None,
+) -> Dict[str, Any]:
+    """The ``DDPMUNet2DModel`` config :func:`build_unet` builds (arguments as there): the preset's or the file's,
+    with ``sample_size``, ``out_channels`` (C or 2C for the variance type) and ``num_class_embeds`` applied."""
+    from .unet import UNET_PRESETS
+
+    if config_path is not None:
+        config = load_unet_config(config_path)
+        explicit_out = config.get("out_channels")
+    else:
+        if preset not in UNET_PRESETS:
+            raise ValueError(f"--unet_preset {preset!r} is unknown; choose one of {sorted(UNET_PRESETS)}")
+        config = dict(UNET_PRESETS[preset]["config"])
+        explicit_out = None  # presets are adapted to the variance type
+    if resolution is not None:
+        config["sample_size"] = resolution
+    in_channels = config.get("in_channels", 3)
+    config["out_channels"] = resolve_out_channels(in_channels, variance_type, explicit_out)
+    if config.get("num_class_embeds") != num_class_embeds:
+        if config.get("num_class_embeds") is not None and num_class_embeds is None:
+            logger.warning("the UNet config has num_class_embeds=%s but no --num_class_embeds was given: training "
+                           "an unconditional model", config.get("num_class_embeds"))
+        config["num_class_embeds"] = num_class_embeds
+    return config
+
+
 def build_unet(
     *,
     preset: Optional[str] = "digits-small",
@@ -204,25 +253,10 @@ def build_unet(
     Returns:
         The model, in training mode.
     """
-    from .unet import UNET_PRESETS, DDPMUNet2DModel
+    from .unet import DDPMUNet2DModel
 
-    if config_path is not None:
-        config = load_unet_config(config_path)
-        explicit_out = config.get("out_channels")
-    else:
-        if preset not in UNET_PRESETS:
-            raise ValueError(f"--unet_preset {preset!r} is unknown; choose one of {sorted(UNET_PRESETS)}")
-        config = dict(UNET_PRESETS[preset]["config"])
-        explicit_out = None  # presets are adapted to the variance type
-    if resolution is not None:
-        config["sample_size"] = resolution
-    in_channels = config.get("in_channels", 3)
-    config["out_channels"] = resolve_out_channels(in_channels, variance_type, explicit_out)
-    if config.get("num_class_embeds") != num_class_embeds:
-        if config.get("num_class_embeds") is not None and num_class_embeds is None:
-            logger.warning("the UNet config has num_class_embeds=%s but no --num_class_embeds was given: training "
-                           "an unconditional model", config.get("num_class_embeds"))
-        config["num_class_embeds"] = num_class_embeds
+    config = unet_config_from_flags(preset=preset, config_path=config_path, resolution=resolution,
+                                    variance_type=variance_type, num_class_embeds=num_class_embeds)
     if seed is not None:
         torch.manual_seed(seed)
     try:
@@ -236,6 +270,64 @@ def build_unet(
     elif model_type != "ours":
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     return model.train()
+
+
+# ---- the default learning rate: one per preset, by size for --unet_config models
+
+RECOMMENDED_LEARNING_RATES = {
+    # preset: (peak AdamW learning rate, why). Used when --learning_rate is not given.
+    "digits-small": (2e-3, "tuned on the built-in digits (0.93M parameters, 828 steps at batch 32)"),
+    "diffusers-tutorial": (1e-3, "the 28x28 MNIST tutorials of diffusers' course train this size at 1e-3"),
+    "smalldiffusion-fashionmnist": (7.5e-4, "size rule (4.4M parameters)"),
+    "simple-unet": (3.5e-4, "size rule (14.7M parameters)"),
+    "labml-ddpm": (3e-4, "size rule (19.2M parameters)"),
+    "ddpm-cifar10": (2e-4, "Ho et al. 2020, CIFAR-10 (35.7M parameters)"),
+    "smalldiffusion-cifar10": (2e-4, "the ddpm-cifar10 network: Ho et al. 2020's CIFAR-10 rate"),
+    "idm-cifar10": (1e-4, "Nichol & Dhariwal 2021, CIFAR-10 (52.5M parameters)"),
+}
+"""Default ``--learning_rate`` of each UNet preset (the coordinator may move this table beside the presets).
+diffusers' ``train_unconditional.py`` uses 1e-4 for every model; the small presets train far too slowly at
+that rate within a CPU budget, and 2e-3 (right for digits-small) diverges or stalls the 35M+ CIFAR networks."""
+# The size rule: a straight line in log-log through digits-small (0.93M, 2e-3) and ddpm-cifar10 (35.7M, 2e-4),
+# clamped to [1e-4, 2e-3] and rounded to two significant digits.
+_SIZE_RULE = ((0.93e6, 2e-3), (35.7e6, 2e-4))
+_SIZE_RULE_RANGE = (1e-4, 2e-3)
+
+
+def learning_rate_for_size(num_parameters: int) -> float:
+    """The default learning rate of a UNet with ``num_parameters`` trainable parameters (the size rule of
+    :data:`RECOMMENDED_LEARNING_RATES`): 2e-3 at 0.93M, 2e-4 at 35.7M, a power law between and beyond, clamped to
+    [1e-4, 2e-3], two significant digits."""
+    import math
+
+    (n0, lr0), (n1, lr1) = _SIZE_RULE
+    slope = math.log(lr1 / lr0) / math.log(n1 / n0)
+    lr = lr0 * (max(int(num_parameters), 1) / n0) ** slope
+    lr = min(max(lr, _SIZE_RULE_RANGE[0]), _SIZE_RULE_RANGE[1])
+    return float(f"{lr:.1e}")
+
+
+def default_learning_rate(flags) -> Optional[float]:
+    """``--learning_rate`` when it is not given: the preset's :data:`RECOMMENDED_LEARNING_RATES` entry, or for a
+    ``--unet_config`` model :func:`learning_rate_for_size` of its parameter count (counted on the meta device,
+    no weights allocated). None when the model flags are bad (:func:`check_flags` then names them)."""
+    if flags.unet_config is None:
+        entry = RECOMMENDED_LEARNING_RATES.get(flags.unet_preset)
+        return entry[0] if entry is not None else None
+    if flags.unet_preset is not None or not os.path.isfile(unet_config_file(flags.unet_config)):
+        return None
+    from accelerate import init_empty_weights
+
+    from .unet import DDPMUNet2DModel
+
+    config = unet_config_from_flags(preset=None, config_path=flags.unet_config, resolution=flags.resolution,
+                                    variance_type=flags.variance_type, num_class_embeds=flags.num_class_embeds)
+    try:
+        with init_empty_weights():
+            model = DDPMUNet2DModel(**config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--unet_config {flags.unet_config!r} gives an invalid UNet config: {exc}") from exc
+    return learning_rate_for_size(sum(p.numel() for p in model.parameters()))
 
 
 def build_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
@@ -280,17 +372,23 @@ def build_model(flags):
 
 
 def build_data(flags, model, accelerator):
-    """The training loader and the bits/dim images at the UNet's resolution and channels, from the script's flags.
+    """The training loader and the held-out evaluation images at the UNet's resolution and channels, from the
+    script's flags.
 
     The data is ``dataset_name`` (``datasets``), ``train_data_dir`` (an image folder) or, with neither, the
-    built-in digits; each process gets its shard of every global batch (``data.make_dataloader``). Bits/dim is
-    measured on the held-out digits, else on the first ``eval_num_images`` training images.
+    built-in digits. :func:`diffusers_ddpm_ext.data.load_train_validation_split` holds out a validation split
+    (the digits' fixed 300 held-out images; a dataset's own validation/test split; else ``validation_size``
+    images carved with ``validation_split_seed``), which is never trained on and depends only on those flags and
+    the data, not on the process or the run; each process gets its shard of every global batch of the rest
+    (``data.make_dataloader``). Bits/dim is measured on the first ``eval_num_images`` held-out images, sample
+    quality against all of them.
 
     Returns:
         ``(loader, eval_set, num_levels)``: a DataLoader over a ``ResumableBatchSampler``, a
-        :class:`~diffusers_ddpm_ext.trainer.EvalSet`, and the data's grey levels (17 for the digits, else 256).
+        :class:`~diffusers_ddpm_ext.trainer.EvalSet` (with the split's ``info`` and the whole split as its
+        ``reference``), and the data's grey levels (17 for the digits, else 256).
     """
-    from .data import DIGITS_NUM_LEVELS, load_heldout_digits, load_training_dataset, make_dataloader
+    from .data import dataset_to_tensors, load_train_validation_split, make_dataloader
 
     in_channels, resolution = model.config.in_channels, model.config.sample_size
     if not isinstance(resolution, int):  # (H, W) configs: the data pipeline makes square images
@@ -298,24 +396,65 @@ def build_data(flags, model, accelerator):
             raise ValueError(f"the UNet's sample_size {resolution} is not square; pass --resolution")
         resolution = int(resolution[0])
     with accelerator.main_process_first():
-        dataset = load_training_dataset(
+        split = load_train_validation_split(
             dataset_name=flags.dataset_name, train_data_dir=flags.train_data_dir, image_column=flags.image_column,
             class_column=flags.class_column if flags.dataset_name is not None else None,  # folders/digits: own labels
             resolution=resolution, in_channels=in_channels, center_crop=flags.center_crop,
-            random_flip=flags.random_flip, skip_bad_images=flags.skip_bad_images, cache_dir=flags.cache_dir)
+            random_flip=flags.random_flip, skip_bad_images=flags.skip_bad_images, cache_dir=flags.cache_dir,
+            validation_size=flags.validation_size, validation_split_seed=flags.validation_split_seed)
+    dataset, info = split.train, split.info
     num_classes = getattr(dataset, "num_classes", None)
     if flags.num_class_embeds is not None and num_classes is None:
         raise ValueError("--num_class_embeds was given but the dataset has no class labels (pass --class_column, "
                          "or use an image folder with one sub-folder per class)")
     if flags.num_class_embeds is not None and num_classes > flags.num_class_embeds:
         raise ValueError(f"the dataset has {num_classes} classes but --num_class_embeds is {flags.num_class_embeds}")
+    if flags.eval_quality_num_images and len(split.validation) < 4:
+        raise ValueError(f"the held-out {info['split']} split has {len(split.validation)} images; sample quality "
+                         f"(--eval_quality_num_images {flags.eval_quality_num_images}) needs at least 4: pass a larger "
+                         f"--validation_size, or --eval_quality_num_images 0")
     loader = make_dataloader(dataset, flags.train_batch_size, seed=flags.seed, shuffle=True, drop_last=True,
                              num_workers=flags.dataloader_num_workers, num_replicas=accelerator.num_processes,
                              rank=accelerator.process_index)
-    count = flags.eval_num_images
-    if flags.dataset_name is None and flags.train_data_dir is None:
-        images, labels = load_heldout_digits(resolution, in_channels)
-        return loader, EvalSet(images[:count], labels[:count], "heldout"), DIGITS_NUM_LEVELS
-    items = [dataset[i] for i in range(min(count, len(dataset)))]
-    labels = torch.stack([it["class_labels"] for it in items]) if "class_labels" in items[0] else None
-    return loader, EvalSet(torch.stack([it["pixel_values"] for it in items]), labels, "train"), 256
+    images, labels = dataset_to_tensors(split.validation, flags.eval_num_images)
+    eval_set = EvalSet(images, labels, info["split"], info=dict(info), reference=split.validation)
+    return loader, eval_set, int(info["num_levels"])
+
+
+def load_quality_extractor(flags, accelerator):
+    """The feature extractor of the end-of-training sample quality, loaded by the main process before training so
+    that an encoder that cannot be loaded (offline, a typo) fails the run at once (None on the other processes and
+    with ``--eval_quality_num_images 0``).
+
+    ``--feature_extractor auto``: the digits classifier for the built-in digits, else ``facebook/dinov2-base``
+    (:func:`diffusers_ddpm_ext.evaluate.load_feature_extractor`).
+
+    Raises:
+        ValueError: naming ``--feature_extractor`` and ``--eval_quality_num_images 0``.
+    """
+    if not flags.eval_quality_num_images:
+        return None
+    from .evaluate import load_feature_extractor
+    from .metrics import DEFAULT_IMAGE_ENCODER
+
+    from .processes import on_main_process
+
+    digits = flags.dataset_name is None and flags.train_data_dir is None
+    name = flags.feature_extractor
+    shown = name if name != "auto" or digits else f"auto (= {DEFAULT_IMAGE_ENCODER})"
+    loaded = []  # only the main process measures; the model is not sent to the others
+
+    def load():
+        try:
+            loaded.append(load_feature_extractor(name, digits=digits, device=accelerator.device,
+                                                 cache_dir=flags.cache_dir))
+        except Exception as exc:  # noqa: BLE001 - any failure to load gets the same advice
+            raise ValueError(
+                f"--feature_extractor {shown} could not be loaded for the end-of-training sample quality "
+                f"(--eval_quality_num_images {flags.eval_quality_num_images}): {type(exc).__name__}: {exc}. Pass "
+                f"--feature_extractor <a local folder or a cached Hub id of a transformers image encoder> (offline, "
+                f"set HF_HUB_OFFLINE=1 to use the cache without retries), or --eval_quality_num_images 0 to train "
+                f"without sample quality.") from exc
+
+    on_main_process(accelerator, load)  # a failure is raised on every process
+    return loaded[0] if loaded else None

@@ -294,7 +294,7 @@ def sample_quality_at_steps(
     if reference_features is None:
         reference_features = extract_features(extractor, reference, feature_batch_size, progress,
                                               "features (reference)")
-    name = _extractor_info(extractor)["name"]
+    name = extractor_info(extractor)["name"]
     conditional = _is_conditional(pipeline)
     guided = conditional and guidance_scale not in (0.0, 1.0)  # guided steps run the UNet on 2B samples
     results = []
@@ -323,7 +323,7 @@ def sample_quality_at_steps(
     return results
 
 
-def _extractor_info(extractor) -> dict:
+def extractor_info(extractor) -> dict:
     meta = getattr(extractor, "metadata", None)
     info = {"name": getattr(extractor, "name", None) or type(extractor).__name__}
     if isinstance(meta, dict):
@@ -494,7 +494,7 @@ def evaluate_pipeline(
         extractor = load_feature_extractor(feature_extractor, builtin, device, feature_batch_size, cache_dir)
         reference_features = extract_features(extractor, reference, feature_batch_size, progress,
                                               "features (reference)")
-        report["feature_extractor"] = _extractor_info(extractor)
+        report["feature_extractor"] = extractor_info(extractor)
 
         def save_grid(steps, generated):
             if output_dir is not None:
@@ -613,8 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resolution", type=int, default=None, help="Image size; must equal the UNet's sample_size (the default).")
     a("--skip_bad_images", action="store_true", help="Skip unreadable images (use it iff training did: it changes "
       "which images the split is carved from).")
-    a("--validation_size", type=_validation_size, default=None, help="Held-out images: a number (500) or a fraction "
-      "(0.1); default 10%% of the images, at most 1000 (the digits: their fixed 300). Use training's value.")
+    a("--validation_size", type=validation_size_type, default=None, help="Held-out images: a number (500) or a "
+      "fraction (0.1); default 10%% of the images, at most 1000 (the digits: their fixed 300). Use training's value.")
     a("--validation_split_seed", type=int, default=0, help="Seed of the held-out split (use training's value).")
     # ---- bits/dim
     a("--bpd_num_images", type=int, default=256, help="Validation images for bits/dim (0 skips bits/dim).")
@@ -640,7 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _validation_size(text: str):
+def validation_size_type(text: str):
+    """argparse ``type`` of ``--validation_size`` (here and in ``training/train.py``): a count ("500") or a
+    fraction ("0.1"), :func:`diffusers_ddpm_ext.data.parse_validation_size`."""
     from .data import parse_validation_size
 
     try:

@@ -109,6 +109,7 @@ class RunPublisher:
                                           training_config=self.training_config, datasets=self.datasets,
                                           sample_grid=hub.GRID_NAME, num_inference_steps=steps,
                                           sample_grid_caption=f"EMA samples, {steps} steps, seed {config.seed}.",
+                                          local_dir_name=os.path.basename(os.path.normpath(out)),
                                           ).save(os.path.join(stage, "README.md"))
                     apply_umask(stage)  # safetensors writes the weights 0600
                     fsync_tree(stage)
@@ -164,14 +165,16 @@ class RunPublisher:
                            "push again). %s", message, self.repo_id, push_failure_line(error))
 
     def publish_final(self, metrics: Mapping[str, Any]) -> Optional[Exception]:
-        """The end-of-training export (the model card shows bits/dim and the steps) and its push."""
+        """The end-of-training export and its push. The model card shows the quality metrics of ``metrics``
+        (``Trainer.report``'s: bits/dim of the process the model samples with and, when measured, FD/KID/precision/
+        recall), each with its split, N and method (``model_card.card_metric_rows``)."""
         state, card_metrics, message = self.trainer.state, None, None
         if self.trainer.accelerator.is_main_process:
-            card_metrics = {"bits/dim": round(metrics["bits_per_dim"], 4), "train_steps": state.global_step}
+            card_metrics = dict(metrics)
         if self.push_to_hub:
             message = f"End of training: epoch {state.epoch + 1}, step {state.global_step}"
             if card_metrics is not None:
-                message += f", bits/dim {card_metrics['bits/dim']}"
+                message += f", bits/dim {round(card_metrics['bits_per_dim'], 4)}"
         return self.publish(card_metrics, commit_message=message, keep_failed_upload=True)
 
     def final_push_error(self, error: Exception):

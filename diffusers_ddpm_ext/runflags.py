@@ -31,15 +31,17 @@ CHANGEABLE_ON_RESUME = (
 FIXED_ON_RESUME = (
     "seed", "train_batch_size", "gradient_accumulation_steps", "dataset_name", "dataset_config_name",
     "train_data_dir", "image_column", "class_column", "skip_bad_images", "ddpm_num_steps", "use_ema",
+    "validation_size", "validation_split_seed",  # which images are held out, hence which are trained on
 )
 # Flags of training/train.py that never change the trained weights (or change them only through the model config,
 # which the checkpoint's architecture check compares), so resume does not compare them.
 NOT_COMPARED = (
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "allow_changed_flags", "logger", "logging_dir",
     "cache_dir", "dataloader_num_workers", "gradient_checkpointing", "eval_batch_size", "eval_bpd_steps",
-    "eval_num_images", "eval_every", "guidance_scale", "ddpm_num_inference_steps", "save_images_epochs",
-    "save_model_epochs", "checkpointing_steps", "checkpoints_total_limit", "push_to_hub", "hub_strategy",
-    "hub_token", "hub_model_id", "hub_private_repo", "local_rank", "num_epochs",  # num_epochs: via max_train_steps
+    "eval_num_images", "eval_quality_num_images", "feature_extractor", "eval_every", "guidance_scale",
+    "ddpm_num_inference_steps", "save_images_epochs", "save_model_epochs", "checkpointing_steps",
+    "checkpoints_total_limit", "push_to_hub", "hub_strategy", "hub_token", "hub_model_id", "hub_private_repo",
+    "local_rank", "num_epochs",  # num_epochs: via max_train_steps
     "unet_preset", "unet_config", "model_config_name_or_path", "model_type", "resolution", "num_class_embeds",
     "debug_nan_at_step", "debug_interrupt_after_step",
 )
@@ -48,6 +50,7 @@ COMPARED_FLAGS = CHANGEABLE_ON_RESUME + FIXED_ON_RESUME
 SCRIPT_RESULT_FLAGS = (
     "train_batch_size", "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "class_column",
     "skip_bad_images", "center_crop", "random_flip", "mixed_precision", "enable_xformers_memory_efficient_attention",
+    "validation_size", "validation_split_seed",
 )
 # What each kind of fixed flag protects, for the error message.
 _FIXED_BECAUSE = {

@@ -338,17 +338,24 @@ class StepOutput:
 
 @dataclass
 class EvalSet:
-    """Images the trainer's bits/dim is measured on.
+    """Images the trainer's bits/dim and sample quality are measured on.
 
     Args:
-        images: (N, C, H, W) in [-1, 1].
+        images: (N, C, H, W) in [-1, 1], for bits/dim.
         class_labels: (N,) labels for a class-conditional model, else None.
-        split: where they come from (``"heldout"`` or ``"train"``), reported in the metrics.
+        split: where they come from (``"heldout"``, ``"validation"``, a dataset's own split name, or ``"train"``),
+            reported in the metrics.
+        info: how the split was made (``data.TrainValidationSplit.info``: method, seed, sizes, source), reported
+            in the metrics as ``validation_split``.
+        reference: the whole held-out split (a dataset of ``{"pixel_values", ...}`` items): the real images of
+            :meth:`Trainer.evaluate_sample_quality`.
     """
 
     images: torch.Tensor
     class_labels: Optional[torch.Tensor] = None
     split: str = "train"
+    info: Optional[Dict[str, Any]] = None
+    reference: Optional[Any] = None
 
 
 class Trainer:
@@ -890,12 +897,12 @@ class Trainer:
         return ema_weights(self.ema, self.unwrapped)
 
     def pipeline(self):
-        """A ``DDPMPipeline`` (or ``ClassConditionalDDPMPipeline``) around the model and a fresh scheduler."""
-        from diffusers import DDPMPipeline
+        """A :class:`~diffusers_ddpm_ext.pipelines.GaussianDiffusionPipeline` (class-conditional models:
+        ``ClassConditionalDDPMPipeline``, its subclass) around the model and a fresh scheduler: it samples with
+        every diffusers scheduler, so the exported pipeline does too."""
+        from .pipelines import ClassConditionalDDPMPipeline, GaussianDiffusionPipeline
 
-        from .pipelines import ClassConditionalDDPMPipeline
-
-        cls = DDPMPipeline if self.num_class_embeds is None else ClassConditionalDDPMPipeline
+        cls = GaussianDiffusionPipeline if self.num_class_embeds is None else ClassConditionalDDPMPipeline
         scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config)
         pipe = cls(unet=self.unwrapped, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
@@ -933,8 +940,14 @@ class Trainer:
         nrow = classes if classes is not None and len(images) % classes == 0 else None
         return make_image_grid(images, nrow=nrow, min_tile=64)
 
-    def evaluate_bpd(self):
-        """Bits/dim of :attr:`eval_set` with the EMA weights (``likelihood.estimate_bits_per_dim``)."""
+    def evaluate_bpd(self, clip_denoised: Optional[bool] = None):
+        """Bits/dim of :attr:`eval_set` with the EMA weights (``likelihood.estimate_bits_per_dim``).
+
+        Args:
+            clip_denoised: None (default) = the bound of the reverse process the model samples with (x̂_0 clipped
+                or thresholded exactly when the scheduler's sampler does); False = the unclipped bound. The same
+                seed draws the same timesteps and noise either way, so the two are a paired comparison.
+        """
         from .likelihood import estimate_bits_per_dim
 
         if self.eval_set is None:
@@ -946,20 +959,48 @@ class Trainer:
                 num_timesteps_sampled=self.config.eval_bpd_steps, num_levels=self.config.num_levels,
                 class_labels=None if labels is None else labels.to(self.device), batch_size=256,
                 generator=torch.Generator(device=self.device).manual_seed(self.config.seed),
-                progress=self.accelerator.is_local_main_process, clip_denoised=self.clip_denoised)
+                progress=self.accelerator.is_local_main_process, clip_denoised=clip_denoised)
 
     @property
     def clip_denoised(self) -> bool:
         # The bound of the model as it samples: with clip_sample the reverse mean uses the clipped x̂_0 (as IDM's
         # NLL evaluation, clip_denoised=True). Unclipped, the cosine schedule's last step (β = 0.999, ᾱ ≈ 2e-9)
         # turns a small ε error into several bits/dim of KL for a model that samples exactly the same.
-        return bool(self.noise_scheduler.config.get("clip_sample", False))
+        config = self.noise_scheduler.config
+        return bool(config.get("clip_sample", False) or config.get("thresholding", False))
 
-    def report(self) -> Dict[str, Any]:
+    def evaluate_sample_quality(self, feature_extractor, num_images: int) -> Dict[str, Any]:
+        """FD, KID and precision/recall of ``num_images`` EMA samples at ``ddpm_num_inference_steps`` against the
+        whole held-out split (:attr:`EvalSet.reference`), in the features of ``feature_extractor``
+        (:func:`diffusers_ddpm_ext.evaluate.sample_quality_at_steps`; the sampling seed is the config's).
+
+        Returns:
+            ``{"sample_quality": [entry], "feature_extractor": {...}}``; the entry names its split, N generated,
+            N reference and each figure's method.
+        """
+        from .data import dataset_to_tensors
+        from .evaluate import extractor_info, sample_quality_at_steps
+
+        if self.eval_set is None or self.eval_set.reference is None:
+            raise ValueError("evaluate_sample_quality needs an eval_set with the held-out split as its reference")
+        reference, _ = dataset_to_tensors(self.eval_set.reference)  # (M, C, H, W) in [-1, 1]
+        num_classes = getattr(self.eval_set.reference, "num_classes", None) or self.num_class_embeds
+        with torch.random.fork_rng(devices=[]), self.ema_weights(), eval_mode(self.unwrapped):
+            entries = sample_quality_at_steps(
+                self.pipeline(), reference, [self.config.ddpm_num_inference_steps], num_images, feature_extractor,
+                split=self.eval_set.split, sample_batch_size=self.config.eval_batch_size, seed=self.config.seed,
+                num_classes=num_classes if self.num_class_embeds is not None else None,
+                guidance_scale=self.guidance_scale, progress=self.accelerator.is_local_main_process)
+        return {"sample_quality": entries, "feature_extractor": extractor_info(feature_extractor)}
+
+    def report(self, feature_extractor=None, quality_num_images: int = 0) -> Dict[str, Any]:
         """Check every process ended with the same weights, then measure the run (main process; {} elsewhere).
 
         Prints one ``[rank r] weight checksum ... ema ...`` line per process, raises if they differ, and on the
-        main process estimates bits/dim and writes ``<output_dir>/loss_curve.png``.
+        main process estimates bits/dim under both bounds (``bits_per_dim``: the reverse process the model samples
+        with, clipped as its scheduler clips; ``bits_per_dim_unclipped`` beside it, each with its ``*_bound``
+        label), with a ``feature_extractor`` and ``quality_num_images`` > 0 also the sample quality
+        (:meth:`evaluate_sample_quality`), and writes ``<output_dir>/loss_curve.png``.
 
         Returns:
             The run's metrics (the keys of ``metrics.json`` but ``wall_time_s``, which is None here).
@@ -976,13 +1017,20 @@ class Trainer:
         if len({(c["weights"], c["ema"]) for c in checksums}) != 1:
             raise RuntimeError(f"processes ended with different weights: {checksums}")
         bpd = self.evaluate_bpd()
+        # Unclipped beside it (IDM's heavy-tailed last cosine steps show here); the same draws: a paired figure.
+        unclipped = self.evaluate_bpd(clip_denoised=False) if bpd.clip_denoised else bpd
         last = state.losses[-50:]
         metrics = {
             "bits_per_dim": bpd.mean,
             "bits_per_dim_standard_error": bpd.mean_standard_error,
+            "bits_per_dim_bound": "as sampled: " + bpd.bound,
+            "bits_per_dim_clip_denoised": bool(bpd.clip_denoised),
+            "bits_per_dim_unclipped": unclipped.mean,
+            "bits_per_dim_unclipped_standard_error": unclipped.mean_standard_error,
+            "bits_per_dim_unclipped_bound": "unclipped: " + unclipped.bound,
             "bits_per_dim_split": self.eval_set.split,
             "bits_per_dim_num_images": int(self.eval_set.images.shape[0]),
-            "bits_per_dim_clip_denoised": self.clip_denoised,
+            "validation_split": self.eval_set.info,
             "eval_bpd_steps": bpd.timesteps_per_image,
             "train_steps": state.global_step,
             "skipped_steps": state.skipped_steps,
@@ -1000,6 +1048,8 @@ class Trainer:
             "prediction_type": sched.prediction_type,
             "rank_checksums": checksums,
         }
+        if feature_extractor is not None and quality_num_images:
+            metrics.update(self.evaluate_sample_quality(feature_extractor, quality_num_images))
         if state.losses and self.output_dir is not None:
             save_loss_curve(state.loss_steps, state.losses, os.path.join(self.output_dir, "loss_curve.png"),
                             title=f"{self.config.loss_type} loss, {sched.variance_type}, {sched.beta_schedule}")

@@ -436,6 +436,7 @@ NUMERIC_BAD_VALUES = {
     "adam_epsilon": [0, -1, "nan"], "max_grad_norm": [-1, "nan", "inf"], "ema_inv_gamma": [0, -1, "nan"],
     "ema_power": [0, -1, "inf"], "ema_max_decay": [-0.1, 1.5, "nan"], "checkpointing_steps": [0, -1],
     "checkpoints_total_limit": [0, -1], "eval_bpd_steps": [0, 1, -1], "eval_num_images": [0, -5],
+    "eval_quality_num_images": [-1, 2], "validation_split_seed": [-1, 2**32],
     "eval_every": [0, -1], "guidance_scale": [-1, "nan", "inf"], "debug_nan_at_step": [0, -1],
     "debug_interrupt_after_step": [0, -1],
 }

@@ -26,13 +26,15 @@ def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "ddpm-digits"
     argv = ["--output_dir", out, "--max_train_steps", 4, "--checkpointing_steps", 2, *FAST]
     argv[argv.index("--logger") + 1] = "tensorboard"
+    argv[argv.index("--eval_quality_num_images") + 1] = 8  # the default digits classifier, few images
     metrics = run_train(*argv)
     return out, metrics
 
 
 def test_default_run_writes_a_loadable_pipeline(default_run):
-    from diffusers import DDPMPipeline, DiffusionPipeline
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
+    from diffusers_ddpm_ext.pipelines import GaussianDiffusionPipeline
     from diffusers_ddpm_ext.scheduler import GaussianDiffusionScheduler
     from diffusers_ddpm_ext.unet import DDPMUNet2DModel
 
@@ -46,18 +48,44 @@ def test_default_run_writes_a_loadable_pipeline(default_run):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["train_steps"] == metrics["train_steps"] == 4
     assert saved["bits_per_dim_split"] == "heldout" and 0 < saved["bits_per_dim"] < 20
+    assert saved["bits_per_dim_num_images"] == 4 and saved["validation_split"]["num_images"] == 300
+    # Both bounds, labelled: the process the model samples with (x̂₀ clipped) and the unclipped one beside it.
+    assert saved["bits_per_dim_clip_denoised"] is True and "as sampled" in saved["bits_per_dim_bound"]
+    assert "x0 clipped" in saved["bits_per_dim_bound"] and "x0 unclipped" in saved["bits_per_dim_unclipped_bound"]
+    assert np.isfinite(saved["bits_per_dim_unclipped"]) and saved["bits_per_dim_unclipped"] != saved["bits_per_dim"]
+    (quality,) = saved["sample_quality"]  # the digits classifier on the held-out digits, at the run's step count
+    assert (quality["split"], quality["num_generated"], quality["num_reference"]) == ("heldout", 8, 300)
+    assert quality["num_inference_steps"] == 3 and np.isfinite([quality["fd"], quality["kid_mean"]]).all()
+    assert 0 <= quality["precision"] <= 1 and 0 <= quality["recall"] <= 1
+    assert saved["feature_extractor"]["name"] == "digits-classifier"
     assert saved["final_loss"] > 0 and saved["wall_time_s"] > 0 and saved["num_processes"] == 1
     assert saved["loss_type"] == "hybrid" and saved["variance_type"] == "learned_range"
     assert sorted(os.listdir(out)).count("checkpoint-2") == 1 and (out / "checkpoint-2").is_dir()
     assert "hub_token" not in (out / rundir.RUN_MARKER_NAME).read_text()
-    assert "bits/dim" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| bits/dim |" in card and "| Fréchet distance @ 3 steps |" in card and "8 generated vs 300 real" in card
+    assert str(round(saved["bits_per_dim_unclipped"], 3)) not in card  # the card shows the sampled-process bound
+    assert 'DiffusionPipeline.from_pretrained("ddpm-digits")' in card  # the local card names its own folder
+    assert "EMA samples, 3 steps, seed 0." in card and "num_inference_steps=3, generator=generator" in card
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)  # the card's own snippet runs as written
+    cwd = os.getcwd()
+    try:
+        os.chdir(out.parent)
+        namespace = {}
+        exec(compile(snippet, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert len(namespace["images"]) == 4 and type(namespace["fast"].scheduler).__name__ == "DPMSolverMultistepScheduler"
 
     pipe = DiffusionPipeline.from_pretrained(str(out))
-    assert isinstance(pipe, DDPMPipeline)
+    assert type(pipe) is GaussianDiffusionPipeline  # samples with every diffusers scheduler
     assert isinstance(pipe.unet, DDPMUNet2DModel) and isinstance(pipe.scheduler, GaussianDiffusionScheduler)
     assert pipe.unet.config.out_channels == 2 and pipe.scheduler.config.variance_type == "learned_range"
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     image = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 16, 16, 1) and np.isfinite(image).all()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # learned variance: dropped
+    image = pipe(batch_size=1, num_inference_steps=3, output_type="np").images
     assert image.shape == (1, 16, 16, 1) and np.isfinite(image).all()
 
     # The exported UNet holds the EMA weights; the checkpoint keeps the (different) training weights.
@@ -97,6 +125,16 @@ def test_output_dir_of_another_run_is_refused_and_bad_combos_fail_before_trainin
         assert not list((tmp_path / "bad").glob("checkpoint-*"))
 
 
+def test_train_script_stays_flags_build_train_publish():
+    """The script is flags -> build -> Trainer.run -> publish; everything else lives in the package."""
+    import ast
+
+    source = TRAIN_PY.read_text()
+    functions = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)}
+    assert len(source.splitlines()) < 300
+    assert functions["main"].end_lineno - functions["main"].lineno + 1 < 80
+
+
 def test_help_lists_flags_with_defaults(capsys):
     with pytest.raises(SystemExit) as info:
         TRAIN.parse_args(["--help"])
@@ -115,7 +153,8 @@ def test_help_lists_flags_with_defaults(capsys):
                  "--seed", "--max_train_steps", "--image_column", "--class_column", "--num_class_embeds",
                  "--class_dropout_prob", "--gradient_checkpointing", "--max_grad_norm", "--unet_preset",
                  "--unet_config", "--model_type", "--variance_type", "--loss_type", "--snr_gamma",
-                 "--timestep_sampler", "--eval_bpd_steps", "--eval_every", "--nan_policy", "--skip_bad_images"):
+                 "--timestep_sampler", "--eval_bpd_steps", "--eval_every", "--nan_policy", "--skip_bad_images",
+                 "--validation_size", "--validation_split_seed", "--eval_quality_num_images", "--feature_extractor"):
         assert flag in text, flag
     assert "default: hybrid" in text and "default: learned_range" in text and "debug_" not in text
 
@@ -226,7 +265,9 @@ def test_resume_is_exact_class_conditional_image_folder(image_folder, tmp_path):
     assert isinstance(pipe, ClassConditionalDDPMPipeline) and pipe.unet.config.num_class_embeds == 2
     images = pipe(class_labels=[0, 1], guidance_scale=2.0, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 16, 16, 1)
-    assert json.loads((resumed / "metrics.json").read_text())["bits_per_dim_split"] == "train"
+    held_out = json.loads((resumed / "metrics.json").read_text())
+    assert held_out["bits_per_dim_split"] == "validation" and held_out["bits_per_dim_num_images"] == 2  # 10 % of 20
+    assert held_out["validation_split"]["num_train_images"] == 18
 
 
 def test_v_prediction_with_nan_skip(tmp_path):

@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "training" / "train.py"
-# Tiny but real: a few steps, a 2-image grid with 3 sampling steps, bits/dim on 4 images with 2 timesteps each.
+# Tiny but real: a few steps, a 2-image grid with 3 sampling steps, bits/dim on 4 images with 2 timesteps each, no
+# sample quality (the tests that measure it ask for it).
 FAST = ["--train_batch_size", "8", "--eval_batch_size", "2", "--ddpm_num_inference_steps", "3",
-        "--eval_bpd_steps", "2", "--eval_num_images", "4", "--logger", "none", "--lr_warmup_steps", "2"]
+        "--eval_bpd_steps", "2", "--eval_num_images", "4", "--logger", "none", "--lr_warmup_steps", "2",
+        "--eval_quality_num_images", "0"]
 
 
 def load_train_script():

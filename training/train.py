@@ -23,7 +23,9 @@ from typing import Optional, Sequence
 import torch
 
 from diffusers_ddpm_ext.build import (MODEL_TYPES, build_data, build_model, check_environment, check_flags,
-                                      check_run_flags)
+                                      check_run_flags, default_learning_rate, load_quality_extractor)
+from diffusers_ddpm_ext.data import VALIDATION_SPLIT_SEED
+from diffusers_ddpm_ext.evaluate import validation_size_type
 from diffusers_ddpm_ext.losses import LOSS_TYPES
 from diffusers_ddpm_ext.processes import lock_on_main_process, on_main_process, run_cli
 from diffusers_ddpm_ext.publish import RunPublisher, public_training_config
@@ -64,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
       "instead of failing before training.")
     a("--dataloader_num_workers", type=int, default=0, help="DataLoader workers (the data stream does not depend "
       "on it).")
+    a("--validation_size", type=validation_size_type, default=None, help="Held-out images, never trained on "
+      "(bits/dim, sample quality): a number (500) or a fraction (0.1). Default: a dataset's own validation/test "
+      "split (all of it), else 10%% of the images, at most 1000; the digits: their fixed 300 held-out digits.")
+    a("--validation_split_seed", type=int, default=VALIDATION_SPLIT_SEED, help="Seed of the held-out split (kept "
+      "apart from --seed: runs with different seeds are evaluated on the same images).")
     # ---- model
     a("--unet_preset", default=None, help="UNet preset (DDPMUNet2DModel.list_presets()); default digits-small.")
     a("--unet_config", default=None, help="JSON UNet config (ours or a UNet2DModel config.json), or a folder "
@@ -109,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_model_epochs", type=int, default=None, help="Export the pipeline into --output_dir every N epochs "
       "(it is always exported at the end); with --push_to_hub each of these exports is also pushed.")
     a("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    a("--learning_rate", type=float, default=2e-3, help="Peak learning rate (AdamW).")
+    a("--learning_rate", type=float, default=None, help="Peak learning rate (AdamW). Default: the preset's "
+      "recommended rate (2e-3 for digits-small, 2e-4 for ddpm-cifar10; README lists them), by parameter count for "
+      "--unet_config (2e-3 at 1M down to 2e-4 at 36M, at least 1e-4).")
     a("--lr_scheduler", default="cosine", choices=["linear", "cosine", "cosine_with_restarts", "polynomial",
       "constant", "constant_with_warmup"], help="diffusers.optimization.get_scheduler name.")
     a("--lr_warmup_steps", type=int, default=50, help="Linear warm-up steps.")
@@ -141,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- evaluation
     a("--eval_bpd_steps", type=int, default=20, help="Timesteps per image for the held-out bits/dim estimate "
       "(stratified, unbiased; exact needs T).")
-    a("--eval_num_images", type=int, default=300, help="Images for bits/dim (held-out digits; else the first "
-      "training images).")
+    a("--eval_num_images", type=int, default=300, help="Held-out images for bits/dim (the first of the split).")
+    a("--eval_quality_num_images", type=int, default=256, help="Images generated at the end of training (at "
+      "--ddpm_num_inference_steps) for FD/KID/precision/recall against the whole held-out split; 0 skips it.")
+    a("--feature_extractor", default="auto", help="Features of sample quality: 'auto' = the digits classifier for "
+      "the built-in digits, else facebook/dinov2-base (FD_DINOv2; needs the Hub or its cache); 'digits-classifier'; "
+      "or any transformers image encoder id or local folder. Loaded before training: a failure stops the run then.")
     a("--eval_every", type=int, default=None, help="Also estimate bits/dim every N steps (logged).")
     a("--guidance_scale", type=float, default=None, help="Classifier-free guidance scale of class-conditional "
       "sample grids (default 2 with --class_dropout_prob > 0, else 1).")
@@ -177,6 +190,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.unet_preset = "digits-small"
     if args.max_grad_norm == 0:
         args.max_grad_norm = None
+    if args.learning_rate is None:  # the model's recommended rate (None for bad model flags: check_flags names them)
+        args.learning_rate = default_learning_rate(args)
     return args
 
 
@@ -184,6 +199,8 @@ def validate_args(args) -> None:
     """Reject bad flags and flag combinations before anything is built, naming the flags, the value and what is
     allowed: `TrainConfig` (training), `check_objective`, `build.check_flags` (model and data) and
     `build.check_run_flags` (length, saves, resume, Hub); argparse's `choices` the allowed names."""
+    if args.learning_rate is None:  # no default rate: the model flags are bad, check_flags names them
+        check_flags(args)
     TrainConfig.from_flags(args)
     check_objective(args.loss_type, args.variance_type)
     check_flags(args)
@@ -205,6 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
     on_main_process(accelerator, functools.partial(check_environment, args, accelerator))
+    feature_extractor = load_quality_extractor(args, accelerator)  # before training: a failure costs nothing
 
     # ---- build: model and scheduler (identical initial weights on every rank: seeded before building), data
     model, noise_scheduler = build_model(args)
@@ -243,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         trainer.run(loader, on_epoch_end=publisher.on_epoch_end)
 
         # ---- measure and publish
-        metrics = trainer.report()
+        metrics = trainer.report(feature_extractor, args.eval_quality_num_images)
         accelerator.wait_for_everyone()
         push_error = publisher.publish_final(metrics)
         if accelerator.is_main_process:
@@ -251,9 +269,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             if args.push_to_hub:
                 metrics["hub_pushes"] = publisher.pushes
             write_json_atomic(os.path.join(args.output_dir, "metrics.json"), metrics)
-            logger.info("done: %d steps, final loss %.4f, bits/dim (%s) %.3f ± %.3f, %.0f s", metrics["train_steps"],
-                        metrics["final_loss"] or float("nan"), eval_set.split, metrics["bits_per_dim"],
-                        metrics["bits_per_dim_standard_error"], metrics["wall_time_s"])
+            logger.info("done: %d steps, final loss %.4f, bits/dim (%s, %d images) %.3f ± %.3f (unclipped %.3f), "
+                        "%.0f s", metrics["train_steps"], metrics["final_loss"] or float("nan"), eval_set.split,
+                        metrics["bits_per_dim_num_images"], metrics["bits_per_dim"],
+                        metrics["bits_per_dim_standard_error"], metrics["bits_per_dim_unclipped"],
+                        metrics["wall_time_s"])
         accelerator.end_training()
     if push_error is not None:  # the final upload must not fail quietly; everything local is written by now
         raise publisher.final_push_error(push_error) from push_error
