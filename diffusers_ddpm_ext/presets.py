@@ -65,6 +65,24 @@ UNET_PRESETS: dict[str, dict] = {
 }
 
 
+# ---- the default --learning_rate of training/train.py for each preset
+
+RECOMMENDED_LEARNING_RATES = {
+    # preset: (peak AdamW learning rate, why). Used when --learning_rate is not given.
+    "digits-small": (2e-3, "tuned on the built-in digits (0.93M parameters, 828 steps at batch 32)"),
+    "diffusers-tutorial": (1e-3, "the 28x28 MNIST tutorials of diffusers' course train this size at 1e-3"),
+    "smalldiffusion-fashionmnist": (7.5e-4, "size rule (4.4M parameters)"),
+    "simple-unet": (3.5e-4, "size rule (14.7M parameters)"),
+    "labml-ddpm": (3e-4, "size rule (19.2M parameters)"),
+    "ddpm-cifar10": (2e-4, "Ho et al. 2020, CIFAR-10 (35.7M parameters)"),
+    "smalldiffusion-cifar10": (2e-4, "the ddpm-cifar10 network: Ho et al. 2020's CIFAR-10 rate"),
+    "idm-cifar10": (1e-4, "Nichol & Dhariwal 2021, CIFAR-10 (52.5M parameters)"),
+}
+"""Default ``--learning_rate`` of each UNet preset.
+diffusers' ``train_unconditional.py`` uses 1e-4 for every model; the small presets train far too slowly at
+that rate within a CPU budget, and 2e-3 (right for digits-small) diverges or stalls the 35M+ CIFAR networks."""
+
+
 def list_presets() -> list[str]:
     """Names accepted by `preset_config` and `DDPMUNet2DModel.from_preset`."""
     return list(UNET_PRESETS)
