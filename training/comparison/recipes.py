@@ -143,15 +143,21 @@ def recipe_settings(recipe: Recipe) -> SimpleNamespace:
                            beta_cap=beta_cap, flags=flags)
 
 
+def recipe_learning_rate(flags, config: "CompareConfig") -> float:
+    """The recipe's ``--learning_rate``, or (as train.py) the shared architecture's recommended rate."""
+    if flags.learning_rate is not None:
+        return flags.learning_rate
+    from diffusers_ddpm_ext.build import default_learning_rate
+
+    shared = SimpleNamespace(**vars(flags))
+    shared.unet_preset, shared.unet_config = (None, config.unet_config) if config.unet_config else (config.preset, None)
+    return default_learning_rate(shared)
+
+
 def train_config(recipe: Recipe, config: "CompareConfig", steps: int, num_levels: int) -> TrainConfig:
     """The recipe's :class:`TrainConfig` with the shared budget (warm-up, seed) and no periodic work."""
     settings = recipe_settings(recipe)
-    if settings.flags.learning_rate is None:  # as train.py: the shared architecture's recommended rate
-        from diffusers_ddpm_ext.build import default_learning_rate
-
-        shared = SimpleNamespace(**vars(settings.flags))
-        shared.unet_preset, shared.unet_config = (None, config.unet_config) if config.unet_config else (config.preset, None)
-        settings.flags.learning_rate = default_learning_rate(shared)
+    settings.flags.learning_rate = recipe_learning_rate(settings.flags, config)
     return TrainConfig.from_flags(settings.flags, seed=config.seed, lr_warmup_steps=min(config.lr_warmup_steps, steps),
                                   num_levels=num_levels, checkpointing_steps=None, save_images_epochs=None,
                                   eval_every=None, debug_nan_at_step=None, debug_interrupt_after_step=None)

@@ -16,7 +16,7 @@ from .datasets import load_data
 from .evaluation import (held_out_bits_per_dim, quality, sample_interleaved, sample_memory, sampling_speed)
 from .lockstep import batch_stream, train_memory, train_recipes
 from .measure import count_flops
-from .recipes import CompareConfig, build_recipe_models, recipe_settings
+from .recipes import CompareConfig, build_recipe_models, recipe_learning_rate, recipe_settings
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _run(config: CompareConfig, extractor, progress: bool):
             "variance_type": s.variance_type, "prediction_type": s.prediction_type,
             "loss": "F.mse_loss(eps_pred, eps)" if recipe.diffusers else f"diffusion_loss({tc.loss_type})"
             + (f", min-SNR γ={tc.snr_gamma}" if tc.snr_gamma else ""),
-            "timestep_sampler": tc.timestep_sampler, "learning_rate": tc.learning_rate,
+            "timestep_sampler": tc.timestep_sampler, "learning_rate": recipe_learning_rate(tc, config),
             "ema_max_decay": tc.ema_max_decay if tc.use_ema else None,
             "out_channels": int(model.config.out_channels),
             "parameters": int(sum(p.numel() for p in model.parameters())),
