@@ -7,13 +7,16 @@ from __future__ import annotations
 
 __all__ = ["UNET_PRESETS", "list_presets", "preset_config"]
 
+# Ho et al.'s CIFAR-10 network; smalldiffusion's CIFAR-10 Unet is the same network (the same config).
+_DDPM_CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                     layers_per_block=2, attention_resolutions=(16,), dropout=0.1, flip_sin_to_cos=False,
+                     freq_shift=1, norm_eps=1e-6, downsample_padding=0)
+
 UNET_PRESETS: dict[str, dict] = {
     "ddpm-cifar10": {
         "source": "Ho et al. 2020 CIFAR-10 UNet (= google/ddpm-cifar10-32 layout): ch 128, mult (1,2,2,2), "
                   "2 res blocks, attention at 16x16, dropout 0.1, TF-SAME downsampling, eps 1e-6.",
-        "config": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-                       layers_per_block=2, attention_resolutions=(16,), dropout=0.1, flip_sin_to_cos=False,
-                       freq_shift=1, norm_eps=1e-6, downsample_padding=0),
+        "config": _DDPM_CIFAR10,
     },
     "idm-cifar10": {
         "source": "Nichol & Dhariwal 2021 (improved-diffusion) CIFAR-10: 128 ch, mult (1,2,2,2), 3 res blocks, "
@@ -39,9 +42,7 @@ UNET_PRESETS: dict[str, dict] = {
     "smalldiffusion-cifar10": {
         "source": "Seed 003 smalldiffusion Unet(32, 3, 3, ch=128, ch_mult=(1,2,2,2), attn_resolutions=(16,)): "
                   "GroupNorm eps 1e-6, pad (0,1,0,1) + stride-2 conv down, nearest + conv up, dropout 0.1.",
-        "config": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-                       layers_per_block=2, attention_resolutions=(16,), dropout=0.1, flip_sin_to_cos=False,
-                       freq_shift=1, norm_eps=1e-6, downsample_padding=0),
+        "config": _DDPM_CIFAR10,
     },
     "smalldiffusion-fashionmnist": {
         "source": "Seed 003 smalldiffusion Unet(28, 1, 1, ch=64, ch_mult=(1,1,2), attn_resolutions=(14,)) with a "
