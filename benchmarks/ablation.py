@@ -7,8 +7,7 @@
 Every cell is a recipe given as train.py flags (the comparison harness, `training/comparison/`), trained in
 lockstep with the others on the same data, noise and budget through `Trainer`; each gets held-out bits/dim under
 both bounds (x̂0 clipped as it samples, and unclipped) and FD ± s.e. at ``--sample_steps``. Writes
-``ablation.md`` and ``ablation.json`` (plus the comparison's report) and prints one JSON line. The scheduler
-has no β-cap option: the capped cosine cells pass the clipped β as ``trained_betas`` (``--beta_cap``).
+``ablation.md`` and ``ablation.json`` (plus the comparison's report) and prints one JSON line.
 """
 
 from __future__ import annotations
@@ -31,14 +30,15 @@ from comparison.run import run_comparison  # noqa: E402
 CELLS = {
     "default": "",
     "linear": "--ddpm_beta_schedule linear",
-    "cap0.99": "--beta_cap 0.99",
-    "cap0.95": "--beta_cap 0.95",
+    "cap0.99": "--ddpm_max_beta 0.99",
+    "cap0.9": "--ddpm_max_beta 0.9",
+    "cap0.5": "--ddpm_max_beta 0.5",
     "fixed-simple": "--variance_type fixed_small --loss_type simple",
     "kl-lsm": "--loss_type kl --timestep_sampler loss-second-moment",
     "min-snr5": "--snr_gamma 5",
     "lr1e-3": "--learning_rate 1e-3",
     "lr5e-3": "--learning_rate 5e-3",
-    "ema0.999": "--ema_max_decay 0.999",
+    "no-ema": "--no-use_ema",
 }
 
 
@@ -74,19 +74,22 @@ def main(argv=None) -> dict:
                      "bits_per_dim_se": bpd["standard_error"], "bits_per_dim_unclipped": bpd["unclipped"]["bits_per_dim"],
                      "bits_per_dim_unclipped_se": bpd["unclipped"]["standard_error"],
                      "fd": {s: (q["quality"]["fd"], q["quality"]["fd_standard_error"], q["num_images"])
-                            for s, q in r["samples"].items()}})
+                            for s, q in r["samples"].items()},
+                     "kid": {s: (q["quality"]["kid_mean"], q["quality"]["kid_std"]) for s, q in r["samples"].items()}})
     result = {"rows": rows, "steps": config.max_train_steps, "batch_size": config.batch_size,
               "bpd_images": rows and report["recipes"][rows[0]["cell"]]["bits_per_dim"]["num_images"],
               "data": report["data"]["split"], "wall_seconds": time.perf_counter() - start,
               "command": report["command"]}
     steps = list(map(str, args.sample_steps))
     lines = ["| cell | train.py flags | held-out bits/dim as sampled (x̂0 clipped) | unclipped | "
-             + " | ".join(f"FD @{s} ± s.e. (n)" for s in steps) + " |", "|---|---|---|---|" + "---|" * len(steps)]
+             + " | ".join(f"FD @{s} ± s.e. (n) | KID @{s} ± s.d." for s in steps) + " |",
+             "|---|---|---|---|" + "---|---|" * len(steps)]
     for row in rows:
         lines.append(f"| `{row['cell']}` | `{row['flags'] or '(defaults)'}` | {row['bits_per_dim']:.3f} ± "
                      f"{row['bits_per_dim_se']:.3f} | {row['bits_per_dim_unclipped']:.3f} ± "
                      f"{row['bits_per_dim_unclipped_se']:.3f} | "
-                     + " | ".join(f"{row['fd'][s][0]:.2f} ± {row['fd'][s][1]:.2f} ({row['fd'][s][2]})" for s in steps)
+                     + " | ".join(f"{row['fd'][s][0]:.2f} ± {row['fd'][s][1]:.2f} ({row['fd'][s][2]}) | "
+                                  f"{row['kid'][s][0]:.4f} ± {row['kid'][s][1]:.4f}" for s in steps)
                      + " |")
     table = "\n".join(lines)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -52,6 +52,8 @@ def check_flags(flags) -> None:
     split_seed = getattr(flags, "validation_split_seed", 0)
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**32:
         _fail(f"--validation_split_seed must be an integer in [0, 2**32), got {split_seed!r}")
+    if getattr(flags, "ddpm_max_beta", None) is not None:
+        check_max_beta(flags.ddpm_max_beta)
     if flags.unet_preset is not None and flags.unet_config is None:
         from .unet import UNET_PRESETS
 
@@ -318,14 +320,43 @@ def default_learning_rate(flags) -> Optional[float]:
 
 
 def build_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
-                          prediction_type: str = "epsilon", variance_type: str = "learned_range", **kwargs):
-    """The training/sampling scheduler (:class:`GaussianDiffusionScheduler`) from the script's flags."""
+                          prediction_type: str = "epsilon", variance_type: str = "learned_range",
+                          max_beta: Optional[float] = None, **kwargs):
+    """The training/sampling scheduler (:class:`GaussianDiffusionScheduler`) from the script's flags
+    (``max_beta``: see :func:`clipped_betas`)."""
     from .scheduler import GaussianDiffusionScheduler
 
+    kwargs.setdefault("trained_betas", clipped_betas(num_train_timesteps, beta_schedule, max_beta))
     return GaussianDiffusionScheduler(
         num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type,
         variance_type=variance_type, **kwargs
     )
+
+
+def clipped_betas(num_train_timesteps: int, beta_schedule: str, max_beta: Optional[float]) -> Optional[list]:
+    """The schedule's β_t clipped at ``max_beta``, as a scheduler's ``trained_betas``; ``None`` when nothing is
+    clipped (``max_beta`` None, or above every β_t).
+
+    A clipped schedule travels as ``trained_betas``, not as a new config key: every diffusers scheduler built
+    ``from_config`` then runs the same chain, where it would ignore an unknown key and sample with the unclipped
+    β. Cosine's last β is 0.999 (IDM eq. 17), which multiplies the error of ε̂ in the last reverse mean by
+    β/√(α(1 − ᾱ)) ≈ 32; a lower cap tames that term of the unclipped bound.
+    """
+    from .scheduler import GaussianDiffusionScheduler
+
+    if max_beta is None:
+        return None
+    check_max_beta(max_beta)
+    betas = GaussianDiffusionScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule).betas
+    betas = betas.double()  # (T,)
+    return betas.clamp(max=max_beta).tolist() if betas.max().item() > max_beta else None
+
+
+def check_max_beta(max_beta) -> None:
+    """``--ddpm_max_beta`` must be a number in (0, 1): β_t = 1 would zero ᾱ_t, and β_t <= 0 adds no noise."""
+    if isinstance(max_beta, bool) or not isinstance(max_beta, (int, float)) or not 0.0 < max_beta < 1.0:
+        raise ValueError(f"--ddpm_max_beta must be a number in (0, 1) (the largest β_t; cosine's own is 0.999), "
+                         f"got {max_beta!r}")
 
 
 def check_model_scheduler(model, noise_scheduler, num_class_embeds: Optional[int] = None) -> None:
@@ -349,7 +380,7 @@ def build_model(flags):
                        variance_type=flags.variance_type, num_class_embeds=flags.num_class_embeds,
                        model_type=flags.model_type, seed=flags.seed)
     noise_scheduler = build_noise_scheduler(flags.ddpm_num_steps, flags.ddpm_beta_schedule, flags.prediction_type,
-                                            flags.variance_type)
+                                            flags.variance_type, max_beta=getattr(flags, "ddpm_max_beta", None))
     check_model_scheduler(model, noise_scheduler, flags.num_class_embeds)
     if flags.gradient_checkpointing:
         model.enable_gradient_checkpointing()

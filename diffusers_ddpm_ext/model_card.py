@@ -260,6 +260,16 @@ def _read_run_files(folder: Optional[Union[str, os.PathLike]]) -> tuple[dict, di
     return found[0], found[1]
 
 
+def beta_schedule_text(scheduler_config) -> str:
+    """The β schedule as the scheduler runs it: explicit ``trained_betas`` (e.g. ``--ddpm_max_beta``'s clipped
+    cosine) override ``beta_schedule`` in every diffusers scheduler, so say so."""
+    name = scheduler_config.get("beta_schedule", "n/a")
+    betas = scheduler_config.get("trained_betas")
+    if betas is None:
+        return name
+    return f"{name} as explicit trained_betas, largest β {max(betas):.3g}"
+
+
 def render_model_card(
     pipeline: DiffusionPipeline,
     *,
@@ -393,7 +403,7 @@ def render_model_card(
         block_out_channels=_fmt(tuple(cfg.get("block_out_channels", ()))),
         learned_variance=out_channels == 2 * cfg.in_channels,
         num_train_timesteps=num_train_timesteps,
-        beta_schedule=scfg.get("beta_schedule", "n/a"),
+        beta_schedule=beta_schedule_text(scfg),
         prediction_type=scfg.get("prediction_type", "epsilon"),
         variance_type=scfg.get("variance_type", "n/a"),
         num_inference_steps=steps,

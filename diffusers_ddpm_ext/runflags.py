@@ -23,7 +23,7 @@ CHANGEABLE_ON_RESUME = (
     "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "adam_beta1", "adam_beta2",
     "adam_weight_decay", "adam_epsilon", "max_grad_norm", "ema_inv_gamma", "ema_power", "ema_max_decay",
     "loss_type", "snr_gamma", "timestep_sampler", "class_dropout_prob", "nan_policy", "prediction_type",
-    "ddpm_beta_schedule", "variance_type", "mixed_precision", "center_crop", "random_flip",
+    "ddpm_beta_schedule", "ddpm_max_beta", "variance_type", "mixed_precision", "center_crop", "random_flip",
     "enable_xformers_memory_efficient_attention",
 )
 # Compared on resume and never changeable: the checkpoint's data position (batch size, accumulation, the data
@@ -50,7 +50,7 @@ COMPARED_FLAGS = CHANGEABLE_ON_RESUME + FIXED_ON_RESUME
 SCRIPT_RESULT_FLAGS = (
     "train_batch_size", "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "class_column",
     "skip_bad_images", "center_crop", "random_flip", "mixed_precision", "enable_xformers_memory_efficient_attention",
-    "validation_size", "validation_split_seed",
+    "validation_size", "validation_split_seed", "ddpm_max_beta",
 )
 # What each kind of fixed flag protects, for the error message.
 _FIXED_BECAUSE = {

@@ -846,6 +846,7 @@ class Trainer:
             "loss_type": self.config.loss_type,
             "variance_type": sched.variance_type,
             "beta_schedule": sched.beta_schedule,
+            "max_beta": float(self.noise_scheduler.betas.max()),
             "prediction_type": sched.prediction_type,
             "rank_checksums": checksums,
         }

@@ -63,3 +63,27 @@ def test_build_model_seeds_and_checks_the_class_embedding():
     assert scheduler.config.num_train_timesteps == 50 and scheduler.config.variance_type == "fixed_small"
     with pytest.raises(ValueError, match="--num_class_embeds was given but the UNet has no class embedding"):
         build.check_model_scheduler(tiny_unet(out_channels=1), scheduler, num_class_embeds=3)
+
+
+def test_max_beta_clips_the_schedule_and_every_diffusers_scheduler_runs_the_clipped_chain(tmp_path):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from diffusers_ddpm_ext.scheduler import GaussianDiffusionScheduler
+
+    plain = build.build_noise_scheduler(1000, "squaredcos_cap_v2")
+    clipped = build.build_noise_scheduler(1000, "squaredcos_cap_v2", max_beta=0.5)
+    assert plain.config.trained_betas is None and float(plain.betas.max()) == pytest.approx(0.999)
+    below = plain.betas <= 0.5
+    assert int((~below).sum()) == 3  # cosine's last three β (0.56, 0.75, 0.999) exceed 0.5
+    assert (clipped.betas[below] == plain.betas[below]).all() and (clipped.betas[~below] == 0.5).all()
+    # The clip survives save/load and every diffusers scheduler built from the config runs the same chain.
+    clipped.save_pretrained(tmp_path)
+    loaded = GaussianDiffusionScheduler.from_pretrained(tmp_path)
+    for cls in (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler):
+        other = cls.from_config(loaded.config)
+        assert float((other.alphas_cumprod.double() - clipped.alphas_cumprod.double()).abs().max()) < 1e-7, cls
+    # A cap above every β changes nothing and writes no trained_betas (linear's largest β is 0.02).
+    assert build.build_noise_scheduler(1000, "linear", max_beta=0.5).config.trained_betas is None
+    for bad in (0, 1.0, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="--ddpm_max_beta must be a number in \\(0, 1\\)"):
+            build.clipped_betas(1000, "squaredcos_cap_v2", bad)

@@ -99,7 +99,7 @@ def test_tensor_bytes_counts_shared_storage_once():
     ({"recipes": ()}, "non-empty"),
     ({"recipes": ("diffusers", "x=--train_batch_size 4")}, "not a recipe flag"),
     ({"recipes": ("x=--loss_type nope",)}, "cannot parse"),
-    ({"recipes": ("x=--beta_cap 1.5",)}, "beta_cap"),
+    ({"recipes": ("x=--ddpm_max_beta 1.5",)}, "ddpm_max_beta"),
     ({"sample_steps": (1000, 50), "num_samples": (10,)}, "equal length"),
     ({"sample_steps": (2000,), "num_samples": (10,)}, "sample_steps"),
     ({"bpd_timesteps_sampled": 3}, "even"),
@@ -130,7 +130,7 @@ def test_recipe_flags_are_train_py_flags():
 
 
 def test_beta_cap_clips_the_cosine_schedule():
-    capped = R.make_scheduler(R.parse_recipe("cap=--beta_cap 0.98"), 1000)
+    capped = R.make_scheduler(R.parse_recipe("cap=--ddpm_max_beta 0.98"), 1000)
     plain = R.make_scheduler(R.RECIPES["ours-improved"], 1000)
     assert float(plain.betas.max()) == pytest.approx(0.999)
     assert float(capped.betas.max()) == pytest.approx(0.98)
@@ -362,14 +362,14 @@ def test_ablation_script_writes_its_table(tmp_path):
     spec = importlib.util.spec_from_file_location("ablation", ROOT / "benchmarks" / "ablation.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
-    argv = ["--output_dir", str(tmp_path), "--cells", "default", "cap0.95", "fixed-simple", "--unet_overrides",
+    argv = ["--output_dir", str(tmp_path), "--cells", "default", "cap0.9", "fixed-simple", "--unet_overrides",
             json.dumps(TINY), "--resolution", "8", "--num_train_timesteps", "40", "--max_train_steps", "3",
             "--batch_size", "8", "--lr_warmup_steps", "1", "--bpd_num_images", "4", "--bpd_timesteps_sampled", "4",
             "--sample_steps", "5", "--num_samples", "8", "--feature_extractor", "digits-classifier", "--num_threads",
             "1", "--no_progress"]
     result = ablation.main(argv)
-    assert [r["cell"] for r in result["rows"]] == ["diffusers", "default", "cap0.95", "fixed-simple"]
+    assert [r["cell"] for r in result["rows"]] == ["diffusers", "default", "cap0.9", "fixed-simple"]
     for row in result["rows"]:
         assert row["bits_per_dim"] > 0 and row["bits_per_dim_unclipped"] > 0 and row["fd"]["5"][2] == 8
     md = (tmp_path / "ablation.md").read_text()
-    assert "`--beta_cap 0.95`" in md and "unclipped" in md
+    assert "`--ddpm_max_beta 0.9`" in md and "unclipped" in md

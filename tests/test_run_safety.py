@@ -429,6 +429,7 @@ def test_every_flag_is_classified_for_resume():
 NUMERIC_BAD_VALUES = {
     "resolution": [0, -8], "dataloader_num_workers": [-1], "num_class_embeds": [0, -1],
     "class_dropout_prob": [-0.1, 1.0, "nan"], "ddpm_num_steps": [0, -1], "ddpm_num_inference_steps": [0, -1, 51],
+    "ddpm_max_beta": [0, -0.1, 1.0, "nan"],
     "snr_gamma": [0, -1, "nan", "inf"], "seed": [-1, 2**32], "train_batch_size": [0, -1], "eval_batch_size": [0, -1],
     "num_epochs": [0, -1], "max_train_steps": [0, -1], "save_images_epochs": [0, -1], "save_model_epochs": [0, -1],
     "gradient_accumulation_steps": [0, -1], "learning_rate": [0, -1, "nan", "inf"], "lr_warmup_steps": [-1],

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
       "chain, IDM: learned variances keep sample quality at ~100 steps).")
     a("--ddpm_beta_schedule", default="squaredcos_cap_v2", choices=[*BETA_SCHEDULES, *BETA_SCHEDULE_ALIASES],
       help="Beta schedule ('cosine' = squaredcos_cap_v2, IDM).")
+    a("--ddpm_max_beta", type=float, default=None, help="Clip every β_t at this value (0 < max_beta < 1; "
+      "the scheduler then stores the clipped β as `trained_betas`, which every diffusers scheduler reads). "
+      "None: the schedule's own (cosine: 0.999, IDM eq. 17).")
     a("--prediction_type", default="epsilon", choices=PREDICTION_TYPES,
       help="What the UNet predicts.")
     a("--variance_type", default="learned_range", choices=VARIANCE_TYPES, help="Reverse-process variance. "

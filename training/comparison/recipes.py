@@ -25,12 +25,10 @@ from diffusers_ddpm_ext.trainer import TrainConfig
 
 # train.py flags a recipe may set; the rest (data, architecture, budget, seed) is shared by every recipe.
 RECIPE_FLAGS = (
-    "model_type", "ddpm_beta_schedule", "variance_type", "prediction_type", "loss_type", "snr_gamma",
+    "model_type", "ddpm_beta_schedule", "ddpm_max_beta", "variance_type", "prediction_type", "loss_type", "snr_gamma",
     "timestep_sampler", "learning_rate", "lr_scheduler", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "max_grad_norm", "use_ema", "ema_inv_gamma", "ema_power", "ema_max_decay", "nan_policy",
 )
-# Not a train.py flag: the scheduler has no β-cap option, so a capped schedule is passed as `trained_betas`.
-BETA_CAP_FLAG = "--beta_cap"
 DIFFUSERS_LEARNING_RATE = 1e-4  # train_unconditional.py's default
 
 
@@ -40,8 +38,8 @@ class Recipe:
 
     Args:
         name: short key used in reports.
-        flags: ``training/train.py`` flags of :data:`RECIPE_FLAGS` (plus ``--beta_cap B``: the schedule's β
-            clipped at B, as `trained_betas`), e.g. ``"--ddpm_beta_schedule linear --loss_type kl"``.
+        flags: ``training/train.py`` flags of :data:`RECIPE_FLAGS`, e.g. ``"--ddpm_beta_schedule linear
+            --loss_type kl"``.
         label: human-readable description (default: the flags).
         diffusers: diffusers' own training recipe: `DDPMScheduler` and ``F.mse_loss(ε̂, ε)`` instead of ours
             (needs ``--model_type unet2d --variance_type fixed_small --loss_type simple``).
@@ -102,22 +100,12 @@ def parse_recipe(spec: str) -> Recipe:
 
 def recipe_settings(recipe: Recipe) -> SimpleNamespace:
     """The recipe's flags parsed by train.py's parser: ``model_type``, ``beta_schedule``, ``variance_type``,
-    ``prediction_type``, ``beta_cap`` and the train.py flag namespace ``flags``.
+    ``prediction_type``, ``max_beta`` and the train.py flag namespace ``flags``.
 
     Raises:
         ValueError: a flag that is not a recipe's (naming it and the allowed ones) or a bad value.
     """
     tokens = shlex.split(recipe.flags)
-    beta_cap = None
-    if BETA_CAP_FLAG in tokens:
-        i = tokens.index(BETA_CAP_FLAG)
-        try:
-            beta_cap = float(tokens[i + 1])
-        except (IndexError, ValueError):
-            raise ValueError(f"recipe {recipe.name!r}: {BETA_CAP_FLAG} needs a number in (0, 1)") from None
-        if not 0 < beta_cap < 1:
-            raise ValueError(f"recipe {recipe.name!r}: {BETA_CAP_FLAG} must be in (0, 1), got {beta_cap}")
-        del tokens[i:i + 2]
     parser = _parser()
     actions = parser._option_string_actions
     for token in tokens:
@@ -126,12 +114,18 @@ def recipe_settings(recipe: Recipe) -> SimpleNamespace:
             if action is None or action.dest not in RECIPE_FLAGS:
                 allowed = ", ".join(f"--{f}" for f in RECIPE_FLAGS)
                 raise ValueError(f"recipe {recipe.name!r}: {token} is not a recipe flag (data, architecture, budget "
-                                 f"and seed are shared by all recipes: set them on compare.py); allowed: {allowed}, "
-                                 f"{BETA_CAP_FLAG}")
+                                 f"and seed are shared by all recipes: set them on compare.py); allowed: {allowed}")
     try:
         flags = parser.parse_args(tokens)
     except SystemExit:
         raise ValueError(f"recipe {recipe.name!r}: cannot parse {recipe.flags!r} as train.py flags") from None
+    if flags.ddpm_max_beta is not None:
+        from diffusers_ddpm_ext.build import check_max_beta
+
+        try:
+            check_max_beta(flags.ddpm_max_beta)
+        except ValueError as exc:
+            raise ValueError(f"recipe {recipe.name!r}: {exc}") from None
     if flags.max_grad_norm == 0:
         flags.max_grad_norm = None
     if recipe.diffusers and (flags.model_type, flags.variance_type, flags.loss_type) != ("unet2d", "fixed_small",
@@ -140,7 +134,7 @@ def recipe_settings(recipe: Recipe) -> SimpleNamespace:
                          f"--variance_type fixed_small --loss_type simple")
     return SimpleNamespace(model_type=flags.model_type, beta_schedule=flags.ddpm_beta_schedule,
                            variance_type=flags.variance_type, prediction_type=flags.prediction_type,
-                           beta_cap=beta_cap, flags=flags)
+                           max_beta=flags.ddpm_max_beta, flags=flags)
 
 
 def recipe_learning_rate(flags, config: "CompareConfig") -> float:
@@ -339,16 +333,13 @@ def make_scheduler(recipe: Recipe, num_train_timesteps: int):
     config (the path of a diffusers user switching schedulers)."""
     from diffusers import DDPMScheduler
 
+    from diffusers_ddpm_ext.build import clipped_betas
     from diffusers_ddpm_ext.scheduler import GaussianDiffusionScheduler
 
     s = recipe_settings(recipe)
-    kwargs = dict(num_train_timesteps=num_train_timesteps, beta_schedule=s.beta_schedule,
-                  variance_type=s.variance_type, prediction_type=s.prediction_type)
-    if s.beta_cap is not None:
-        # IDM eq. 17 clips β_t = 1 − ᾱ_{t+1}/ᾱ_t at 0.999; a lower cap is the same β clipped lower.
-        betas = GaussianDiffusionScheduler(**kwargs).betas.double().clamp(max=s.beta_cap)
-        kwargs["trained_betas"] = betas.tolist()
-    ddpm = DDPMScheduler(**kwargs)
+    ddpm = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=s.beta_schedule,
+                         variance_type=s.variance_type, prediction_type=s.prediction_type,
+                         trained_betas=clipped_betas(num_train_timesteps, s.beta_schedule, s.max_beta))
     if recipe.diffusers:
         return ddpm
     return GaussianDiffusionScheduler.from_config(ddpm.config)

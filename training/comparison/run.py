@@ -129,7 +129,7 @@ def _run(config: CompareConfig, extractor, progress: bool):
         recipes_out[recipe.name] = {
             "label": recipe.label or recipe.flags, "flags": recipe.flags, "diffusers_recipe": recipe.diffusers,
             "model_class": _class_name(model), "scheduler_class": _class_name(scheduler),
-            "beta_schedule": s.beta_schedule + (f" (β capped at {s.beta_cap})" if s.beta_cap else ""),
+            "beta_schedule": s.beta_schedule + (f" (β clipped at {s.max_beta})" if s.max_beta else ""),
             "variance_type": s.variance_type, "prediction_type": s.prediction_type,
             "loss": "F.mse_loss(eps_pred, eps)" if recipe.diffusers else f"diffusion_loss({tc.loss_type})"
             + (f", min-SNR γ={tc.snr_gamma}" if tc.snr_gamma else ""),
