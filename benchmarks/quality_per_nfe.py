@@ -40,7 +40,8 @@ def build_parser():
     a("--num_images", type=int, default=500, help="N generated images at every point.")
     a("--sample_batch_size", type=int, default=250)
     a("--fd_bootstrap", type=int, default=20, help="Bootstrap resamples of the FD standard error.")
-    a("--max_nfe_others", type=int, default=None, help="Points above this NFE only for the baseline (time saver).")
+    a("--max_nfe_others", type=int, default=None, help="Points above this NFE only with the ancestral `ddpm` sampler, "
+      "for every recipe (time saver).")
     return p
 
 

@@ -335,9 +335,9 @@ def test_quality_per_nfe_reports_points_baseline_and_reach(mini_report, tmp_path
     result = NFE.quality_per_nfe(models, reference, _PixelExtractor(), nfe=(2, 5, 50), num_images=8,
                                  batch_size=8, fd_bootstrap=4, max_nfe_others=5)
     points = result["points"]
-    # Every sampler for every recipe at NFE 2 and 5; NFE 50 only for the baseline (diffusers, ddpm).
-    assert len(points) == 3 * 5 * 2 + 1
-    assert {(p["recipe"], p["sampler"]) for p in points if p["nfe"] == 50} == {("diffusers", "ddpm")}
+    # Every sampler for every recipe at NFE 2 and 5; NFE 50 only with the ancestral ddpm sampler.
+    assert len(points) == 3 * 5 * 2 + 3
+    assert {(p["recipe"], p["sampler"]) for p in points if p["nfe"] == 50} == {(r, "ddpm") for r in models}
     assert all(p["n_generated"] == 8 and p["fd_standard_error"] > 0 for p in points)
     base = result["baseline"]
     assert (base["recipe"], base["sampler"], base["nfe"]) == ("diffusers", "ddpm", 50)
