@@ -7,7 +7,7 @@
 Every cell is a recipe given as train.py flags (the comparison harness, `training/comparison/`), trained in
 lockstep with the others on the same data, noise and budget through `Trainer`; each gets held-out bits/dim under
 both bounds (x̂0 clipped as it samples, and unclipped) and FD ± s.e. at ``--sample_steps``. Writes
-``ablation.md`` and ``ablation.json`` (plus the comparison's report) and prints one JSON line.
+``ablation.md``, ``ablation.png`` and ``ablation.json`` (plus the comparison's report) and prints one JSON line.
 """
 
 from __future__ import annotations
@@ -51,11 +51,51 @@ def build_parser():
     p.add_argument("--no_baseline", action="store_true", help="Leave out diffusers' recipe.")
     p.add_argument("--sample_steps", type=int, nargs="+", default=[100], help="Sampling steps of the FD.")
     p.add_argument("--num_samples", type=int, default=200, help="Images per FD.")
+    p.add_argument("--from_json", default=None, help="Only redraw ablation.png from this ablation.json (no training).")
     return p
+
+
+def plot_ablation(result: dict, path: str) -> None:
+    """One horizontal bar per cell: held-out bits/dim as sampled, unclipped (log axis: its heavy tails) and FD at
+    the first sampling step count, each ± its standard error; the diffusers baseline's level dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    rows = result["rows"]
+    step = next(iter(rows[0]["fd"]))
+    panels = [("bits/dim, as sampled (x̂0 clipped)", "bits_per_dim", "bits_per_dim_se", False),
+              ("bits/dim, unclipped", "bits_per_dim_unclipped", "bits_per_dim_unclipped_se", True),
+              (f"FD @{step} steps (n = {rows[0]['fd'][step][2]})", None, None, False)]
+    fig = Figure(figsize=(12, 0.35 * len(rows) + 1.6), dpi=100)
+    y = list(range(len(rows)))[::-1]
+    for i, (title, key, se_key, log) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, i + 1)
+        values = [r["fd"][step][0] if key is None else r[key] for r in rows]
+        errors = [r["fd"][step][1] if key is None else r[se_key] for r in rows]
+        colors = ["tab:gray" if r["cell"] == "diffusers" else "tab:blue" for r in rows]
+        ax.barh(y, values, xerr=errors, color=colors, capsize=2)
+        if rows[0]["cell"] == "diffusers":
+            ax.axvline(values[0], color="k", linestyle="--", linewidth=0.8)
+        if log:
+            ax.set_xscale("log")
+        ax.set_yticks(y)
+        ax.set_yticklabels([r["cell"] for r in rows] if i == 0 else [])
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{result['data']}: {result['steps']} steps at batch {result['batch_size']} per cell, "
+                 f"bits/dim on {result['bpd_images']} held-out images", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+        plot_ablation(result, os.path.join(args.output_dir, "ablation.png"))
+        return result
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.perf_counter()
     recipes = ([] if args.no_baseline else [RECIPES["diffusers"]]) + [
@@ -96,6 +136,7 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.output_dir, "ablation.md"), "w") as f:
         f.write(f"```bash\n{result['command']}\n```\n\n{config.max_train_steps} steps at batch {config.batch_size} "
                 f"per cell; wall time {result['wall_seconds']:.0f} s.\n\n{table}\n")
+    plot_ablation(result, os.path.join(args.output_dir, "ablation.png"))
     line = json.dumps(to_jsonable(result))
     with open(os.path.join(args.output_dir, "ablation.json"), "w") as f:
         f.write(line + "\n")

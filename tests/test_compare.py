@@ -373,3 +373,4 @@ def test_ablation_script_writes_its_table(tmp_path):
         assert row["bits_per_dim"] > 0 and row["bits_per_dim_unclipped"] > 0 and row["fd"]["5"][2] == 8
     md = (tmp_path / "ablation.md").read_text()
     assert "`--ddpm_max_beta 0.9`" in md and "unclipped" in md
+    assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"

@@ -267,7 +267,7 @@ TRAIN_UNCONDITIONAL_DEFAULTS = {
     "push_to_hub": False, "hub_private_repo": False, "cache_dir": None,
 }
 # Rows for behaviour that train_unconditional.py hard-codes (no flag there) and for the data default.
-EXTRA_ROWS = {"variance_type", "loss_type", "dataset_name"}
+EXTRA_ROWS = {"variance_type", "loss_type", "dataset_name", "ddpm_max_beta"}
 
 
 def _readme_defaults_table():

@@ -58,7 +58,8 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
            "lr 1e-4)", diffusers=True),
     Recipe("ours-same", f"--ddpm_beta_schedule linear --variance_type fixed_small --loss_type simple "
            f"--learning_rate {DIFFUSERS_LEARNING_RATE:g}", "ours, identical architecture, weights and objective"),
-    Recipe("ours-improved", "", "ours, train.py defaults: cosine β, learned_range variance, hybrid loss, lr 2e-3"),
+    Recipe("ours-improved", "", "ours, train.py defaults: cosine β clipped at 0.5, learned_range variance, hybrid loss, "
+           "lr 2e-3"),
     Recipe("ours-hybrid-linear", "--ddpm_beta_schedule linear",
            "ours with learned_range + hybrid loss on the linear schedule"),
 )}
