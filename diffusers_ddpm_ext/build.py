@@ -348,8 +348,10 @@ def clipped_betas(num_train_timesteps: int, beta_schedule: str, max_beta: Option
         return None
     check_max_beta(max_beta)
     betas = GaussianDiffusionScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule).betas
-    betas = betas.double()  # (T,)
-    return betas.clamp(max=max_beta).tolist() if betas.max().item() > max_beta else None
+    # Compared in the scheduler's float32: cosine's own 0.999 cap is then no clip.
+    if not (betas > torch.tensor(max_beta, dtype=betas.dtype)).any():
+        return None
+    return betas.double().clamp(max=max_beta).tolist()  # (T,)
 
 
 def check_max_beta(max_beta) -> None:

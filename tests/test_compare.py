@@ -129,13 +129,15 @@ def test_recipe_flags_are_train_py_flags():
     assert R.train_config(R.RECIPES["ours-improved"], config, 10, 17).learning_rate == 2e-3
 
 
-def test_beta_cap_clips_the_cosine_schedule():
+def test_max_beta_clips_the_cosine_schedule():
     capped = R.make_scheduler(R.parse_recipe("cap=--ddpm_max_beta 0.98"), 1000)
-    plain = R.make_scheduler(R.RECIPES["ours-improved"], 1000)
-    assert float(plain.betas.max()) == pytest.approx(0.999)
-    assert float(capped.betas.max()) == pytest.approx(0.98)
-    below = plain.betas < 0.98
-    torch.testing.assert_close(capped.betas[below], plain.betas[below])
+    plain = R.make_scheduler(R.parse_recipe("plain=--ddpm_max_beta 0.999"), 1000)  # cosine's own cap
+    default = R.make_scheduler(R.RECIPES["ours-improved"], 1000)  # train.py's default, 0.5
+    assert float(plain.betas.max()) == pytest.approx(0.999) and plain.config.trained_betas is None
+    assert float(capped.betas.max()) == pytest.approx(0.98) and float(default.betas.max()) == pytest.approx(0.5)
+    for clipped, cap in ((capped, 0.98), (default, 0.5)):
+        below = plain.betas < cap
+        torch.testing.assert_close(clipped.betas[below], plain.betas[below])
 
 
 def test_recipe_models_share_initial_weights():
