@@ -3,6 +3,7 @@
 
     python benchmarks/quality_per_nfe.py --quick --output_dir nfe-digits                      # trains, then measures
     python benchmarks/quality_per_nfe.py --models compare-quick/models --output_dir nfe-digits  # reuse a comparison
+    python benchmarks/quality_per_nfe.py --merge nfe-a/quality_per_nfe.json nfe-b/quality_per_nfe.json --output_dir nfe
 
 Trains the recipes as `training/compare.py` does (same data, architecture, recipe and budget flags) unless
 ``--models`` points at the models a comparison saved (``--save_models``); then measures every (recipe, sampler,
@@ -13,6 +14,7 @@ baseline's (diffusers' recipe, DDPM ancestral, 1000 steps) FD within its standar
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,7 +26,8 @@ sys.path.insert(0, os.path.join(ROOT, "training"))
 import torch  # noqa: E402
 from compare import add_shared_flags, command_line, config_from_args  # noqa: E402
 from comparison.datasets import load_data  # noqa: E402
-from comparison.nfe import NFE_DEFAULT, SAMPLERS, fmt_json_line, markdown_table, plot_fd_vs_nfe, quality_per_nfe  # noqa: E402
+from comparison.nfe import (NFE_DEFAULT, SAMPLERS, fmt_json_line, markdown_table, merge_results,  # noqa: E402
+                            plot_fd_vs_nfe, quality_per_nfe)
 from comparison.run import load_extractor, load_models, run_comparison  # noqa: E402
 
 
@@ -42,12 +45,24 @@ def build_parser():
     a("--fd_bootstrap", type=int, default=20, help="Bootstrap resamples of the FD standard error.")
     a("--max_nfe_others", type=int, default=None, help="Points above this NFE only with the ancestral `ddpm` sampler, "
       "for every recipe (time saver).")
+    a("--merge", nargs="+", default=None, metavar="JSON", help="Only merge the quality_per_nfe.json of runs split by "
+      "recipe (e.g. one process per --models folder; the baseline's run first) and write the outputs.")
     return p
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.merge:
+        runs = []
+        for path in args.merge:
+            with open(path) as f:
+                runs.append(json.load(f))
+        result = merge_results(runs)
+        result["split"] = runs[0].get("split")
+        result["wall_seconds"] = sum(r.get("wall_seconds") or 0.0 for r in runs)
+        result["command"] = " && ".join(r.get("command", "?") for r in runs)
+        return write_outputs(result, args.output_dir)
     start = time.perf_counter()
     config = config_from_args(args, sample_steps=(10,), num_samples=(8,), measure_cost=False, bpd_exact_images=0)
     if args.num_threads:
@@ -71,16 +86,22 @@ def main(argv=None) -> dict:
     result["split"] = data.info
     result["wall_seconds"] = time.perf_counter() - start
     result["command"] = command_line("benchmarks/quality_per_nfe.py", argv)
-    os.makedirs(args.output_dir, exist_ok=True)
-    plot_fd_vs_nfe(result, os.path.join(args.output_dir, "fd_vs_nfe.png"))
+    return write_outputs(result, args.output_dir)
+
+
+def write_outputs(result: dict, output_dir: str) -> dict:
+    """``fd_vs_nfe.png``, ``quality_per_nfe.md`` and ``quality_per_nfe.json``; prints the JSON line and the table."""
+    os.makedirs(output_dir, exist_ok=True)
+    plot_fd_vs_nfe(result, os.path.join(output_dir, "fd_vs_nfe.png"))
     table = markdown_table(result)
-    with open(os.path.join(args.output_dir, "quality_per_nfe.md"), "w") as f:
+    split = result.get("split") or {}
+    with open(os.path.join(output_dir, "quality_per_nfe.md"), "w") as f:
         f.write(f"```bash\n{result['command']}\n```\n\nN = {result['num_images']} generated images per point, "
-                f"reference: {data.info.get('num_images')} held-out images ({data.info.get('split')}), features: "
+                f"reference: {split.get('num_images')} held-out images ({split.get('split')}), features: "
                 f"{result['extractor']}; wall time {result['wall_seconds']:.0f} s.\n\n{table}\n\n"
                 "![FD vs NFE](fd_vs_nfe.png)\n")
     line = fmt_json_line(result)
-    with open(os.path.join(args.output_dir, "quality_per_nfe.json"), "w") as f:
+    with open(os.path.join(output_dir, "quality_per_nfe.json"), "w") as f:
         f.write(line + "\n")
     print(line)
     print(table)

@@ -358,6 +358,31 @@ def test_quality_per_nfe_reports_points_baseline_and_reach(mini_report, tmp_path
         NFE.quality_per_nfe(models, reference, _PixelExtractor(), samplers=("ddpm", "euler"), num_images=8)
 
 
+def test_quality_per_nfe_runs_split_by_recipe_merge_to_the_joint_run(mini_report, tmp_path):
+    _, out = mini_report
+    models = C.load_models(str(out / "models"))
+    from diffusers_ddpm_ext.data import load_heldout_digits
+
+    reference = load_heldout_digits(8)[0][:40]
+    kwargs = dict(nfe=(2, 5), samplers=("ddpm", "ddim"), num_images=8, batch_size=8, fd_bootstrap=4)
+    joint = NFE.quality_per_nfe(models, reference, _PixelExtractor(), **kwargs)
+    names = list(models)
+    parts = [NFE.quality_per_nfe({n: models[n]}, reference, _PixelExtractor(), **kwargs) for n in names]
+    merged = NFE.merge_results(parts)
+    strip = lambda ps: [{k: v for k, v in p.items() if k != "wall_seconds"} for p in ps]  # noqa: E731
+    assert strip(merged["points"]) == strip(joint["points"])
+    assert merged["threshold_fd"] == joint["threshold_fd"] and list(merged["reach"]) == names
+    assert {r: (v and v["nfe"]) for r, v in merged["reach"].items()} == \
+        {r: (v and v["nfe"]) for r, v in joint["reach"].items()}
+    with pytest.raises(ValueError, match="same .recipe, sampler, NFE. point twice"):
+        NFE.merge_results([parts[0], parts[0]])
+    other = dict(parts[1], num_images=16)
+    with pytest.raises(ValueError, match="different num_images"):
+        NFE.merge_results([parts[0], other])
+    with pytest.raises(ValueError, match="no baseline point"):
+        NFE.reach_of_baseline([p for p in joint["points"] if p["sampler"] != "ddpm"])
+
+
 def test_ablation_script_writes_its_table(tmp_path):
     import importlib.util
 

@@ -87,7 +87,6 @@ def quality_per_nfe(models: Dict[str, tuple], reference, extractor, *, nfe: Sequ
         raise ValueError(f"num_images must be an int >= 4, got {num_images!r}")
     names = list(models)
     reference_features = extract_features(extractor, reference)
-    top = max(nfe)
     points = []
     for recipe in names:
         unet, scheduler = models[recipe]
@@ -108,7 +107,20 @@ def quality_per_nfe(models: Dict[str, tuple], reference, extractor, *, nfe: Sequ
                                "n_reference": q["n_reference"]})
                 if progress:
                     print(json.dumps(points[-1]), flush=True)
-    base = next(p for p in points if p["recipe"] == names[0] and p["sampler"] == "ddpm" and p["nfe"] == top)
+    result = {"points": points, "num_images": num_images, "nfe": sorted(nfe), "samplers": list(samplers),
+              "max_nfe_others": max_nfe_others, "extractor": getattr(extractor, "name", None) or type(extractor).__name__}
+    result.update(reach_of_baseline(points))
+    return result
+
+
+def reach_of_baseline(points: Sequence[dict]) -> dict:
+    """``baseline`` (the first recipe's ``ddpm`` point at the largest NFE), ``threshold_fd`` (its FD + s.e.) and
+    ``reach`` (per recipe, in order of appearance: its fewest-NFE point at or under the threshold, or None)."""
+    names = list(dict.fromkeys(p["recipe"] for p in points))
+    top = max(p["nfe"] for p in points)
+    base = next((p for p in points if p["recipe"] == names[0] and p["sampler"] == "ddpm" and p["nfe"] == top), None)
+    if base is None:
+        raise ValueError(f"no baseline point: the first recipe {names[0]!r} has no ddpm point at NFE {top}")
     threshold = base["fd"] + (base["fd_standard_error"] or 0.0)
     reach = {}
     for recipe in names:
@@ -117,10 +129,29 @@ def quality_per_nfe(models: Dict[str, tuple], reference, extractor, *, nfe: Sequ
         reach[recipe] = None if best is None else {
             "nfe": best["nfe"], "sampler": best["sampler"], "fd": best["fd"], "wall_seconds": best["wall_seconds"],
             "speedup_vs_baseline_nfe": top / best["nfe"]}
-    return {"points": points, "num_images": num_images, "nfe": sorted(nfe), "samplers": list(samplers),
-            "baseline": {k: base[k] for k in ("recipe", "sampler", "nfe", "fd", "fd_standard_error", "wall_seconds")},
-            "threshold_fd": threshold, "reach": reach, "max_nfe_others": max_nfe_others,
-            "extractor": getattr(extractor, "name", None) or type(extractor).__name__}
+    return {"baseline": {k: base[k] for k in ("recipe", "sampler", "nfe", "fd", "fd_standard_error", "wall_seconds")},
+            "threshold_fd": threshold, "reach": reach}
+
+
+def merge_results(results: Sequence[dict]) -> dict:
+    """One result from runs of the same grid split by recipe (e.g. one process per recipe), the baseline's first.
+
+    Raises:
+        ValueError: runs with different N, NFE grid, samplers or features, or a (recipe, sampler, NFE) point twice.
+    """
+    first = results[0]
+    for other in results[1:]:
+        for key in ("num_images", "nfe", "samplers", "max_nfe_others", "extractor"):
+            if other.get(key) != first.get(key):
+                raise ValueError(f"cannot merge runs with different {key}: {first.get(key)!r} vs {other.get(key)!r}")
+    points = [p for r in results for p in r["points"]]
+    keys = [(p["recipe"], p["sampler"], p["nfe"]) for p in points]
+    if len(set(keys)) != len(keys):
+        raise ValueError("cannot merge runs that measured the same (recipe, sampler, NFE) point twice")
+    merged = {k: first[k] for k in ("num_images", "nfe", "samplers", "max_nfe_others", "extractor") if k in first}
+    merged["points"] = points
+    merged.update(reach_of_baseline(points))
+    return merged
 
 
 def plot_fd_vs_nfe(result: dict, path: str) -> None:
