@@ -50,7 +50,7 @@ COMPARED_FLAGS = CHANGEABLE_ON_RESUME + FIXED_ON_RESUME
 SCRIPT_RESULT_FLAGS = (
     "train_batch_size", "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "class_column",
     "skip_bad_images", "center_crop", "random_flip", "mixed_precision", "enable_xformers_memory_efficient_attention",
-    "validation_size", "validation_split_seed", "ddpm_max_beta",
+    "validation_size", "validation_split_seed",
 )
 # What each kind of fixed flag protects, for the error message.
 _FIXED_BECAUSE = {
@@ -109,7 +109,31 @@ def flags_from_training_args(path: str) -> Optional[Dict[str, Any]]:
             flags.pop(name, None)
     if flags.get("ddpm_beta_schedule") == "cosine":
         flags["ddpm_beta_schedule"] = "squaredcos_cap_v2"
+    flags.pop("ddpm_max_beta", None)  # the flag as given, not the largest β it left: with_legacy_flags derives that
     return flags
+
+
+def largest_beta(scheduler) -> float:
+    """The largest β_t the scheduler runs (what ``--ddpm_max_beta`` leaves of the schedule), as checkpoints record it:
+    0.999 for cosine as IDM clips it, 0.5 under the default clip, 0.02 for linear (which no clip in (0.02, 1)
+    changes), so resume compares the schedule, not the flag's text."""
+    return round(float(scheduler.betas.max()), 6)
+
+
+def with_legacy_flags(recorded: Dict[str, Any]) -> Dict[str, Any]:
+    """``recorded`` plus what checkpoints written before a flag existed implied: ``ddpm_max_beta`` is then the
+    largest β of their unclipped schedule (so resuming such a cosine run under the default clip is refused, not
+    silently moved onto another chain)."""
+    if "ddpm_max_beta" in recorded or "ddpm_beta_schedule" not in recorded or "ddpm_num_steps" not in recorded:
+        return dict(recorded)
+    from .scheduler import GaussianDiffusionScheduler
+
+    try:
+        scheduler = GaussianDiffusionScheduler(num_train_timesteps=int(recorded["ddpm_num_steps"]),
+                                               beta_schedule=recorded["ddpm_beta_schedule"])
+    except (TypeError, ValueError):
+        return dict(recorded)
+    return {**recorded, "ddpm_max_beta": largest_beta(scheduler)}
 
 
 def _show(value: Any) -> str:

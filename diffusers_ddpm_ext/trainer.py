@@ -651,14 +651,16 @@ class Trainer:
 
     def recorded_flags(self) -> Dict[str, Any]:
         """The result-changing flags of this run, by flag name, as every checkpoint records them: the config's,
-        the scheduler's (``ddpm_num_steps``, ``ddpm_beta_schedule``, ``prediction_type``, ``variance_type``),
+        the scheduler's (``ddpm_num_steps``, ``ddpm_beta_schedule``, ``prediction_type``, ``variance_type``, and
+        ``ddpm_max_beta`` as the largest β it runs),
         ``max_train_steps`` and the ``run_flags`` given."""
         sched = self.noise_scheduler.config
         flags = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
                  if f.name in runflags.COMPARED_FLAGS}
         flags.update(max_train_steps=self.max_train_steps, ddpm_num_steps=sched.get("num_train_timesteps"),
                      ddpm_beta_schedule=sched.get("beta_schedule"), prediction_type=sched.get("prediction_type"),
-                     variance_type=sched.get("variance_type"))
+                     variance_type=sched.get("variance_type"),
+                     ddpm_max_beta=runflags.largest_beta(self.noise_scheduler))
         flags.update(self.run_flags)
         return flags
 
@@ -671,7 +673,7 @@ class Trainer:
             logger.warning("%s records no flags (an older checkpoint without training_args.json): resuming without "
                            "comparing them", data.path)
             return []
-        return runflags.compare_flags(recorded, self.recorded_flags(), allowed, source)
+        return runflags.compare_flags(runflags.with_legacy_flags(recorded), self.recorded_flags(), allowed, source)
 
     def _apply_changed_flags(self, changed: set) -> None:
         """Put allowed new hyperparameters into the optimizer, LR schedule and EMA just restored (which carry the

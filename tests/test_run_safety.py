@@ -325,6 +325,7 @@ REFUSED_CHANGES = [
     (["--loss_type", "kl"], ["--loss_type 'hybrid' -> 'kl'"]),
     (["--timestep_sampler", "loss-second-moment"], ["--timestep_sampler 'uniform' -> 'loss-second-moment'"]),
     (["--max_train_steps", 6], ["--max_train_steps 4 -> 6"]),
+    (["--ddpm_max_beta", "0.9"], ["--ddpm_max_beta 0.5 -> 0.9", "--allow_changed_flags ddpm_max_beta"]),
 ]
 
 
@@ -383,6 +384,26 @@ def test_allowed_changes_take_effect_and_are_recorded(tmp_path):
     # A later resume compares with what checkpoint-4 recorded: the new values pass, the history is kept.
     run_train("--output_dir", out, *RESUME, *changed, "--resume_from_checkpoint", "checkpoint-4")
     assert json.loads((out / rundir.RUN_MARKER_NAME).read_text())["changed_on_resume"] == expected
+
+
+def test_resume_of_a_cosine_run_from_before_the_beta_clip_is_refused_unless_it_keeps_its_betas(tmp_path):
+    out = tmp_path / "run"
+    interrupted_run(out)
+    path = out / "checkpoint-2"
+    state = json.loads((path / "training_state.json").read_text())
+    assert state["flags"]["ddpm_max_beta"] == 0.5  # the largest β the clipped cosine schedule runs
+    del state["flags"]["ddpm_max_beta"]  # as written before --ddpm_max_beta existed (cosine up to 0.999)
+    (path / "training_state.json").write_text(json.dumps(state))
+    manifest = json.loads((path / ck.MANIFEST_NAME).read_text())
+    blob = (path / "training_state.json").read_bytes()
+    manifest["files"]["training_state.json"] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    (path / ck.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=re.escape("--ddpm_max_beta 0.999 -> 0.5")):
+        run_train("--output_dir", out, *RESUME, "--resume_from_checkpoint", "latest")
+    metrics = run_train("--output_dir", out, *RESUME, "--resume_from_checkpoint", "latest", "--ddpm_max_beta", "0.999")
+    assert metrics["train_steps"] == 4 and metrics["max_beta"] == pytest.approx(0.999)
+    # A linear schedule never reaches a clip: any --ddpm_max_beta above its 0.02 is the same chain.
+    assert runflags.with_legacy_flags({"ddpm_beta_schedule": "linear", "ddpm_num_steps": 50})["ddpm_max_beta"] == 0.02
 
 
 def test_resume_of_a_checkpoint_without_recorded_flags_compares_its_training_args(tmp_path):
