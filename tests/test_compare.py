@@ -376,6 +376,11 @@ def test_quality_per_nfe_runs_split_by_recipe_merge_to_the_joint_run(mini_report
         {r: (v and v["nfe"]) for r, v in joint["reach"].items()}
     with pytest.raises(ValueError, match="same .recipe, sampler, NFE. point twice"):
         NFE.merge_results([parts[0], parts[0]])
+    no_baseline = NFE.quality_per_nfe(models, reference, _PixelExtractor(), **dict(kwargs, samplers=("ddim",),
+                                                                                   nfe=(3,)))
+    assert "reach" not in no_baseline and len(no_baseline["points"]) == len(names)
+    grown = NFE.merge_results(parts + [no_baseline])
+    assert grown["nfe"] == [2, 3, 5] and grown["samplers"] == ["ddpm", "ddim"] and grown["baseline"] == merged["baseline"]
     other = dict(parts[1], num_images=16)
     with pytest.raises(ValueError, match="different num_images"):
         NFE.merge_results([parts[0], other])

@@ -55,7 +55,8 @@ def make_sampler(name: str, scheduler):
 def quality_per_nfe(models: Dict[str, tuple], reference, extractor, *, nfe: Sequence[int] = NFE_DEFAULT,
                     samplers: Sequence[str] = SAMPLERS, num_images: int = 500, batch_size: int = 250, seed: int = 0,
                     fd_bootstrap: int = 20, max_nfe_others: Optional[int] = None, progress: bool = False) -> dict:
-    """Measure every (recipe, sampler, NFE) point; the first recipe's ``ddpm`` at the largest NFE is the baseline.
+    """Measure every (recipe, sampler, NFE) point; the first recipe's ``ddpm`` at the largest NFE is the baseline
+    (a run without ``ddpm`` has no baseline and no reach: a part for :func:`merge_results`).
 
     Args:
         models: ``{recipe: (unet, scheduler)}`` trained models (EMA weights), the baseline recipe first.
@@ -81,8 +82,6 @@ def quality_per_nfe(models: Dict[str, tuple], reference, extractor, *, nfe: Sequ
     for s in samplers:
         if s not in SAMPLERS:
             raise ValueError(f"sampler {s!r} is unknown; choose from {SAMPLERS}")
-    if "ddpm" not in samplers:
-        raise ValueError("the samplers must include 'ddpm' (the baseline)")
     if not isinstance(num_images, int) or num_images < 4:
         raise ValueError(f"num_images must be an int >= 4, got {num_images!r}")
     names = list(models)
@@ -109,7 +108,8 @@ def quality_per_nfe(models: Dict[str, tuple], reference, extractor, *, nfe: Sequ
                     print(json.dumps(points[-1]), flush=True)
     result = {"points": points, "num_images": num_images, "nfe": sorted(nfe), "samplers": list(samplers),
               "max_nfe_others": max_nfe_others, "extractor": getattr(extractor, "name", None) or type(extractor).__name__}
-    result.update(reach_of_baseline(points))
+    if "ddpm" in samplers:  # without it this run is a part to merge (merge_results) with one that has the baseline
+        result.update(reach_of_baseline(points))
     return result
 
 
@@ -134,21 +134,23 @@ def reach_of_baseline(points: Sequence[dict]) -> dict:
 
 
 def merge_results(results: Sequence[dict]) -> dict:
-    """One result from runs of the same grid split by recipe (e.g. one process per recipe), the baseline's first.
+    """One result from runs split by recipe, sampler or NFE (e.g. one process per recipe), the baseline's first.
 
     Raises:
-        ValueError: runs with different N, NFE grid, samplers or features, or a (recipe, sampler, NFE) point twice.
+        ValueError: runs with different N or features, or a (recipe, sampler, NFE) point twice.
     """
     first = results[0]
     for other in results[1:]:
-        for key in ("num_images", "nfe", "samplers", "max_nfe_others", "extractor"):
+        for key in ("num_images", "extractor"):
             if other.get(key) != first.get(key):
                 raise ValueError(f"cannot merge runs with different {key}: {first.get(key)!r} vs {other.get(key)!r}")
     points = [p for r in results for p in r["points"]]
     keys = [(p["recipe"], p["sampler"], p["nfe"]) for p in points]
     if len(set(keys)) != len(keys):
         raise ValueError("cannot merge runs that measured the same (recipe, sampler, NFE) point twice")
-    merged = {k: first[k] for k in ("num_images", "nfe", "samplers", "max_nfe_others", "extractor") if k in first}
+    merged = {k: first[k] for k in ("num_images", "max_nfe_others", "extractor") if k in first}
+    merged["nfe"] = sorted({p["nfe"] for p in points})
+    merged["samplers"] = [s for s in SAMPLERS if any(p["sampler"] == s for p in points)]
     merged["points"] = points
     merged.update(reach_of_baseline(points))
     return merged
@@ -174,10 +176,11 @@ def plot_fd_vs_nfe(result: dict, path: str) -> None:
                 ax.errorbar([p["nfe"] for p in pts], [p["fd"] for p in pts],
                             yerr=[p["fd_standard_error"] or 0 for p in pts], ls=styles[i % 4],
                             marker=markers.get(sampler, "o"), capsize=2, label=f"{recipe} / {sampler}")
-    b = result["baseline"]
-    ax.axhline(result["threshold_fd"], color="gray", ls="--", lw=1)
-    ax.annotate(f"{b['recipe']} ddpm@{b['nfe']} FD + s.e.", (0.01, result["threshold_fd"]),
-                xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
+    b = result.get("baseline")
+    if b is not None:
+        ax.axhline(result["threshold_fd"], color="gray", ls="--", lw=1)
+        ax.annotate(f"{b['recipe']} ddpm@{b['nfe']} FD + s.e.", (0.01, result["threshold_fd"]),
+                    xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network calls per image (NFE)")
@@ -202,7 +205,9 @@ def markdown_table(result: dict) -> str:
                 cells.append("–" if p is None else f"{p['fd']:.2f} ± {(p['fd_standard_error'] or 0):.2f}")
             if any(c != "–" for c in cells):
                 rows.append(f"| `{recipe}` | {sampler} | " + " | ".join(cells) + " |")
-    b = result["baseline"]
+    b = result.get("baseline")
+    if b is None:  # a part without the ddpm sampler: see merge_results
+        return "\n".join(rows)
     rows += ["", f"Baseline: `{b['recipe']}` with `ddpm` at {b['nfe']} NFE, FD {b['fd']:.3f} ± "
              f"{(b['fd_standard_error'] or 0):.3f} ({b['wall_seconds']:.0f} s for N = {result['num_images']}).", "",
              "| recipe | fewest NFE reaching the baseline FD (within its s.e.) | sampler | FD | sampling wall time, N images |"
