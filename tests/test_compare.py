@@ -406,3 +406,16 @@ def test_ablation_script_writes_its_table(tmp_path):
     md = (tmp_path / "ablation.md").read_text()
     assert "`--ddpm_max_beta 0.9`" in md and "unclipped" in md
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_solvers_clip_x0_as_the_model_sampler_does():
+    from diffusers_ddpm_ext.scheduler import GaussianDiffusionScheduler
+
+    clipping = GaussianDiffusionScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True, clip_sample_range=1.0)
+    free = GaussianDiffusionScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    for name in ("dpmsolver++", "unipc"):
+        solver = NFE.make_sampler(name, clipping)
+        assert solver.config.thresholding and solver.config.sample_max_value == 1.0
+        assert solver.config.timestep_spacing == "trailing"
+        assert not NFE.make_sampler(name, free).config.thresholding
+    assert NFE.make_sampler("ddim", clipping).config.clip_sample  # DDIM reads clip_sample itself
