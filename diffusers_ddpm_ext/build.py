@@ -342,16 +342,26 @@ def clipped_betas(num_train_timesteps: int, beta_schedule: str, max_beta: Option
     β. Cosine's last β is 0.999 (IDM eq. 17), which multiplies the error of ε̂ in the last reverse mean by
     β/√(α(1 − ᾱ)) ≈ 32; a lower cap tames that term of the unclipped bound.
     """
-    from .scheduler import GaussianDiffusionScheduler
-
     if max_beta is None:
         return None
     check_max_beta(max_beta)
-    betas = GaussianDiffusionScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule).betas
+    betas = schedule_betas(num_train_timesteps, beta_schedule)  # (T,) float64
     # Compared in the scheduler's float32: cosine's own 0.999 cap is then no clip.
-    if not (betas > torch.tensor(max_beta, dtype=betas.dtype)).any():
+    if not (betas.float() > torch.tensor(max_beta, dtype=torch.float32)).any():
         return None
-    return betas.double().clamp(max=max_beta).tolist()  # (T,)
+    return betas.clamp(max=max_beta).tolist()
+
+
+def schedule_betas(num_train_timesteps: int, beta_schedule: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The (T,) β of a named schedule with :class:`GaussianDiffusionScheduler`'s default ``beta_start`` /
+    ``beta_end`` (what :func:`build_noise_scheduler` builds before any clip), without building a scheduler."""
+    import inspect
+
+    from .scheduler import GaussianDiffusionScheduler, make_betas
+
+    defaults = inspect.signature(GaussianDiffusionScheduler.__init__).parameters
+    return make_betas(num_train_timesteps, defaults["beta_start"].default, defaults["beta_end"].default,
+                      beta_schedule, dtype=dtype)
 
 
 def check_max_beta(max_beta) -> None:

@@ -113,11 +113,11 @@ def flags_from_training_args(path: str) -> Optional[Dict[str, Any]]:
     return flags
 
 
-def largest_beta(scheduler) -> float:
-    """The largest β_t the scheduler runs (what ``--ddpm_max_beta`` leaves of the schedule), as checkpoints record it:
-    0.999 for cosine as IDM clips it, 0.5 under the default clip, 0.02 for linear (which no clip in (0.02, 1)
-    changes), so resume compares the schedule, not the flag's text."""
-    return round(float(scheduler.betas.max()), 6)
+def largest_beta(betas) -> float:
+    """The largest of a (T,) β schedule (what ``--ddpm_max_beta`` leaves of it), as checkpoints and metrics.json
+    record it: 0.999 for cosine as IDM clips it, 0.5 under the default clip, 0.02 for linear (which no clip in
+    (0.02, 1) changes), so resume compares the schedule, not the flag's text."""
+    return round(float(betas.max()), 6)
 
 
 def with_legacy_flags(recorded: Dict[str, Any]) -> Dict[str, Any]:
@@ -126,14 +126,13 @@ def with_legacy_flags(recorded: Dict[str, Any]) -> Dict[str, Any]:
     silently moved onto another chain)."""
     if "ddpm_max_beta" in recorded or "ddpm_beta_schedule" not in recorded or "ddpm_num_steps" not in recorded:
         return dict(recorded)
-    from .scheduler import GaussianDiffusionScheduler
+    from .build import schedule_betas
 
     try:
-        scheduler = GaussianDiffusionScheduler(num_train_timesteps=int(recorded["ddpm_num_steps"]),
-                                               beta_schedule=recorded["ddpm_beta_schedule"])
+        betas = schedule_betas(int(recorded["ddpm_num_steps"]), recorded["ddpm_beta_schedule"])
     except (TypeError, ValueError):
         return dict(recorded)
-    return {**recorded, "ddpm_max_beta": largest_beta(scheduler)}
+    return {**recorded, "ddpm_max_beta": largest_beta(betas)}
 
 
 def _show(value: Any) -> str:

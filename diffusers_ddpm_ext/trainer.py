@@ -660,7 +660,7 @@ class Trainer:
         flags.update(max_train_steps=self.max_train_steps, ddpm_num_steps=sched.get("num_train_timesteps"),
                      ddpm_beta_schedule=sched.get("beta_schedule"), prediction_type=sched.get("prediction_type"),
                      variance_type=sched.get("variance_type"),
-                     ddpm_max_beta=runflags.largest_beta(self.noise_scheduler))
+                     ddpm_max_beta=runflags.largest_beta(self.noise_scheduler.betas))
         flags.update(self.run_flags)
         return flags
 
@@ -848,7 +848,7 @@ class Trainer:
             "loss_type": self.config.loss_type,
             "variance_type": sched.variance_type,
             "beta_schedule": sched.beta_schedule,
-            "max_beta": float(self.noise_scheduler.betas.max()),
+            "max_beta": runflags.largest_beta(self.noise_scheduler.betas),
             "prediction_type": sched.prediction_type,
             "rank_checksums": checksums,
         }
