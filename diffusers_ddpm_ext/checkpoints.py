@@ -186,9 +186,10 @@ def list_checkpoints(folder: str, verify: bool = True) -> List[str]:
 def find_latest_checkpoint(folder: str, quarantine: bool = False) -> Optional[str]:
     """The newest checkpoint in ``folder`` whose every file matches its manifest's SHA-256, or None if there is none.
 
-    Newer folders that fail the hash check (altered after they were written, e.g. a same-size corruption the cheap
-    size check of :func:`list_checkpoints` lets through) are skipped with a warning naming them, so ``latest``
-    resumes from the newest intact state. Only the candidates down to the first intact one are hashed.
+    Every ``checkpoint-<step>`` folder is a candidate, damaged or not: a newer one that is truncated, incomplete
+    (no manifest) or altered is skipped with a warning naming it and what is wrong, so ``latest`` resumes from the
+    newest intact state, and never silently from nothing. Only the candidates down to the first intact one are
+    hashed.
 
     Args:
         folder: The run's output folder.
@@ -200,7 +201,7 @@ def find_latest_checkpoint(folder: str, quarantine: bool = False) -> Optional[st
         CheckpointError: Checkpoints exist but none is intact (nothing is renamed then): resuming from nothing
             would silently restart the run.
     """
-    checkpoints = list_checkpoints(folder)
+    checkpoints = list_checkpoints(folder, verify=False)  # the damaged ones too: each is reported, none dropped
     failures = []
     for path in reversed(checkpoints):
         try:
@@ -212,7 +213,7 @@ def find_latest_checkpoint(folder: str, quarantine: bool = False) -> Optional[st
         for bad, _ in failures if quarantine else ():
             aside = f"{bad}.corrupt-{int(time.time())}"
             os.replace(bad, aside)
-            logger.warning("latest: moved the altered %s aside to %s", bad, aside)
+            logger.warning("latest: moved the damaged %s aside to %s (kept, never deleted)", bad, aside)
         return path
     if failures:
         raise CheckpointError(f"none of the {len(failures)} checkpoints in {folder} is intact: "

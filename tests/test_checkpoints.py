@@ -160,6 +160,9 @@ def test_tampered_or_truncated_checkpoints_are_detected_and_skipped(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger=ck.logger.name):
         assert ck.resolve_resume_path("latest", str(tmp_path)) == good
     assert any("checkpoint-8" in r.getMessage() and "SHA-256" in r.getMessage() for r in caplog.records)
+    # the truncated and the manifest-less ones are named too: `latest` never drops a damaged checkpoint unseen
+    assert any("checkpoint-7" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+    assert any("checkpoint-9" in r.getMessage() and "missing" in r.getMessage() for r in caplog.records)
     assert ck.resolve_resume_path("checkpoint-5", str(tmp_path)) == good
     with pytest.raises(ck.CheckpointError, match="available"):
         ck.resolve_resume_path("checkpoint-99", str(tmp_path))
@@ -168,6 +171,8 @@ def test_tampered_or_truncated_checkpoints_are_detected_and_skipped(tmp_path, ca
     # quarantine (what train.py's main process asks for): the altered one is kept, renamed out of the listing
     assert ck.resolve_resume_path("latest", str(tmp_path), quarantine=True) == good
     assert not os.path.exists(tampered)
+    assert sorted(n.split(".corrupt-")[0] for n in os.listdir(tmp_path) if ".corrupt-" in n) == [
+        "checkpoint-7", "checkpoint-8", "checkpoint-9"]
     (aside,) = [n for n in os.listdir(tmp_path) if n.startswith("checkpoint-8.corrupt-")]
     assert Path(tmp_path, aside, "model.safetensors").read_bytes() == bytes(blob)
     assert [os.path.basename(p) for p in ck.list_checkpoints(str(tmp_path))] == ["checkpoint-5"]

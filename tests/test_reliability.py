@@ -342,6 +342,36 @@ def test_latest_skips_an_altered_newest_checkpoint_and_the_resumed_run_rewrites_
     assert (aside / "model.safetensors").read_bytes() != blob  # the altered copy is kept, not deleted
 
 
+def test_latest_never_skips_a_truncated_checkpoint_silently_nor_deletes_it(tmp_path, caplog):
+    """Issue 24 item 7: a truncated newest checkpoint was dropped by the listing's size check before `latest` saw
+    it: the run restarted from step 0 and rotation then replaced the damaged folder. Now `latest` stops when no
+    checkpoint is intact (the damaged one untouched), and falls back to an older intact one with a warning,
+    moving the damaged one aside."""
+    out = tmp_path / "run"
+    common = ["--max_train_steps", 10, "--checkpointing_steps", 5, *FAST]
+    run_train("--output_dir", out, "--checkpoints_total_limit", 1, *common)
+    assert checkpoint_names(out) == ["checkpoint-10"]
+    optimizer = out / "checkpoint-10" / "optimizer.pt"
+    damaged = optimizer.read_bytes()[:-1]
+    optimizer.write_bytes(damaged)  # truncate -s -1
+    with pytest.raises(ck.CheckpointError, match=r"none of the 1 checkpoints .* is intact.*checkpoint-10/optimizer"
+                                                 r"\.pt is truncated"):
+        run_train("--output_dir", out, "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", 1, *common)
+    assert optimizer.read_bytes() == damaged and not [p for p in out.iterdir() if ".corrupt-" in p.name]  # untouched
+
+    # With an intact older checkpoint: resume from it, with a warning naming the damaged one, kept aside.
+    shutil.rmtree(out)
+    run_train("--output_dir", out, *common)
+    assert checkpoint_names(out) == ["checkpoint-5", "checkpoint-10"]
+    optimizer.write_bytes(optimizer.read_bytes()[:-1])
+    with caplog.at_level("WARNING", logger=ck.logger.name):
+        run_train("--output_dir", out, "--resume_from_checkpoint", "latest", *common)
+    assert any("checkpoint-10" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("checkpoint-10.corrupt-")]
+    assert len((aside / "optimizer.pt").read_bytes()) == len(damaged)
+    assert ck.load_checkpoint(str(out / "checkpoint-10")).step == 10  # trained again from step 5
+
+
 def test_resume_from_a_truncated_checkpoint_fails_before_training(tmp_path):
     out = tmp_path / "run"
     path = _fake_checkpoint(out, 3)
