@@ -10,8 +10,9 @@ are not (all tested):
   (``DDPMScheduler`` / ``DDPMParallelScheduler`` / ours with ``variance_type`` learned or learned_range); every
   other scheduler gets the first ``C`` (diffusers' pipelines pass all ``2 C`` and fail, and
   ``DPMSolverMultistepScheduler(variance_type="learned_range")`` keeps 3 channels whatever ``C`` is);
-* it scales the initial noise by ``scheduler.init_noise_sigma`` and calls ``scheduler.scale_model_input``
-  (``DDPMPipeline`` does neither, which silently breaks the Euler family);
+* it scales the initial noise by ``scheduler.init_noise_sigma``, read after ``set_timesteps`` (the σ of the
+  chain being sampled), and calls ``scheduler.scale_model_input`` (``DDPMPipeline`` does neither, which silently
+  breaks the Euler family);
 * it passes ``generator`` (and ``eta`` / ``use_clipped_model_output``) only to a ``step`` whose signature takes it
   (``DDPMPipeline`` passes ``generator`` to every scheduler: UniPC, Heun and PNDM raise ``TypeError``);
 * with a float16 / bfloat16 UNet the sample is kept in float32 between steps (the UNet still runs in its own
@@ -286,7 +287,8 @@ class GaussianDiffusionPipeline(DiffusionPipeline):
             null_class_label: The null class of a UNet that has no ``null_class_label`` attribute (a ``UNet2DModel``
                 trained with one of its classes as the null class). Default: ``unet.null_class_label``.
             latents: Initial noise, (B, C, H, W), drawn from N(0, I); it is multiplied by
-                ``scheduler.init_noise_sigma`` as generated noise is. Default: drawn with ``generator``.
+                ``scheduler.init_noise_sigma`` (of the chain ``num_inference_steps`` sets) as generated noise is.
+                Default: drawn with ``generator``.
             eta: DDIM's η, passed to a ``step`` that takes it (error otherwise); None keeps the scheduler's default.
             use_clipped_model_output: Passed to a ``step`` that takes it (DDIM); error otherwise.
             callback_on_step_end: ``fn(pipe, step_index, timestep, callback_kwargs) -> dict`` called after every
@@ -361,6 +363,13 @@ class GaussianDiffusionPipeline(DiffusionPipeline):
             model_labels = torch.cat([labels, torch.full_like(labels, null)])  # (2B,): conditional half first
         doubled = model_labels is not None and model_labels.shape[0] != num_images
 
+        # The chain first: `init_noise_sigma` of the Euler family (and Heun, KDPM2, LMS) is the largest σ of the
+        # chain `set_timesteps` builds ("leading" spacing: not the training chain's σ_max), as diffusers' pipelines
+        # order it. Read before, it is the σ of the previous call's chain, or of the full chain after a swap.
+        timestep_kwargs = {"device": device} if _accepts(self.scheduler.set_timesteps, "device") else {}
+        self.scheduler.set_timesteps(num_inference_steps, **timestep_kwargs)
+        timesteps = self.scheduler.timesteps
+
         unet_dtype = self.unet.dtype
         sample_dtype = torch.float32 if unet_dtype in _LOW_PRECISION else unet_dtype
         shape = (num_images, *image_shape)
@@ -369,10 +378,6 @@ class GaussianDiffusionPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=sample_dtype)
         latents = latents * self.scheduler.init_noise_sigma
-
-        timestep_kwargs = {"device": device} if _accepts(self.scheduler.set_timesteps, "device") else {}
-        self.scheduler.set_timesteps(num_inference_steps, **timestep_kwargs)
-        timesteps = self.scheduler.timesteps
         step_kwargs = self._step_kwargs(generator, eta, use_clipped_model_output)
         keep_variance = scheduler_reads_predicted_variance(self.scheduler)
         self._guidance_scale, self._num_timesteps, self._interrupt = w, len(timesteps), False
