@@ -16,10 +16,12 @@ References:
         Probabilistic Models" (ICLR 2022; `variance_type="analytic"`).
 """
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union, get_args
 
+import diffusers
 import numpy as np
 import torch
 from torch import Tensor
@@ -45,6 +47,14 @@ VARIANCE_TYPES = get_args(VarianceType)
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")  # the model's extra C output channels carry the variance
 TIMESTEP_SPACINGS = get_args(TimestepSpacing)
 SAMPLERS = get_args(Sampler)
+# Our config keys that no diffusers scheduler has, with their defaults. diffusers' `from_config` logs "The config
+# attributes {...} were passed to <Scheduler>, but are not expected" for every key the new class does not take,
+# unless the config's `_class_name` is an attribute of `diffusers` (`ConfigMixin.extract_init_dict`) or the key is
+# private ("_...") or absent. So the class registers itself in the `diffusers` namespace
+# (`_register_in_diffusers_namespace`), records its `_class_name` in memory, and a saved config leaves out these
+# keys while they hold their defaults (`to_json_string`): swapping schedulers is silent with our package or a
+# remote-code copy of this file imported, and for every saved config at these defaults also without either.
+_OWN_KEY_DEFAULTS = {"sampler": "ddpm", "eta": 0.0, "analytic_gamma": None}
 
 
 @dataclass
@@ -322,6 +332,34 @@ def _validate_config(cfg: dict) -> None:
                              f"analytic_gamma[{bad[0]}] = {float(values[bad[0]])!r}")
 
 
+def _keys_left_out_when_saved(config: dict) -> List[str]:
+    """The keys `GaussianDiffusionScheduler.to_json_string` leaves out of `config` (see `_OWN_KEY_DEFAULTS`)."""
+    left_out = [key for key, default in _OWN_KEY_DEFAULTS.items()
+                if key in config and (config[key] is None if default is None else config[key] == default)]
+    if "sampler" in left_out:
+        if config.get("set_alpha_to_one", True) is True:
+            left_out.append("set_alpha_to_one")
+        else:  # set_alpha_to_one without sampler would read as a DDIMScheduler config: keep both
+            left_out.remove("sampler")
+    return left_out
+
+
+def _register_in_diffusers_namespace(klass) -> None:
+    """Make ``klass`` an attribute of ``diffusers`` so that diffusers' ``from_config`` of another scheduler drops
+    the keys only ``klass`` takes instead of warning about them (``ConfigMixin.extract_init_dict`` looks the config's
+    ``_class_name`` up as ``getattr(diffusers, name)``; it does so for nothing else).
+
+    A diffusers class of the same name is never replaced. A copy of this file loaded as remote code registers
+    itself where the name is free (same config keys); the installed module takes the name over from such a copy.
+    """
+    existing = getattr(diffusers, klass.__name__, None)
+    if existing is None:
+        setattr(diffusers, klass.__name__, klass)
+    elif (existing is not klass and str(getattr(existing, "__module__", "")).split(".")[0] != "diffusers"
+          and klass.__module__ == "diffusers_ddpm_ext.scheduler"):
+        setattr(diffusers, klass.__name__, klass)
+
+
 def _float_array(value, name: str) -> np.ndarray:
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be a sequence of numbers, got {value!r}")
@@ -525,6 +563,13 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
             # Store the diffusers name so DDPMScheduler.from_config(our config) works.
             beta_schedule = BETA_SCHEDULE_ALIASES[beta_schedule]
             self.register_to_config(beta_schedule=beta_schedule)
+        # The source class of this config, for diffusers' `from_config` of another scheduler (see _OWN_KEY_DEFAULTS):
+        # without it, keys passed here explicitly (`sampler="ddim"`) are reported as unexpected by the new class.
+        # Our own keys count as given even when defaulted (a saved config leaves them out at their defaults): a
+        # diffusers scheduler built from this config then keeps them as hidden keys and hands them back to
+        # `from_config` of ours; otherwise DDIMScheduler's `set_alpha_to_one` alone would select sampler="ddim".
+        used_defaults = [k for k in self.config.get("_use_default_values", []) if k not in _OWN_KEY_DEFAULTS]
+        self.register_to_config(_class_name=type(self).__name__, _use_default_values=used_defaults)
         self._analytic_gamma = None
         if analytic_gamma is not None:
             # A plain list of floats in the config (JSON, no pickle): save_pretrained and the Hub export keep it.
@@ -556,11 +601,31 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """`ConfigMixin.from_config`. A DDIM-family config (DDIMScheduler's `set_alpha_to_one` key, no `sampler`
-        key) gives `sampler="ddim"`, so `from_config(ddim_scheduler.config)` reproduces DDIMScheduler's numbers."""
+        key) gives `sampler="ddim"`, so `from_config(ddim_scheduler.config)` reproduces DDIMScheduler's numbers.
+        (A config saved by this class never holds `set_alpha_to_one` without `sampler`: see `to_json_string`.)"""
         source = getattr(config, "config", config)
         if isinstance(source, dict) and "set_alpha_to_one" in source and "sampler" not in source:
             kwargs.setdefault("sampler", "ddim")
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The config as saved by `save_pretrained` / `save_config`: `ConfigMixin.to_json_string` without our keys
+        that no diffusers scheduler has (`sampler`, `eta`, `analytic_gamma`) while they hold their defaults.
+
+        Loading the file gives every left-out key its default again, so the saved scheduler is the same; and a
+        diffusers scheduler built from the file (`DPMSolverMultistepScheduler.from_pretrained(folder)`) logs no
+        "config attributes ... are not expected" warning even where our package is not imported. `set_alpha_to_one`
+        is left out with `sampler` when it holds its default too (True): `set_alpha_to_one` without `sampler` is how
+        a DDIMScheduler config is recognised (`from_config`), also by releases that always wrote `sampler`.
+        Non-default values are written, and old files that list every key load as before.
+
+        Returns:
+            `str`: the JSON text, keys sorted, as diffusers writes it.
+        """
+        config = json.loads(super().to_json_string())
+        for key in _keys_left_out_when_saved(config):
+            config.pop(key)
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     # ------------------------------------------------------------------------------------------------------------
     # Tables (built once per chain)
@@ -1079,3 +1144,6 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return prev_sample, pred_original_sample
         return GaussianDiffusionSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
+_register_in_diffusers_namespace(GaussianDiffusionScheduler)

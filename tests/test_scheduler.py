@@ -609,3 +609,171 @@ def test_from_config_of_a_ddim_folder_samples_as_ddim(tmp_path):
     assert loaded.config.sampler == "ddim" and loaded.config.set_alpha_to_one is False
     assert GaussianDiffusionScheduler.from_pretrained(tmp_path, sampler="ddpm").config.sampler == "ddpm"
     assert GaussianDiffusionScheduler.from_config(DDPMScheduler().config).config.sampler == "ddpm"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Swapping schedulers without diffusers' "config attributes ... are not expected" warning
+# ------------------------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import diffusers  # noqa: E402
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers  # noqa: E402
+from diffusers.utils import DummyObject  # noqa: E402
+
+from diffusers_ddpm_ext import scheduler as scheduler_module  # noqa: E402
+
+OWN_KEYS = ("sampler", "eta", "analytic_gamma")  # our keys that no diffusers scheduler takes
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "saved_c44c80e", "unconditional", "scheduler")
+# Every scheduler of KarrasDiffusionSchedulers that is installed (DPMSolverSDEScheduler needs torchsde).
+KARRAS = [getattr(diffusers, e.name) for e in KarrasDiffusionSchedulers
+          if not isinstance(getattr(diffusers, e.name), DummyObject)]
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def diffusers_warnings(fn, *args, **kwargs):
+    """(result, warnings logged by diffusers while calling fn); diffusers' loggers do not propagate to the root."""
+    handler = _Warnings()
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        logger.removeHandler(handler)
+    return result, handler.messages
+
+
+def non_default_scheduler(T=50):
+    return GaussianDiffusionScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", sampler="ddim",
+                                      eta=0.5, set_alpha_to_one=False, variance_type="analytic",
+                                      analytic_gamma=[1.0 + t / T for t in range(T)])
+
+
+def test_every_karras_scheduler_swaps_from_ours_and_back_without_warning(tmp_path):
+    assert len(KARRAS) >= len(KarrasDiffusionSchedulers) - 1
+    non_default = non_default_scheduler()
+    non_default.save_pretrained(tmp_path / "non_default")
+    GaussianDiffusionScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "default")
+    sources = {
+        "built in memory": non_default,
+        "saved, non-default keys": GaussianDiffusionScheduler.from_pretrained(tmp_path / "non_default"),
+        "saved, defaults": GaussianDiffusionScheduler.from_pretrained(tmp_path / "default"),
+        "saved by an earlier release": GaussianDiffusionScheduler.from_pretrained(FIXTURE),
+    }
+    for label, ours in sources.items():
+        for cls in KARRAS:
+            theirs, messages = diffusers_warnings(cls.from_config, ours.config)
+            assert messages == [], (label, cls.__name__)
+            back, messages = diffusers_warnings(GaussianDiffusionScheduler.from_config, theirs.config)
+            assert messages == [], (label, cls.__name__)
+            # both ways keep working: the keys the diffusers scheduler does not take come back unchanged
+            for key in (*OWN_KEYS, "set_alpha_to_one", "beta_schedule", "num_train_timesteps", "variance_type"):
+                assert back.config[key] == ours.config[key], (label, cls.__name__, key)
+        if "num_train_timesteps" in theirs.config:
+            assert theirs.config.num_train_timesteps == ours.config.num_train_timesteps
+
+
+def test_saved_config_leaves_out_only_default_valued_keys_and_loads_the_same(tmp_path):
+    def saved(scheduler, name):
+        scheduler.save_pretrained(tmp_path / name)
+        text = json.loads((tmp_path / name / "scheduler_config.json").read_text())
+        return text, GaussianDiffusionScheduler.from_pretrained(tmp_path / name)
+
+    default = GaussianDiffusionScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range")
+    text, loaded = saved(default, "default")
+    assert not set(text) & {*OWN_KEYS, "set_alpha_to_one"} and text["variance_type"] == "learned_range"
+    assert public(loaded.config) == public(default.config)
+    non_default = non_default_scheduler()
+    text, loaded = saved(non_default, "non_default")
+    assert (text["sampler"], text["eta"], text["set_alpha_to_one"]) == ("ddim", 0.5, False)
+    assert len(text["analytic_gamma"]) == 50 and public(loaded.config) == public(non_default.config)
+    # ddpm sampler with set_alpha_to_one=False: both written, else the file would read as a DDIMScheduler's
+    odd = GaussianDiffusionScheduler(set_alpha_to_one=False)
+    text, loaded = saved(odd, "odd")
+    assert (text["sampler"], text["set_alpha_to_one"]) == ("ddpm", False) and loaded.config.sampler == "ddpm"
+    # A file of an earlier release lists every key: it loads with the same meaning.
+    old = json.loads(open(os.path.join(FIXTURE, "scheduler_config.json")).read())
+    assert {"sampler", "eta"} <= set(old)
+    from_old = GaussianDiffusionScheduler.from_pretrained(FIXTURE)
+    assert all(from_old.config[k] == v for k, v in old.items() if not k.startswith("_"))
+    assert from_old.config.set_alpha_to_one is True and from_old.config.analytic_gamma is None
+    # ... and so does a new file in the loading code of an earlier release, which reads a config with
+    # set_alpha_to_one but no sampler as a DDIM config: that combination is never written.
+    for name in ("default", "non_default", "odd"):
+        text = json.loads((tmp_path / name / "scheduler_config.json").read_text())
+        assert "sampler" in text or "set_alpha_to_one" not in text, name
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import importlib.util, json, logging, sys
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+    from diffusers.utils import DummyObject
+
+    messages = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                messages.append(record.getMessage())
+
+    logging.getLogger("diffusers").addHandler(Handler())
+    classes = [getattr(diffusers, e.name) for e in KarrasDiffusionSchedulers
+               if not isinstance(getattr(diffusers, e.name), DummyObject)]
+    out = {"saved": {}, "remote": {}}
+    for cls in classes:  # a saved folder of ours, loaded by plain diffusers
+        messages.clear()
+        cls.from_pretrained(sys.argv[1])
+        out["saved"][cls.__name__] = list(messages)
+    # a copy of scheduler.py loaded as remote code (Hub export with trust_remote_code), non-default keys
+    spec = importlib.util.spec_from_file_location("ddpm_ext_scheduler", sys.argv[2])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ddpm_ext_scheduler"] = module
+    spec.loader.exec_module(module)
+    remote = module.GaussianDiffusionScheduler(num_train_timesteps=50, sampler="ddim", eta=0.5,
+                                               set_alpha_to_one=False)
+    for cls in classes:
+        messages.clear()
+        theirs = cls.from_config(remote.config)
+        back = module.GaussianDiffusionScheduler.from_config(theirs.config)
+        out["remote"][cls.__name__] = list(messages) + (
+            [] if (back.config.sampler, back.config.eta) == ("ddim", 0.5) else ["lost keys"])
+    out["package_imported"] = "diffusers_ddpm_ext" in sys.modules
+    print(json.dumps(out))
+    """
+)
+
+
+def test_swaps_without_warning_where_our_package_is_not_imported(tmp_path):
+    """Plain diffusers (no diffusers_ddpm_ext): a saved config of ours with the default sampler, and a remote-code
+    copy of scheduler.py (what a Hub export's model card tells users to swap from)."""
+    GaussianDiffusionScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range").save_pretrained(
+        tmp_path / "saved")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "saved"), scheduler_module.__file__],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["package_imported"] is False
+    assert len(out["saved"]) == len(out["remote"]) == len(KARRAS)
+    assert {name: m for name, m in out["remote"].items() if m} == {}
+    # EDMEulerScheduler takes none of the β keys (it has its own σ schedule) and, unlike the others, lists no
+    # compatible schedulers: without our class at hand diffusers names those keys, never ours.
+    warned = {name: m for name, m in out["saved"].items() if m}
+    assert set(warned) <= {"EDMEulerScheduler"}, warned
+    for message in warned.get("EDMEulerScheduler", []):
+        assert "beta_schedule" in message and not any(f"'{key}'" in message for key in OWN_KEYS), message
