@@ -5,9 +5,11 @@
 - The collective helpers (gather an object, run a check on the main process and share its result or error, agree
   on a NaN or a stop request) make every process take the same branch, so none is left waiting at a collective
   call; with one process they call no ``accelerate`` function at all.
-- :func:`stop_signals` turns SIGTERM and SIGINT into a stop request: the trainer finishes the optimizer step it
-  is in, writes a checkpoint of it and raises :class:`RunInterrupted`. :func:`follow_launcher` makes a process
-  started by ``accelerate launch`` (or torchrun) get SIGTERM when its launcher dies, so no run outlives it.
+- :func:`stop_signals` turns SIGTERM and SIGINT into a stop request: the trainer writes a checkpoint of the last
+  completed optimizer step and raises :class:`RunInterrupted` (one process abandons the step in progress at once;
+  several finish it together). :func:`follow_launcher` makes a process started by ``accelerate launch`` (or
+  torchrun) get SIGTERM when its launcher dies, so no run outlives it; the stop then survives the launcher's
+  closed stderr pipe (:func:`redirect_broken_output`).
 - :func:`run_cli` runs a training command: one ``error: ...`` (or ``stopped by ...``) line and a documented exit code
   (:data:`EXIT_CODES`) instead of a traceback for every failure the user can act on.
 """
@@ -19,6 +21,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -174,9 +177,10 @@ class StopSignals:
 
     Attributes:
         signum: the first stop signal received (None: none yet); ``requested`` is ``signum is not None``.
-        defer: True inside the training loop: a signal is only recorded, and the trainer stops at the end of the
-            optimizer step it is in. False elsewhere (building, evaluation, export, all of which are safe to
-            abandon because everything they write is atomic): a signal raises :class:`RunInterrupted` at once.
+        defer: True inside the training loop: a signal is only recorded, and the trainer stops at its next safe
+            point. False elsewhere (building, evaluation, export, a one-process run's forward and backward passes,
+            all of which are safe to abandon because everything they write is atomic and the weights change only in
+            the optimizer step): a signal raises :class:`RunInterrupted` at once.
         output_dir: named in the message of an immediate stop.
     """
 
@@ -190,20 +194,21 @@ class StopSignals:
         return self.signum is not None
 
     def _handle(self, signum: int, frame) -> None:
+        redirect_broken_output()  # the launcher may have died with the read end of our stderr (SIGTERM by PDEATHSIG)
         name = signal.Signals(signum).name
         again, self.signum = self.signum is not None, self.signum if self.signum is not None else signum
         if self._raised:
             return  # already stopping at once
-        # A second Ctrl-C means "now"; a second SIGTERM (e.g. from a launcher that died, see follow_launcher) does
-        # not cut the checkpoint short.
-        if not self.defer or (again and signum == signal.SIGINT):
+        # A second Ctrl-C means "now"; a second SIGTERM (a launcher's after the process group's, or after the
+        # kernel's when the launcher died) never cuts the stop under way short, deferred or not.
+        if again and signum != signal.SIGINT:
+            logger.warning("%s: already stopping", name)
+            return
+        if not self.defer or again:
             self._raised = True
             raise RunInterrupted(self._message(name, again), signum)
-        if again:
-            logger.warning("%s: already stopping after the current step", name)
-        else:
-            logger.warning("%s: finishing the current optimizer step, then saving a checkpoint and stopping "
-                           "(Ctrl-C again stops at once, without that checkpoint)", name)
+        logger.warning("%s: stopping with a checkpoint of the last completed optimizer step (Ctrl-C again stops at "
+                       "once, without that checkpoint)", name)
 
     def _message(self, name: str, again: bool) -> str:
         what = f"stopped by {'a second ' if again else ''}{name} outside a training step"
@@ -287,6 +292,36 @@ def follow_launcher() -> bool:
     return True
 
 
+def redirect_broken_output() -> list:
+    """Point stderr (then stdout) at a working target when its pipe has no reader any more; returns the fds moved.
+
+    accelerate 1.16's one-process launcher pipes the script's stderr through itself: once it is killed, every write
+    to stderr fails with EPIPE, so a log line or the final ``stopped by ...`` line would raise ``BrokenPipeError``
+    before the checkpoint is written. A broken stderr is redirected to stdout when that still works (where
+    ``accelerate launch ... > log`` sends it), otherwise to ``/dev/null``, at the file-descriptor level so that
+    every Python stream and handler writing to it keeps working. Healthy descriptors are left alone.
+    """
+    moved = [fd for fd in (1, 2) if _pipe_without_reader(fd)]
+    if 2 in moved and 1 not in moved:
+        os.dup2(1, 2)
+    elif moved:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in moved:
+            os.dup2(devnull, fd)
+        os.close(devnull)
+    return moved
+
+
+def _pipe_without_reader(fd: int) -> bool:
+    """Writing to ``fd`` would fail with EPIPE: poll reports POLLERR for a pipe whose read end is closed."""
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError):  # fd closed or not pollable: nothing to repair here
+        return False
+
+
 def _is_launcher(pid: int) -> bool:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torch elastic worker: its parent is the agent
         return True
@@ -319,11 +354,14 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EAC
 def exit_line(exc: BaseException) -> Optional[tuple]:
     """``(exit code, one line)`` for a failure the user can act on or a stop by a signal; None for anything else
     (a bug: its traceback is worth more than a line)."""
+    stop = _stop_in_chain(exc)
+    if isinstance(stop, RunInterrupted):  # "stopped by SIGTERM after step 6: saved checkpoint-6 in ..."
+        return stop.exit_code, str(stop)
+    if isinstance(stop, KeyboardInterrupt):  # SIGINT where no handler of ours was installed (another thread)
+        return 130, "stopped by SIGINT"
     from .hub import HubPushError
     from .trainer import NonFiniteLossError
 
-    if isinstance(exc, RunInterrupted):  # "stopped by SIGTERM after step 6: saved checkpoint-6 in ..."
-        return exc.exit_code, str(exc)
     if isinstance(exc, NonFiniteLossError):
         return 3, f"error: {exc}"
     if isinstance(exc, HubPushError):
@@ -335,6 +373,21 @@ def exit_line(exc: BaseException) -> Optional[tuple]:
     if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
         where = f" while writing {exc.filename}" if exc.filename else ""
         return 5, f"error: {(exc.strerror or str(exc)).lower()}{where}"
+    return None
+
+
+def _stop_in_chain(exc: BaseException) -> Optional[BaseException]:
+    """The RunInterrupted or KeyboardInterrupt ``exc`` is or was raised from, if any.
+
+    A signal can land inside an import that diffusers performs lazily: it then arrives wrapped, as ``RuntimeError:
+    Failed to import diffusers.schedulers...`` caused by our RunInterrupted (or a KeyboardInterrupt).
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (RunInterrupted, KeyboardInterrupt)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
     return None
 
 
@@ -351,7 +404,7 @@ def run_cli(main: Callable[[], Any]) -> None:
     try:
         with stop_signals():
             main()
-    except Exception as exc:
+    except (Exception, KeyboardInterrupt) as exc:
         known = exit_line(exc)
         if known is None:
             raise

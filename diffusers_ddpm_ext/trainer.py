@@ -130,6 +130,11 @@ def ema_weights(ema, model: torch.nn.Module):
         ema.restore(params)
 
 
+def _let_signal_handlers_run(param: torch.Tensor) -> None:
+    """A post-accumulate-grad hook that does nothing: the interpreter runs a pending signal handler on entering
+    it, so a stop signal can interrupt a long backward pass between two parameters."""
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """Put ``model`` in eval mode inside the block and restore its previous mode after."""
@@ -278,36 +283,39 @@ class Trainer:
                 state when there is an ``output_dir``), or too many skipped steps in a row.
         """
         acc, config, generator = self.accelerator, self.config, self.generator
-        x0, labels = self._unpack(batch)
-        noise = torch.randn(x0.shape, generator=generator, device=self.device)
-        timesteps, weights = self.timestep_sampler.sample(x0.shape[0], self.device, generator=generator)
-        if labels is not None and config.class_dropout_prob > 0:  # the null class (index K) for CFG training
-            drop = torch.rand(x0.shape[0], generator=generator, device=self.device) < config.class_dropout_prob
-            labels = torch.where(drop, torch.full_like(labels, self.num_class_embeds), labels)
-        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
         grad_norm = None
         with acc.accumulate(self.model):
-            with acc.autocast():
-                extra = {} if labels is None else {"class_labels": labels}
-                model_output = self.model(noisy, timesteps, **extra).sample  # (B, C or 2C, H, W)
-            out = self._loss(model_output.float(), x0, noise, timesteps, noisy, weights)
-            loss = out.loss.mean()
-            if config.debug_nan_at_step == self.state.global_step + 1 and not self._nan_injected:
-                loss, self._nan_injected = loss * float("nan"), True  # once: a skipped step retries with new data
-            finite, mean_loss, stop = step_consensus(acc, loss, self._stop_signum())
-            self._stop_agreed = max(self._stop_agreed, stop)
-            if not finite:
-                self._non_finite(f"non-finite loss ({loss.item()}) at optimizer step {self.state.global_step + 1} "
-                                 f"(epoch {self.state.epoch})",
-                                 "Lower --learning_rate, set --max_grad_norm, or pass --nan_policy skip.")
-            else:
-                acc.backward(loss)
-                fault_point("step")  # crash tests: a kill between backward and the optimizer step
-                if self._window is not None:
-                    self._window.append((timesteps, out.unweighted_loss.detach()))
-                    self._window_loss.append(mean_loss)
-                    if getattr(out, "mse", None) is not None:
-                        self._window_mse.append(float(out.mse.detach().mean()))
+            # Until the optimizer step the weights, optimizer, EMA and sampler are those of the last step boundary:
+            # a one-process run abandons this part at once on a stop signal (see _interruptible).
+            with self._interruptible():
+                x0, labels = self._unpack(batch)
+                noise = torch.randn(x0.shape, generator=generator, device=self.device)
+                timesteps, weights = self.timestep_sampler.sample(x0.shape[0], self.device, generator=generator)
+                if labels is not None and config.class_dropout_prob > 0:  # the null class (index K) for CFG
+                    drop = torch.rand(x0.shape[0], generator=generator, device=self.device) < config.class_dropout_prob
+                    labels = torch.where(drop, torch.full_like(labels, self.num_class_embeds), labels)
+                noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
+                with acc.autocast():
+                    extra = {} if labels is None else {"class_labels": labels}
+                    model_output = self.model(noisy, timesteps, **extra).sample  # (B, C or 2C, H, W)
+                out = self._loss(model_output.float(), x0, noise, timesteps, noisy, weights)
+                loss = out.loss.mean()
+                if config.debug_nan_at_step == self.state.global_step + 1 and not self._nan_injected:
+                    loss, self._nan_injected = loss * float("nan"), True  # once: a skipped step retries with new data
+                finite, mean_loss, stop = step_consensus(acc, loss, self._stop_signum())
+                self._stop_agreed = max(self._stop_agreed, stop)
+                if not finite:
+                    self._non_finite(f"non-finite loss ({loss.item()}) at optimizer step {self.state.global_step + 1} "
+                                     f"(epoch {self.state.epoch})",
+                                     "Lower --learning_rate, set --max_grad_norm, or pass --nan_policy skip.")
+                else:
+                    acc.backward(loss)
+                    fault_point("step")  # crash tests: a kill between backward and the optimizer step
+                    if self._window is not None:
+                        self._window.append((timesteps, out.unweighted_loss.detach()))
+                        self._window_loss.append(mean_loss)
+                        if getattr(out, "mse", None) is not None:
+                            self._window_mse.append(float(out.mse.detach().mean()))
             if acc.sync_gradients and self._window is not None:
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or float("inf"))
                 if not math.isfinite(float(grad_norm)) and acc.scaler is None:
@@ -407,6 +415,12 @@ class Trainer:
             if self.output_dir is not None:  # one writer per output folder (the script's lock is re-entered)
                 stack.enter_context(lock_on_main_process(self.accelerator, self.output_dir))
             self._stop = stack.enter_context(stop_signals(self.output_dir, defer=True)) if handle_signals else None
+            if self._stop is not None and self.accelerator.num_processes == 1:
+                # The backward pass is one C++ call: without Python code in it, a signal handler would wait for
+                # its end. A no-op hook per parameter lets a stop request abandon it (see _interruptible).
+                for param in self.unwrapped.parameters():
+                    if param.requires_grad:
+                        stack.callback(param.register_post_accumulate_grad_hook(_let_signal_handlers_run).remove)
             self._stop_agreed = 0
             try:
                 return self._run(loader, on_epoch_end, progress)
@@ -512,9 +526,12 @@ class Trainer:
 
     @contextlib.contextmanager
     def _interruptible(self):
-        """Periodic work a one-process run abandons at once on a signal (it writes only atomic files, and the
-        weights, EMA and RNG are those of the last step boundary), to stop with the checkpoint of that step. With
-        several processes the others wait in a collective call, so the request waits for the next boundary."""
+        """Work a one-process run abandons at once on a signal, to stop with the checkpoint of the last step
+        boundary: the forward and backward passes (the weights, optimizer, EMA, sampler and RNG snapshot are
+        untouched until the optimizer step; the partial gradients are dropped) and the periodic evaluation and
+        sample grid (they write only atomic files). So the checkpoint is written within a launcher's grace period
+        (accelerate 1.16 sends SIGKILL 5 s after its SIGTERM) however long a step takes. With several processes
+        the others wait in a collective call, so the request waits for the next step boundary."""
         if self._should_stop():  # a request that came after the last step's check
             self._stop_now()
         if self._stop is None or self.accelerator.num_processes > 1:
@@ -524,6 +541,8 @@ class Trainer:
             with stop_signals(defer=False):
                 yield
         except RunInterrupted as exc:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._window, self._window_loss, self._window_mse = [], [], []
             self._stop_now(exc.signum)
 
     def _stop_now(self, signum: Optional[int] = None) -> None:

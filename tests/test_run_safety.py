@@ -9,6 +9,7 @@ tmpfs and read-only bind mounts make writes fail. Training processes are forkser
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import hashlib
@@ -161,7 +162,7 @@ def straight_run(spawner, tmp_path_factory):
     return out
 
 
-def assert_stopped(log, name, out) -> int:
+def assert_stopped(log, name, out, steps=range(4, 11)) -> int:
     """The run printed one `stopped by <name> after step N: saved checkpoint-N` line last, checkpoint-N is
     complete, nothing half-written or exported is left and the lock is released; returns N."""
     line = last_line(log)
@@ -169,7 +170,7 @@ def assert_stopped(log, name, out) -> int:
                          rf"continue with --resume_from_checkpoint latest", line)
     assert match and match.group(1) == match.group(2), Path(log).read_text()[-3000:]
     step = int(match.group(1))
-    assert 4 <= step <= 10 and checkpoint_names(out)[-1] == f"checkpoint-{step}"
+    assert step in steps and checkpoint_names(out)[-1] == f"checkpoint-{step}"
     assert ck.load_checkpoint(str(out / f"checkpoint-{step}")).step == step  # complete, every SHA-256 right
     assert leftovers(out) == [] and not (out / "model_index.json").exists()
     assert not (out / rundir.RUN_LOCK_NAME).exists()
@@ -195,13 +196,41 @@ def test_sigint_to_the_trainer_saves_the_last_step_and_resume_is_bit_identical(s
     assert_resumes_bit_identically(spawner, out, straight_run, tmp_path / "resume.log")
 
 
-def test_sigterm_to_the_accelerate_launcher_stops_its_training_too(spawner, straight_run, tmp_path):
-    """`accelerate launch` (one process) dies at once on SIGTERM; its training process gets SIGTERM from the
-    kernel (PR_SET_PDEATHSIG), finishes the step, writes its checkpoint and exits 143: no ghost run."""
-    out, log = tmp_path / "run", tmp_path / "run.log"
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0  # the orphaned trainer becomes our child
+def launcher_exited_by(returncode, signum) -> bool:
+    """The launcher ended because of ``signum``: killed by it (accelerate <= 1.15 dies at once on SIGTERM), or
+    exiting with 128 + signum after stopping its children (accelerate >= 1.16 catches SIGTERM, and its torch-elastic
+    path turns SIGINT into exit 130; <= 1.15 re-raised that as a traceback, exit 1)."""
+    return returncode in (-signum, 128 + signum) or (signum == signal.SIGINT and returncode == 1)
+
+
+def trainer_exit_code(pid: int):
+    """The exit code of the trainer process ``pid`` (reaped here as its subreaper), or None when its launcher waited
+    for it itself (accelerate >= 1.16 stops its child before exiting); then it must be gone."""
     try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        assert not Path(f"/proc/{pid}").exists(), f"trainer {pid} outlived its launcher"
+        return None
+    return os.waitstatus_to_exitcode(status)
+
+
+@contextlib.contextmanager
+def subreaper():
+    """Orphaned processes (a trainer whose launcher died) become children of this process while inside."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def test_sigterm_to_the_accelerate_launcher_stops_its_training_too(spawner, straight_run, tmp_path):
+    """`accelerate launch` (one process) ends on SIGTERM: <= 1.15 dies at once and the training process gets SIGTERM
+    from the kernel (PR_SET_PDEATHSIG); >= 1.16 sends it SIGTERM itself and waits 5 s. Either way the training
+    writes the checkpoint of its last completed step, prints its line and exits 143: no ghost run."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    with subreaper():
         with open(log, "w") as sink:
             launcher = subprocess.Popen([*ACCELERATE, "--num_processes", "1", str(TRAIN_PY), "--output_dir",
                                          str(out), *map(str, SIGNAL_RUN)], stdout=sink, stderr=subprocess.STDOUT)
@@ -209,14 +238,55 @@ def test_sigterm_to_the_accelerate_launcher_stops_its_training_too(spawner, stra
         trainer_pid = json.loads((out / rundir.RUN_LOCK_NAME).read_text())["pid"]
         assert trainer_pid != launcher.pid
         launcher.send_signal(signal.SIGTERM)
-        assert launcher.wait(60) == -signal.SIGTERM
-        _, status = os.waitpid(trainer_pid, 0)
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-    assert os.waitstatus_to_exitcode(status) == 143
+        assert launcher_exited_by(launcher.wait(60), signal.SIGTERM)
+        assert trainer_exit_code(trainer_pid) in (143, None)
     step = assert_stopped(log, "SIGTERM", out)
-    print(f"SIGTERM to accelerate launch: trainer stopped after step {step}, exit 143")
+    print(f"SIGTERM to accelerate launch: trainer stopped after step {step}, launcher rc {launcher.returncode}")
     assert_resumes_bit_identically(spawner, out, straight_run, tmp_path / "resume.log")
+
+
+# Steps of seconds each on 2 cores (batch 1024 at 16x16): longer than accelerate 1.16's 5 s grace on a busy machine.
+SLOW_RUN = [*train_helpers.FAST, "--train_batch_size", 1024, "--max_train_steps", 4, "--checkpointing_steps", 1,
+            "--save_images_epochs", 100]
+
+
+def test_a_stop_during_a_long_step_saves_the_last_completed_step_within_the_launchers_grace(tmp_path):
+    """Issue 24 item 4: SIGTERM to the process group of `accelerate launch` while a long step runs. accelerate 1.16
+    SIGKILLs its child 5 s after its own SIGTERM; finishing the step lost the checkpoint and the line. The step in
+    progress is abandoned: the checkpoint of the last completed step is written and the run ends by itself."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    with open(log, "w") as sink:
+        launcher = subprocess.Popen([*ACCELERATE, "--num_processes", "1", str(TRAIN_PY), "--output_dir", str(out),
+                                     *map(str, SLOW_RUN)], stdout=sink, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    wait_for(lambda: (out / "checkpoint-1").is_dir(), launcher)  # step 2 has started
+    os.killpg(launcher.pid, signal.SIGTERM)  # what a scheduler (slurm, k8s) or a terminal's group signal does
+    assert launcher_exited_by(launcher.wait(60), signal.SIGTERM)
+    text = Path(log).read_text()
+    assert "Killed" not in text and "-9" not in text, text[-3000:]
+    assert_stopped(log, "SIGTERM", out, steps=[1])  # step 2 was abandoned, not finished
+    assert checkpoint_names(out) == ["checkpoint-1"]
+
+
+def test_sigkill_of_the_launcher_alone_still_stops_with_a_checkpoint_despite_the_closed_stderr(tmp_path):
+    """Issue 24 item 5: accelerate 1.16 pipes the trainer's stderr through the launcher. SIGKILL the launcher alone:
+    the trainer gets SIGTERM (PR_SET_PDEATHSIG) with a stderr that has no reader; its log lines used to die with
+    BrokenPipeError (exit 1, no checkpoint). Now stderr is redirected (to stdout, here the log file), the
+    checkpoint is written and the trainer exits 143 with its line."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    with subreaper():
+        with open(log, "w") as sink:
+            launcher = subprocess.Popen([*ACCELERATE, "--num_processes", "1", str(TRAIN_PY), "--output_dir",
+                                         str(out), *map(str, SIGNAL_RUN)], stdout=sink, stderr=sink)
+        wait_for(lambda: (out / "checkpoint-4").is_dir(), launcher)
+        trainer_pid = json.loads((out / rundir.RUN_LOCK_NAME).read_text())["pid"]
+        launcher.kill()
+        assert launcher.wait(60) == -signal.SIGKILL
+        assert trainer_exit_code(trainer_pid) == 143, Path(log).read_text()[-3000:]
+    text = Path(log).read_text()
+    assert "BrokenPipeError" not in text and "Logging error" not in text, text[-3000:]
+    step = assert_stopped(log, "SIGTERM", out)
+    print(f"SIGKILL to the launcher alone: trainer stopped after step {step}, exit 143")
 
 
 def test_sigint_to_a_two_process_launch_stops_both_ranks_after_the_same_step(tmp_path):
@@ -230,7 +300,7 @@ def test_sigint_to_a_two_process_launch_stops_both_ranks_after_the_same_step(tmp
     wait_for(lambda: (out / "checkpoint-4").is_dir(), launcher, timeout=300)
     launcher.send_signal(signal.SIGINT)
     output, _ = launcher.communicate(timeout=120)
-    assert launcher.returncode == 1  # the launcher re-raises torch elastic's SignalException (see the README)
+    assert launcher_exited_by(launcher.returncode, signal.SIGINT), output[-3000:]
     assert output.count("closing signal SIGINT") == 2  # forwarded to both workers
     stops = [line for line in lines_of(output) if "stopped by" in line]
     assert len(stops) == 1, output[-3000:]  # rank 1 stopped after the same step and stays quiet
@@ -238,7 +308,47 @@ def test_sigint_to_a_two_process_launch_stops_both_ranks_after_the_same_step(tmp
     data = ck.load_checkpoint(str(out / f"checkpoint-{step}"))
     assert len(data.rng_states) == 2 and data.step == step
     assert leftovers(out) == [] and not (out / rundir.RUN_LOCK_NAME).exists()
-    print(f"SIGINT to a 2-process launch: both ranks stopped after step {step}")
+    print(f"SIGINT to a 2-process launch: both ranks stopped after step {step}, launcher rc {launcher.returncode}")
+
+
+def test_a_stop_wrapped_by_a_lazy_import_is_still_a_stop(capsys):
+    """Issue 24 item 6: a signal landing inside one of diffusers' lazy imports reaches run_cli as `RuntimeError:
+    Failed to import diffusers...` raised from our RunInterrupted (or from a KeyboardInterrupt): it is the same
+    one-line stop with the signal's exit code, not a traceback."""
+    def main_stopped_in_an_import():
+        try:
+            raise RunInterrupted("stopped by SIGINT outside a training step; x has no checkpoint yet", signal.SIGINT)
+        except RunInterrupted as exc:
+            raise RuntimeError("Failed to import diffusers.schedulers.scheduling_euler_discrete") from exc
+
+    with pytest.raises(SystemExit) as info:
+        processes.run_cli(main_stopped_in_an_import)
+    assert info.value.code == 130
+    assert capsys.readouterr().err == "stopped by SIGINT outside a training step; x has no checkpoint yet\n"
+
+    def main_interrupted():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("Failed to import diffusers.pipelines")  # implicit chaining (__context__)
+
+    with pytest.raises(SystemExit) as info:
+        processes.run_cli(main_interrupted)
+    assert info.value.code == 130 and capsys.readouterr().err == "stopped by SIGINT\n"
+    assert processes.exit_line(RuntimeError("Failed to import x")) is None  # a real import failure stays a bug
+
+
+def test_a_signal_during_the_start_up_imports_gives_one_line(tmp_path):
+    """Issue 24 item 6: SIGINT in the seconds `python training/train.py` spends importing torch and diffusers
+    (before run_cli's handlers exist) printed a raw KeyboardInterrupt traceback."""
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), "--output_dir", str(tmp_path / "run")],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(1.0)  # the imports take seconds (torch alone more than one); the handler is set before them
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert lines_of(err) == ["stopped by SIGINT during start-up; nothing was written"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_stop_signals_defer_to_the_step_boundary_and_a_second_ctrl_c_stops_at_once(tmp_path):
@@ -264,35 +374,69 @@ def test_stop_signals_defer_to_the_step_boundary_and_a_second_ctrl_c_stops_at_on
         signal.signal(signal.SIGINT, before[0])
 
 
-def test_trainer_run_stops_after_the_step_a_signal_arrives_in_with_its_checkpoint(tmp_path):
-    """The library's loop (no script): a SIGTERM in the middle of an optimizer step (accumulation 2) is honoured
-    after that step; a SIGINT in the epoch-end hook of a one-process run stops at once with the checkpoint."""
-    unet = DDPMUNet2DModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(8, 16),
-                           layers_per_block=1, norm_num_groups=4, attention_resolutions=())
+def _tiny_trainer(output_dir, **config):
     from diffusers_ddpm_ext.scheduler import GaussianDiffusionScheduler
 
+    torch.manual_seed(0)
+    unet = DDPMUNet2DModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(8, 16),
+                           layers_per_block=1, norm_num_groups=4, attention_resolutions=())
     scheduler = GaussianDiffusionScheduler(num_train_timesteps=20, variance_type="learned_range")
-    loader = torch.utils.data.DataLoader(torch.randn(32, 1, 8, 8).clamp(-1, 1), batch_size=4)  # 4 steps per epoch
-    config = tr.TrainConfig(gradient_accumulation_steps=2, checkpointing_steps=100, save_images_epochs=None)
-    trainer = tr.Trainer(unet, scheduler, config, max_train_steps=12, output_dir=str(tmp_path / "a"))
+    config = tr.TrainConfig(gradient_accumulation_steps=2, save_images_epochs=None, **config)
+    return tr.Trainer(unet, scheduler, config, max_train_steps=12, output_dir=str(output_dir))
+
+
+TINY_DATA = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+
+
+def test_a_signal_abandons_the_step_in_progress_and_saves_the_last_completed_one(tmp_path):
+    """The library's loop (no script), issue 24 item 4: a one-process run stopped during the forward or the
+    backward pass of an optimizer step (accumulation 2) abandons that step and writes the checkpoint of the last
+    completed one at once, so a launcher's grace period (accelerate 1.16: SIGKILL 5 s after SIGTERM) is never
+    spent finishing a long step. The checkpoint is exactly the uninterrupted run's state at that step. A SIGINT in
+    the epoch-end hook stops at once with the checkpoint too."""
+    loader = torch.utils.data.DataLoader(TINY_DATA, batch_size=4)  # 4 optimizer steps per epoch
+    straight = _tiny_trainer(tmp_path / "straight", checkpointing_steps=1, checkpoints_total_limit=None)
+    straight.run(loader, progress=False)
+
+    # Between the two micro-batches of optimizer step 3: abandoned, the checkpoint is step 2's.
+    trainer = _tiny_trainer(tmp_path / "a", checkpointing_steps=100)
     calls, real_step = [0], trainer.train_step
 
-    def signalled_step(batch):  # SIGTERM in the first micro-batch of optimizer step 3
+    def signalled_step(batch):
         calls[0] += 1
-        if calls[0] == 5:
+        if calls[0] == 6:
             signal.raise_signal(signal.SIGTERM)
         return real_step(batch)
 
     trainer.train_step = signalled_step
-    with pytest.raises(RunInterrupted, match=r"stopped by SIGTERM after step 3: saved checkpoint-3 in ") as info:
+    with pytest.raises(RunInterrupted, match=r"stopped by SIGTERM after step 2: saved checkpoint-2 in ") as info:
         trainer.run(loader, progress=False)
-    assert calls[0] == 6 and info.value.exit_code == 143  # the step's second micro-batch was trained
-    assert checkpoint_names(tmp_path / "a") == ["checkpoint-3"]
+    assert calls[0] == 6 and info.value.exit_code == 143  # micro-batch 6 was not trained
+    assert checkpoint_names(tmp_path / "a") == ["checkpoint-2"]
+    assert_same_checkpoint(tmp_path / "straight" / "checkpoint-2", tmp_path / "a" / "checkpoint-2")
 
-    trainer = tr.Trainer(unet, scheduler, config, max_train_steps=12, output_dir=str(tmp_path / "b"))
+    # In the middle of a backward pass (a signal raised by a gradient hook of optimizer step 4's first micro-batch):
+    # the pass is cut short between two parameters, its partial gradients dropped.
+    trainer = _tiny_trainer(tmp_path / "b", checkpointing_steps=100)
+    backwards = [0]
+
+    def signal_in_backward(grad):
+        backwards[0] += 1
+        if backwards[0] == 7:
+            signal.raise_signal(signal.SIGINT)
+        return grad
+
+    trainer.model.conv_in.weight.register_hook(signal_in_backward)
+    with pytest.raises(RunInterrupted, match=r"stopped by SIGINT after step 3: saved checkpoint-3"):
+        trainer.run(loader, progress=False)
+    assert backwards[0] == 7 and all(p.grad is None for p in trainer.model.parameters())
+    assert_same_checkpoint(tmp_path / "straight" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    assert all(not p._post_accumulate_grad_hooks for p in trainer.model.parameters())  # run() removed its hooks
+
+    trainer = _tiny_trainer(tmp_path / "c", checkpointing_steps=100)
     with pytest.raises(RunInterrupted, match=r"stopped by SIGINT after step 4: saved checkpoint-4"):
         trainer.run(loader, progress=False, on_epoch_end=lambda t, epoch: signal.raise_signal(signal.SIGINT))
-    assert checkpoint_names(tmp_path / "b") == ["checkpoint-4"]
+    assert checkpoint_names(tmp_path / "c") == ["checkpoint-4"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after run()
 
 

@@ -17,10 +17,20 @@ import argparse
 import functools
 import logging
 import os
+import signal
+import sys
 import time
 from typing import Optional, Sequence
 
-import torch
+if __name__ == "__main__":  # a stop in the seconds of imports below: nothing is written yet; one line and exit
+    def _stopped_during_start_up(signum, frame):
+        sys.stderr.write(f"stopped by {signal.Signals(signum).name} during start-up; nothing was written\n")
+        os._exit(128 + signum)
+    for _signum in (signal.SIGINT, signal.SIGTERM):  # run_cli installs the training's handlers after the imports
+        if signal.getsignal(_signum) is not signal.SIG_IGN:
+            signal.signal(_signum, _stopped_during_start_up)
+
+import torch  # noqa: E402
 
 from diffusers_ddpm_ext.build import (MODEL_TYPES, build_data, build_model, check_environment, check_flags,
                                       check_run_flags, default_learning_rate, load_quality_extractor)
@@ -285,6 +295,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    # One line and a documented exit code for every failure the user can act on (processes.EXIT_CODES); SIGTERM
-    # and SIGINT stop after the current step with a checkpoint; the run stops when its launcher dies.
+    # One line and an exit code for each failure the user can act on; SIGTERM/SIGINT stop with a checkpoint.
     run_cli(main)
