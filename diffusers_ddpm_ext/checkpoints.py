@@ -52,11 +52,19 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, tampered with, or from another architecture."""
 
 
-def assert_finite(tensors: Dict[str, torch.Tensor], what: str) -> None:
-    """Raise ValueError naming the first tensor with a NaN or infinite value."""
+def first_non_finite(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor holding a NaN or an infinity; None when all are finite."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"refusing to save {what}: {name} contains NaN or infinite values")
+            return name
+    return None
+
+
+def assert_finite(tensors: Dict[str, torch.Tensor], what: str) -> None:
+    """Raise ValueError naming the first tensor with a NaN or infinite value."""
+    name = first_non_finite(tensors)
+    if name is not None:
+        raise ValueError(f"refusing to save {what}: {name} contains NaN or infinite values")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +356,9 @@ def load_checkpoint(path: str, check_hashes: bool = True) -> CheckpointData:
     """Read a checkpoint written by :func:`save_checkpoint`, verifying it first.
 
     Raises:
-        CheckpointError: when it is incomplete, truncated or altered.
+        CheckpointError: when it is incomplete, truncated or altered, or its weights or EMA weights hold a NaN or an
+            infinity (:func:`save_checkpoint` never writes such a state, so it was altered; training from it would
+            diverge or carry NaN into every sample a few steps later).
     """
     from safetensors.torch import load_file
 
@@ -363,7 +373,7 @@ def load_checkpoint(path: str, check_hashes: bool = True) -> CheckpointData:
             training_state = json.load(f)
         with open(os.path.join(path, "rng_states.json")) as f:
             rng_states = json.load(f)
-        return CheckpointData(
+        data = CheckpointData(
             path=path,
             step=int(manifest["step"]),
             model_state=load_file(os.path.join(path, "model.safetensors")),
@@ -379,6 +389,13 @@ def load_checkpoint(path: str, check_hashes: bool = True) -> CheckpointData:
         raise
     except Exception as exc:  # safetensors / unpickler errors become one clear message
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    for what, tensors in (("weights", data.model_state), ("EMA weights", data.ema_state or {})):
+        name = first_non_finite(tensors)
+        if name is not None:
+            raise CheckpointError(f"{path} is not a good state: its {what} hold NaN or infinite values ({name}); "
+                                  f"resume from an earlier checkpoint by name (--resume_from_checkpoint "
+                                  f"checkpoint-<step>) or start over")
+    return data
 
 
 def check_checkpoint_matches(data: CheckpointData, model: torch.nn.Module) -> None:

@@ -151,6 +151,10 @@ def compare_flags(recorded: Mapping[str, Any], current: Mapping[str, Any], allow
     allowed = set(allowed)
     changed = [(name, recorded[name], current[name]) for name in COMPARED_FLAGS
                if name in recorded and name in current and _differs(recorded[name], current[name])]
+    # ddpm_max_beta is recorded as the largest β the chain runs: another schedule (or T) moves it by itself, and
+    # that change is the schedule's, named (and allowed or refused) as such.
+    if any(name in ("ddpm_beta_schedule", "ddpm_num_steps") for name, _, _ in changed):
+        changed = [c for c in changed if c[0] != "ddpm_max_beta"]
     refused = [c for c in changed if c[0] not in allowed]
     if not refused:
         return changed

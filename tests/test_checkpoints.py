@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import pickle
 import random
 from pathlib import Path
@@ -120,6 +121,25 @@ def _rewrite_manifest(path):
         file = os.path.join(path, name)
         manifest["files"][name] = {"size": os.path.getsize(file), "sha256": sha256_file(file)}
     Path(path, ck.MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("file, what", [("ema.safetensors", "EMA weights"), ("model.safetensors", "weights")])
+def test_a_checkpoint_with_non_finite_weights_is_refused_on_load_naming_the_tensor(tmp_path, file, what):
+    """Issue 24 item 10: a checkpoint whose EMA held a NaN loaded and the run stopped 5 steps later; one whose
+    weights held a NaN diverged at once and named that same checkpoint "the last good state". save_checkpoint never
+    writes such a state (it was altered, manifest included), so loading refuses it before any training."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = save_tiny_checkpoint(tmp_path)
+    tensors = load_file(os.path.join(path, file))
+    name = sorted(tensors)[1]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, os.path.join(path, file))
+    _rewrite_manifest(path)  # the hashes match: only the values are wrong
+    with pytest.raises(ck.CheckpointError, match=rf"checkpoint-3 is not a good state: its {what} hold NaN or "
+                                                 rf"infinite values \({re.escape(name)}\)"):
+        ck.load_checkpoint(path)
 
 
 def test_load_checkpoint_never_unpickles_code(tmp_path):

@@ -493,6 +493,26 @@ def test_resume_refuses_changed_result_flags_naming_both_values(tmp_path):
     assert "changed_on_resume" not in json.loads((out / rundir.RUN_MARKER_NAME).read_text())
 
 
+def test_a_changed_schedule_is_one_change_not_two(tmp_path):
+    """Issue 24 item 10: the largest β is recorded as the schedule runs it, so another schedule reported a change of
+    --ddpm_max_beta the user never made, and --allow_changed_flags ddpm_beta_schedule was still refused for it."""
+    out = tmp_path / "run"
+    interrupted_run(out)
+    with pytest.raises(ValueError) as err:
+        run_train("--output_dir", out, *RESUME, "--resume_from_checkpoint", "latest", "--ddpm_beta_schedule", "linear")
+    assert "--ddpm_beta_schedule 'squaredcos_cap_v2' -> 'linear'" in str(err.value)
+    assert "ddpm_max_beta" not in str(err.value), str(err.value)
+    metrics = run_train("--output_dir", out, *RESUME, "--resume_from_checkpoint", "latest", "--ddpm_beta_schedule",
+                        "linear", "--allow_changed_flags", "ddpm_beta_schedule")
+    assert metrics["train_steps"] == 4 and metrics["max_beta"] == pytest.approx(0.02)
+    assert json.loads((out / rundir.RUN_MARKER_NAME).read_text())["changed_on_resume"] == [
+        "ddpm_beta_schedule 'squaredcos_cap_v2' -> 'linear' from step 2"]
+    # On the same schedule the largest β is still compared: a changed clip is its own change.
+    assert runflags.compare_flags({"ddpm_beta_schedule": "linear", "ddpm_max_beta": 0.02},
+                                  {"ddpm_beta_schedule": "linear", "ddpm_max_beta": 0.01},
+                                  allowed=["ddpm_max_beta"]) == [("ddpm_max_beta", 0.02, 0.01)]
+
+
 def test_allowed_changes_take_effect_and_are_recorded(tmp_path):
     from diffusers.optimization import get_scheduler
 
