@@ -34,11 +34,14 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .unet import NonFiniteWeightsError, check_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +83,27 @@ def load_pipeline(pipeline, device: Optional[Union[str, torch.device]] = None, *
     where diffusers cannot build the pipeline class itself (a ``save_pretrained`` folder of our
     ``ClassConditionalDDPMPipeline``, or a Hub export that names remote-code files), the same folder or repo is
     loaded into the installed classes with :func:`diffusers_ddpm_ext.hub.load_pipeline`. A loaded pipeline is
-    used as it is.
+    used as it is. A UNet whose weights hold NaN or infinite values is refused
+    (:class:`~diffusers_ddpm_ext.unet.NonFiniteWeightsError`, naming the tensor) before anything is computed.
     """
     import diffusers
 
     import diffusers_ddpm_ext  # noqa: F401  (registers our UNet, scheduler and pipeline for from_pretrained)
 
+    source = str(pipeline) if isinstance(pipeline, (str, os.PathLike)) else type(pipeline).__name__
     if isinstance(pipeline, (str, os.PathLike)):
         name = str(pipeline)
         try:
             pipeline = diffusers.DiffusionPipeline.from_pretrained(name, **from_pretrained_kwargs)
+        except NonFiniteWeightsError:
+            raise  # loaded, and refused: another loader would read the same weights
         except (OSError, ValueError, AttributeError) as first:
             from .hub import load_pipeline as load_into_installed_classes
 
             try:
                 pipeline = load_into_installed_classes(name, **from_pretrained_kwargs)
+            except NonFiniteWeightsError:
+                raise
             except Exception as e:
                 raise ValueError(f"could not load the pipeline {name!r} (a folder written by save_pretrained or a "
                                  f"Hub repo id): DiffusionPipeline.from_pretrained: {type(first).__name__}: {first}; "
@@ -103,6 +112,8 @@ def load_pipeline(pipeline, device: Optional[Union[str, torch.device]] = None, *
         if getattr(pipeline, component, None) is None:
             raise ValueError(f"the pipeline {type(pipeline).__name__} has no {component}; evaluation needs a "
                              f"DDPM-style pipeline with `unet` and `scheduler`")
+    if isinstance(pipeline.unet, torch.nn.Module):  # any UNet class, also one loaded before this call
+        check_finite_weights(pipeline.unet, f"{source}: unet")
     if device is not None:
         pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
@@ -654,7 +665,17 @@ def validation_size_type(text: str):
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    report = evaluate_pipeline(
+    try:
+        report = _evaluate_from_args(args)
+    except NonFiniteWeightsError as error:  # refused on load, before any data, sampling or file
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {os.path.join(args.output_dir, REPORT_MD)} and {REPORT_JSON}")
+    return report
+
+
+def _evaluate_from_args(args: argparse.Namespace) -> dict:
+    return evaluate_pipeline(
         args.pipeline, args.output_dir, dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
         image_column=args.image_column, class_column=args.class_column, cache_dir=args.cache_dir,
         resolution=args.resolution, skip_bad_images=args.skip_bad_images, validation_size=args.validation_size,
@@ -666,8 +687,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         bpd_timesteps=args.bpd_timesteps, bpd_exact=args.bpd_exact, bpd_batch_size=args.bpd_batch_size,
         grid_num_images=args.grid_num_images, seed=args.seed, device=args.device, overwrite=args.overwrite,
         progress=not args.no_progress)
-    print(f"wrote {os.path.join(args.output_dir, REPORT_MD)} and {REPORT_JSON}")
-    return report
 
 
 if __name__ == "__main__":

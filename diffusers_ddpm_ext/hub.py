@@ -62,7 +62,7 @@ from .model_card import (  # noqa: F401  (card names re-exported: hub.render_mod
 )
 from .pipelines import ClassConditionalDDPMPipeline, GaussianDiffusionPipeline
 from .scheduler import GaussianDiffusionScheduler
-from .unet import DDPMUNet2DModel
+from .unet import DDPMUNet2DModel, check_finite_weights
 
 __all__ = [
     "HubPushError",
@@ -157,8 +157,9 @@ def load_pipeline(
 
     Raises:
         ValueError: ``model_index.json`` is not valid JSON or not a pipeline index (naming the file), or a model's
-            weights hold NaN or infinite values (naming the component and the tensor: the export is corrupt and
-            would sample NaN images).
+            weights hold NaN or infinite values (``NonFiniteWeightsError``, from
+            :func:`diffusers_ddpm_ext.unet.check_finite_weights`, naming the component and the tensor: the export is
+            corrupt and would sample NaN images).
     """
     dtype = dtype if dtype is not None else torch_dtype
     from .rundir import PUBLISH_JOURNAL_NAME
@@ -190,13 +191,9 @@ def load_pipeline(
             kwargs["use_safetensors"] = True
             if dtype is not None:
                 kwargs["dtype"] = dtype
-        components[name] = klass.from_pretrained(source, subfolder=name, **kwargs)
-        if isinstance(components[name], torch.nn.Module):
-            for tensor_name, tensor in components[name].state_dict().items():
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise ValueError(f"{pretrained_model_name_or_path}: {name} weight {tensor_name!r} holds NaN or "
-                                     f"infinite values; the export is corrupt (its samples would be NaN). Export "
-                                     f"the pipeline again from a checkpoint.")
+        components[name] = klass.from_pretrained(source, subfolder=name, **kwargs)  # ours checks its weights itself
+        if isinstance(components[name], torch.nn.Module):  # the same check for diffusers' models
+            check_finite_weights(components[name], f"{pretrained_model_name_or_path}: {name}")
     class_name = index["_class_name"]
     class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else class_name
     pipeline_cls = _resolve_class(class_name, "pipeline")

@@ -31,7 +31,10 @@ from diffusers.models.model_loading_utils import load_state_dict as _read_checkp
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-__all__ = ["DDPMAttention", "DDPMAttnProcessor", "DDPMUNet2DModel", "DDPMUNet2DOutput"]
+__all__ = [
+    "DDPMAttention", "DDPMAttnProcessor", "DDPMUNet2DModel", "DDPMUNet2DOutput", "NonFiniteWeightsError",
+    "check_finite_weights",
+]
 
 # Allowed values, as the constructor's signature declares them; the runtime checks read the same definitions.
 ActivationName = Literal["silu", "swish", "relu", "gelu", "mish"]
@@ -243,7 +246,9 @@ class DDPMAttnProcessor:
     """Computes a [`DDPMAttention`] layer through diffusers' `dispatch_attention_fn`, so the backend chosen with
     `model.set_attention_backend(...)` (or diffusers' `attention_backend` context) runs the attention product.
 
-    Replace it with `model.set_attn_processor(...)` by any callable `processor(attn, hidden_states)`.
+    Replace it with `model.set_attn_processor(...)` by diffusers' `AttnProcessor`, `AttnProcessor2_0` or
+    `SlicedAttnProcessor` (equal outputs; see [`DDPMAttention`]) or by any callable `processor(attn, hidden_states)`
+    of your own.
     """
 
     _attention_backend = None  # set by `set_attention_backend`; None: diffusers' active backend (native SDPA)
@@ -278,6 +283,24 @@ class DDPMAttnProcessor:
         return out.div_(attn.rescale_output_factor) if attn.rescale_output_factor != 1.0 else out
 
 
+# diffusers' processors (by class name, defined in diffusers) that run a `DDPMAttention` with equal outputs.
+_DIFFUSERS_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor")
+
+
+def _check_attn_processor(processor) -> None:
+    """Raise a ValueError naming the processors that work if ``processor`` is a diffusers attention processor that
+    cannot run a `DDPMAttention` (any other callable is the caller's own and is accepted)."""
+    klass = type(processor)
+    if klass.__module__.split(".")[0] == "diffusers" and klass.__name__ not in _DIFFUSERS_PROCESSORS:
+        working = ", ".join(("DDPMAttnProcessor (the default)", *_DIFFUSERS_PROCESSORS))
+        raise ValueError(
+            f"{klass.__name__} cannot run DDPMAttention (self-attention over a feature map: no encoder states, "
+            f"added K/V, IP-Adapter or fused-only projections); processors that work: {working}, or a callable "
+            "processor(attn, hidden_states) of your own. For xformers, flash or NPU kernels use "
+            "set_attention_backend(...) with the default processor."
+        )
+
+
 class DDPMAttention(nn.Module, AttentionModuleMixin):
     """Multi-head self-attention over all positions (L, H*W or F*H*W) with a residual connection.
 
@@ -286,13 +309,30 @@ class DDPMAttention(nn.Module, AttentionModuleMixin):
     other one (IDM's `AttentionBlock` flattens all spatial axes the same way).
 
     The sub-module names are those of diffusers' `Attention` in `UNet2DModel` (`group_norm`, `to_q`, `to_k`, `to_v`,
-    `to_out.0`), so LoRA recipes targeting them apply unchanged, and as an `AttentionModuleMixin` the layer is reached
-    by `set_attention_backend`, `set_attn_processor` and `fuse_qkv_projections`. Checkpoints written before this
-    layout (one fused `qkv` Linear, `proj_out`, `norm`) are converted when loaded (`_split_legacy_attention`).
+    `to_out.0`, and a parameter-free `to_out.1` dropout of rate 0), so LoRA recipes targeting them apply unchanged,
+    and as an `AttentionModuleMixin` the layer is reached by `set_attention_backend`, `set_attn_processor` and
+    `fuse_qkv_projections`. Checkpoints written before this layout (one fused `qkv` Linear, `proj_out`, `norm`) are
+    converted when loaded (`_split_legacy_attention`).
+
+    diffusers' self-attention processors `AttnProcessor`, `AttnProcessor2_0` and `SlicedAttnProcessor` run on this
+    layer with outputs equal to `DDPMAttnProcessor`'s: it carries the attributes they read with the values of the
+    self-attention in `UNet2DModel` (`spatial_norm`, `norm_cross`, `norm_q`, `norm_k` None, `residual_connection`
+    True, `scale` = head_dim^-0.5, no upcasting), and `forward` hands every processor a 4D (B, C, H, W) input (1D / 3D
+    inputs as (B, C, 1, N)). Other diffusers processors (cross-attention, added-KV, IP-Adapter, fused-only,
+    hardware-specific ones) are refused by `set_processor` with a ValueError naming the ones that work. A processor
+    of your own, any callable `processor(attn, hidden_states)`, is accepted as it is.
     """
 
     _default_processor_cls = DDPMAttnProcessor
     _available_processors = [DDPMAttnProcessor]
+    # The diffusers `Attention` attributes those processors read, at the values of a plain self-attention layer.
+    spatial_norm = None
+    norm_cross = None
+    norm_q = None
+    norm_k = None
+    residual_connection = True
+    upcast_attention = False
+    upcast_softmax = False
 
     def __init__(
         self,
@@ -311,12 +351,37 @@ class DDPMAttention(nn.Module, AttentionModuleMixin):
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.scale = (channels // heads) ** -0.5  # softmax scale of diffusers' processors (the SDPA default)
+        # Dropout of rate 0, as diffusers' `Attention.to_out[1]`; no parameters, so checkpoints are unchanged.
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
         self.set_processor(processor if processor is not None else self._default_processor_cls())
         self.register_load_state_dict_pre_hook(_split_legacy_attention_hook)
 
+    def set_processor(self, processor) -> None:
+        """Use ``processor`` for this layer (``AttentionModuleMixin.set_processor``), refusing the diffusers
+        processors that cannot run it.
+
+        Args:
+            processor: ``DDPMAttnProcessor``, diffusers' ``AttnProcessor`` / ``AttnProcessor2_0`` /
+                ``SlicedAttnProcessor``, or any callable ``processor(attn, hidden_states)`` that is not a diffusers
+                class.
+
+        Raises:
+            ValueError: ``processor`` is another diffusers attention processor (it would fail or compute something
+                else at the first forward pass); the message names the processors that work.
+        """
+        _check_attn_processor(processor)
+        super().set_processor(processor)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states: (B, C, *spatial). Returns the same shape."""
+        """hidden_states: (B, C, *spatial). Returns the same shape.
+
+        Processors always get a (B, C, H, W) tensor: a 1D or 3D input is passed as its (B, C, 1, N) view (the same
+        positions in the same order), the layout diffusers' processors handle.
+        """
+        if hidden_states.ndim != 4:
+            shape = hidden_states.shape
+            return self.processor(self, hidden_states.reshape(shape[0], shape[1], 1, -1)).reshape(shape)
         return self.processor(self, hidden_states)
 
 
@@ -686,6 +751,22 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
         """Index of the reserved null (unconditional) class, or None for an unconditional model."""
         return self.config.num_class_embeds if self.config.num_class_embeds else None
 
+    def set_attn_processor(self, processor) -> None:
+        """Set the attention processor of every attention layer (``AttentionMixin.set_attn_processor``).
+
+        Args:
+            processor: One processor for all layers, or a dict ``{"<layer>.processor": processor}`` with one entry per
+                layer (``attn_processors``' keys): ``DDPMAttnProcessor``, diffusers' ``AttnProcessor``,
+                ``AttnProcessor2_0`` or ``SlicedAttnProcessor`` (equal outputs), or a callable of your own.
+
+        Raises:
+            ValueError: a diffusers processor that cannot run our attention layers (naming the ones that work),
+                checked for every entry before any layer changes.
+        """
+        for value in (processor.values() if isinstance(processor, dict) else [processor]):
+            _check_attn_processor(value)
+        super().set_attn_processor(processor)
+
     # ------------------------------------------------------------------ loading
 
     @classmethod
@@ -894,19 +975,27 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
         A checkpoint whose config.json names `UNet2DModel` (`_class_name`) is loaded with
         `UNet2DModel.from_pretrained(**kwargs)` and converted (see [`~DDPMUNet2DModel.from_unet2d`]); a layout with
         no equivalent, or a config of another class, raises a ValueError naming the fix, never random weights.
+        Weights holding NaN or infinite values are refused (`NonFiniteWeightsError`, a ValueError naming the
+        tensor): the model would sample NaN images. `DiffusionPipeline.from_pretrained` of a saved pipeline loads
+        its UNet through this method, so it refuses them too.
         """
+        subfolder = kwargs.get("subfolder")
+        where = f"{pretrained_model_name_or_path}: {subfolder or cls.__name__}"
         config = cls._peek_config(pretrained_model_name_or_path, kwargs)
         saved_as = config.get("_class_name")
         if saved_as == "UNet2DModel":
             convert = _package_module("convert", "Loading a UNet2DModel checkpoint")
-            return convert.unet2d_from_pretrained(cls, pretrained_model_name_or_path, config, **kwargs)
-        if saved_as not in (None, cls.__name__, DDPMUNet2DModel.__name__) and "attention_resolutions" not in config:
+            loaded = convert.unet2d_from_pretrained(cls, pretrained_model_name_or_path, config, **kwargs)
+        elif saved_as not in (None, cls.__name__, DDPMUNet2DModel.__name__) and "attention_resolutions" not in config:
             raise ValueError(
                 f"{pretrained_model_name_or_path!r} holds a {saved_as} (config.json `_class_name`), which "
                 f"{cls.__name__} cannot load; only its own checkpoints and UNet2DModel ones convert. Load it with "
                 f"`diffusers.{saved_as}.from_pretrained` instead."
             )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        else:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        check_finite_weights(loaded[0] if isinstance(loaded, tuple) else loaded, where)  # (model, loading_info)
+        return loaded
 
     @classmethod
     def _peek_config(cls, pretrained_model_name_or_path, kwargs: dict) -> dict:
@@ -917,6 +1006,55 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
             return dict(cls.load_config(pretrained_model_name_or_path, **lookup))
         except (OSError, ValueError):
             return {}
+
+
+# ---------------------------------------------------------------------- weights
+
+
+class NonFiniteWeightsError(ValueError):
+    """A model's weights hold NaN or infinite values (raised by `check_finite_weights`).
+
+    Args:
+        message (`str`): the error message, naming the tensors.
+        tensor_names (`list[str]`): the state-dict keys of every bad tensor, in state-dict order.
+    """
+
+    def __init__(self, message: str, tensor_names: list[str]):
+        super().__init__(message)
+        self.tensor_names = tensor_names
+
+
+def check_finite_weights(model: nn.Module, source: str) -> None:
+    """Refuse a model whose floating-point weights (parameters and buffers) hold NaN or infinite values.
+
+    The one check behind `DDPMUNet2DModel.from_pretrained`, `diffusers_ddpm_ext.hub.load_pipeline` and the
+    evaluate CLI: such a model samples NaN images (or finite garbage, where a normalisation absorbs an infinity).
+    Tensors on the meta device (not materialised) and integer tensors are skipped.
+
+    Args:
+        model (`torch.nn.Module`): the model to check, e.g. a loaded UNet of any class.
+        source (`str`): what the model is, for the message, e.g. ``"ddpm-digits: unet"``.
+
+    Raises:
+        NonFiniteWeightsError: (a ValueError) naming the bad tensors by their state-dict keys, each with its count
+            of NaN, +inf and -inf values.
+    """
+    bad = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+            counts = zip(("NaN", "+inf", "-inf"), (torch.isnan(tensor), torch.isposinf(tensor), torch.isneginf(tensor)))
+            bad[name] = ", ".join(f"{int(m.sum())} {kind}" for kind, m in counts if bool(m.any()))
+            bad[name] += f" of {tensor.numel()}"
+    if not bad:
+        return
+    (first, first_counts), *others = bad.items()
+    more = "".join(f", {name!r} ({counts})" for name, counts in others[:4])
+    more += f" and {len(others) - 4} more" if len(others) > 4 else ""
+    raise NonFiniteWeightsError(
+        f"{source} weight {first!r} holds NaN or infinite values ({first_counts}"
+        + (f"; so do {more[2:]}" if others else "")
+        + "): the checkpoint is corrupt and would sample NaN images. Load or export one saved before the weights "
+        "went bad.", list(bad))
 
 
 # ---------------------------------------------------------------------- validation

@@ -209,3 +209,49 @@ def test_split_matches_training_when_bad_images_are_skipped(setup, tmp_path):
                                      validation_size=0.25, **_quick(num_inference_steps=[]))
     assert report["data"] == json.loads(json.dumps(training.info))
     assert report["bits_per_dim"]["num_images"] == 4
+
+
+def test_non_finite_weights_are_refused_before_any_work(setup, tmp_path, monkeypatch):
+    """One +inf weight (ours, refused by from_pretrained) or one NaN (diffusers' UNet2DModel, refused by the check
+    after loading): `python -m diffusers_ddpm_ext.evaluate` prints one `error:` line naming the tensor and exits 2
+    without reading data, sampling or writing anything."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from diffusers_ddpm_ext.unet import NonFiniteWeightsError
+
+    ours = save_tiny_pipeline(tmp_path / "ours_inf")
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=T)).save_pretrained(tmp_path / "theirs_nan")
+    for folder, name, value in ((ours, "conv_in.weight", float("inf")),
+                                (tmp_path / "theirs_nan", "conv_out.bias", float("nan"))):
+        weights = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+        tensors = load_file(weights)
+        tensors[name].view(-1)[0] = value
+        save_file(tensors, weights)
+    # in process: refused at load, before the data is read
+    monkeypatch.setattr(D, "load_train_validation_split", lambda *a, **k: pytest.fail("data read"))
+    for folder, name in ((ours, "conv_in.weight"), (tmp_path / "theirs_nan", "conv_out.bias")):
+        with pytest.raises(NonFiniteWeightsError, match=f"unet.* weight '{name}' holds NaN or infinite values"):
+            E.evaluate_pipeline(str(folder), str(tmp_path / "never"), train_data_dir=setup["folder"], **_quick())
+        assert not os.path.exists(tmp_path / "never")
+    # the command line
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    for folder, name, kind in ((ours, "conv_in.weight", "1 +inf"), (tmp_path / "theirs_nan", "conv_out.bias", "1 NaN")):
+        out = tmp_path / f"report_{os.path.basename(folder)}"
+        res = subprocess.run(
+            [sys.executable, "-m", "diffusers_ddpm_ext.evaluate", "--pipeline", str(folder), "--output_dir", str(out),
+             "--train_data_dir", setup["folder"], "--validation_size", "8", "--feature_extractor", setup["encoder"],
+             "--num_inference_steps", "2", "--num_images", "4", "--bpd_num_images", "2", "--bpd_timesteps", "2",
+             "--fd_bootstrap", "0", "--kid_num_subsets", "2", "--device", "cpu", "--no_progress"],
+            capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert str(folder) in errors[0] and f" weight '{name}' holds NaN or infinite values ({kind} of" in errors[0]
+        assert "wrote" not in res.stdout and not os.path.exists(out)

@@ -1,6 +1,7 @@
 """Hub export, model card, offline Hub-id loading (hand-built HF cache) and push with HfApi intercepted."""
 
 import hashlib
+import math
 import json
 import os
 import shutil
@@ -426,3 +427,54 @@ def test_export_refuses_component_that_is_not_self_contained(tmp_path):
     with pytest.raises(ValueError, match="diffusers_ddpm_ext"):
         export_pipeline(pipe, tmp_path / "out", sample_grid=False)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+# --------------------------------------------------------------------------------------------- non-finite weights
+
+
+def corrupt_weights(weights_file, **values):
+    """Write one value into flat position 3 of each named tensor of a safetensors file (a bit flip's effect)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights_file))
+    for name, value in values.items():
+        tensors[name].view(-1)[min(3, tensors[name].numel() - 1)] = value
+    save_file(tensors, str(weights_file))
+
+
+def test_non_finite_weights_are_refused_by_from_pretrained_of_the_model_and_of_the_pipeline(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from diffusers_ddpm_ext.unet import NonFiniteWeightsError
+
+    for cls in (DDPMPipeline, GaussianDiffusionPipeline):
+        folder = tmp_path / cls.__name__
+        cls(unet=tiny_unet(), scheduler=GaussianDiffusionScheduler(num_train_timesteps=STEPS)).save_pretrained(folder)
+        assert DDPMUNet2DModel.from_pretrained(folder / "unet") is not None  # finite: loads
+        corrupt_weights(folder / "unet" / "diffusion_pytorch_model.safetensors",
+                        **{"conv_in.weight": float("inf"), "up_blocks.0.resnets.0.conv1.bias": float("nan")})
+        both = r"'conv_in.weight' holds NaN or infinite values \(1 \+inf of 72; so do 'up_blocks.0.resnets.0.conv1.bias' " \
+               r"\(1 NaN of 16\)\)"
+        with pytest.raises(NonFiniteWeightsError, match=f"unet: DDPMUNet2DModel weight {both}") as caught:
+            DDPMUNet2DModel.from_pretrained(folder / "unet")
+        assert isinstance(caught.value, ValueError)
+        assert caught.value.tensor_names == ["conv_in.weight", "up_blocks.0.resnets.0.conv1.bias"]
+        with pytest.raises(ValueError, match=f"{cls.__name__}: unet weight {both}"):
+            DDPMUNet2DModel.from_pretrained(folder, subfolder="unet")
+        with pytest.raises(ValueError, match=f"DDPMUNet2DModel weight {both}"):
+            DiffusionPipeline.from_pretrained(folder)
+        with pytest.raises(ValueError, match=f"{cls.__name__}: unet weight {both}"):
+            load_pipeline(folder)
+
+
+def test_load_pipeline_refuses_non_finite_weights_of_diffusers_models_with_the_same_check(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=STEPS)).save_pretrained(tmp_path / "p")
+    corrupt_weights(tmp_path / "p" / "unet" / "diffusion_pytorch_model.safetensors", **{"conv_out.bias": -math.inf})
+    with pytest.raises(ValueError, match=r"p: unet weight 'conv_out.bias' holds NaN or infinite values \(1 -inf of 1\)"):
+        load_pipeline(tmp_path / "p")

@@ -292,6 +292,77 @@ def test_attn_processors_and_fused_projections():
     assert max_diff(run(ours), ref) <= 1e-5
 
 
+def test_diffusers_stock_attention_processors_give_the_default_processors_outputs():
+    """diffusers' AttnProcessor, AttnProcessor2_0 and SlicedAttnProcessor run every DDPMAttention (they read
+    spatial_norm, group_norm, norm_cross, heads, scale, to_out[1], residual_connection, rescale_output_factor, ...),
+    with the outputs of DDPMAttnProcessor, on 2D models and on 1D / 3D ones (passed to processors as (B, C, 1, N))."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
+
+    theirs = random_unet2d()
+    ours = DDPMUNet2DModel.from_unet2d(theirs)
+    ref = run(ours)
+    for processor in (AttnProcessor(), AttnProcessor2_0(), SlicedAttnProcessor(slice_size=3)):
+        ours.set_attn_processor(processor)
+        assert all(p is processor for p in ours.attn_processors.values())
+        assert max_diff(run(ours), ref) <= 1e-5, type(processor).__name__
+        for module in theirs.modules():  # and UNet2DModel's output under the same processor
+            if isinstance(module, Attention):
+                module.set_processor(processor)
+        assert max_diff(run(ours), run(theirs)) <= 1e-5, type(processor).__name__
+    ours.fuse_qkv_projections()  # AttnProcessor reads to_q / to_k / to_v, which fusing keeps
+    ours.set_attn_processor(AttnProcessor())
+    assert max_diff(run(ours), ref) <= 1e-5
+    for dims, size, resolutions in ((1, 16, (8,)), (3, (2, 8, 8), (4,))):
+        torch.manual_seed(0)
+        model = DDPMUNet2DModel(dims=dims, sample_size=size, in_channels=1, block_out_channels=(8, 16),
+                                layers_per_block=1, norm_num_groups=4, attention_resolutions=resolutions,
+                                num_attention_heads=2).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(2, 1, *((size,) if isinstance(size, int) else size))
+        with torch.no_grad():
+            default = model(x, torch.tensor([3, 9])).sample
+            for processor in (AttnProcessor(), AttnProcessor2_0(), SlicedAttnProcessor(slice_size=1)):
+                model.set_attn_processor(processor)
+                assert max_diff(model(x, torch.tensor([3, 9])).sample, default) <= 1e-5, (dims, processor)
+
+
+def test_diffusers_processors_that_cannot_run_our_attention_are_refused_when_set():
+    from diffusers.models.attention_processor import (
+        AttnAddedKVProcessor,
+        AttnProcessor,
+        FusedAttnProcessor2_0,
+        IPAdapterAttnProcessor2_0,
+        XFormersAttnProcessor,
+    )
+
+    ours = DDPMUNet2DModel.from_unet2d(random_unet2d())
+    ref = run(ours)
+    names = list(ours.attn_processors)
+    working = r"processors that work: DDPMAttnProcessor \(the default\), AttnProcessor, AttnProcessor2_0, " \
+              r"SlicedAttnProcessor"
+    for bad in (FusedAttnProcessor2_0(), AttnAddedKVProcessor(), XFormersAttnProcessor(),
+                IPAdapterAttnProcessor2_0(hidden_size=32, cross_attention_dim=32)):
+        with pytest.raises(ValueError, match=type(bad).__name__ + " cannot run DDPMAttention.*" + working):
+            ours.set_attn_processor(bad)
+        # a dict is checked as a whole before any layer changes
+        mixed = {name: (bad if i == len(names) - 1 else AttnProcessor()) for i, name in enumerate(names)}
+        with pytest.raises(ValueError, match=type(bad).__name__):
+            ours.set_attn_processor(mixed)
+        with pytest.raises(ValueError, match=type(bad).__name__):
+            attention_modules(ours)[0].set_processor(bad)
+        assert all(isinstance(p, DDPMAttnProcessor) for p in ours.attn_processors.values())
+        assert max_diff(run(ours), ref) == 0  # the model still runs, unchanged
+
+    class Mine:  # a processor of one's own stays accepted
+        def __call__(self, attn, hidden_states):
+            return DDPMAttnProcessor()(attn, hidden_states)
+
+    ours.set_attn_processor(Mine())
+    assert max_diff(run(ours), ref) == 0
+
+
 # ---------------------------------------------------------------------- LoRA with peft (item 6)
 
 
