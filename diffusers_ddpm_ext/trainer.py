@@ -580,6 +580,14 @@ class Trainer:
         snapshot, acc = self._snapshot, self.accelerator
         if self.output_dir is None:
             raise ValueError("save_checkpoint needs the trainer's output_dir")
+        bad = checkpoints.first_non_finite(self.unwrapped.state_dict())
+        if bad is not None:  # an update overflowed with a finite loss and gradient: no good state in memory
+            found = checkpoints.list_checkpoints(self.output_dir)
+            last = (f"the last good state is {os.path.basename(found[-1])} in {self.output_dir} (--resume_from_"
+                    f"checkpoint latest continues from it)" if found else "no checkpoint was written")
+            raise NonFiniteLossError(f"the weights hold NaN or infinite values ({bad}) after optimizer step "
+                                     f"{snapshot['global_step']}, so they are not saved; {last}. Lower "
+                                     f"--learning_rate or set --max_grad_norm.")
         rng_states = gather_object(acc, snapshot["rng"])
         existing = os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{snapshot['global_step']}")
         if acc.is_main_process and existing in checkpoints.list_checkpoints(self.output_dir):

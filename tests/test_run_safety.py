@@ -311,6 +311,31 @@ def test_sigint_to_a_two_process_launch_stops_both_ranks_after_the_same_step(tmp
     print(f"SIGINT to a 2-process launch: both ranks stopped after step {step}, launcher rc {launcher.returncode}")
 
 
+def test_weights_that_overflow_in_an_update_stop_the_run_without_calling_themselves_good(tmp_path):
+    """Issue 24 items 9-10: an update that overflows (a huge learning rate) leaves non-finite weights after a step
+    whose loss and gradient were finite. The next checkpoint must not be refused with a ValueError (exit 2,
+    "refused before training") nor the bad state be called the last good one: the NaN policy stops the run naming
+    the tensor and the newest checkpoint that is good."""
+    loader = torch.utils.data.DataLoader(TINY_DATA, batch_size=4)
+    trainer = _tiny_trainer(tmp_path / "run", checkpointing_steps=1, checkpoints_total_limit=None)
+    real_step, steps = trainer.optimizer.step, [0]
+
+    def overflowing_step(*args, **kwargs):
+        real_step(*args, **kwargs)
+        steps[0] += 1
+        if steps[0] == 3:
+            with torch.no_grad():
+                trainer.unwrapped.conv_in.weight.view(-1)[0] = float("inf")
+
+    trainer.optimizer.step = overflowing_step
+    with pytest.raises(tr.NonFiniteLossError, match=r"the weights hold NaN or infinite values \(conv_in.weight\) "
+                                                    r"after optimizer step 3, so they are not saved; the last good "
+                                                    r"state is checkpoint-2 in ") as info:
+        trainer.run(loader, progress=False)
+    assert processes.exit_line(info.value)[0] == 3
+    assert checkpoint_names(tmp_path / "run") == ["checkpoint-1", "checkpoint-2"]
+
+
 def test_a_stop_wrapped_by_a_lazy_import_is_still_a_stop(capsys):
     """Issue 24 item 6: a signal landing inside one of diffusers' lazy imports reaches run_cli as `RuntimeError:
     Failed to import diffusers...` raised from our RunInterrupted (or from a KeyboardInterrupt): it is the same
