@@ -12,7 +12,7 @@ What it measures, on the held-out split of :func:`diffusers_ddpm_ext.data.load_t
 same split ``train.py`` holds out, given the same ``--validation_size`` and ``--validation_split_seed``):
 
 * **bits/dim** of the first ``--bpd_num_images`` validation images: the variational bound of the reverse
-  process the pipeline samples with (x̂_0 clipped when the scheduler's ``clip_sample`` is set), estimated
+  process the pipeline samples with (x̂_0 clipped when the scheduler clips or thresholds it), estimated
   without bias from ``--bpd_timesteps`` network calls per image with its standard error
   (:func:`~diffusers_ddpm_ext.likelihood.estimate_bits_per_dim`), or exact with ``--bpd_exact`` (T calls).
 * **sample quality** at each ``--num_inference_steps``: ``--num_images`` images (the same N and the same
@@ -139,9 +139,9 @@ def evaluate_bits_per_dim(unet, scheduler, images: torch.Tensor, class_labels: O
                           batch_size: int = 256, seed: int = 0, progress: bool = True) -> dict:
     """Held-out bits/dim of a model on ``images``, with its split, N, method and standard error.
 
-    The bound is that of the reverse process the model samples with: x̂_0 is clipped iff the scheduler's
-    ``clip_sample`` is set (``clip_denoised``), as in ``train.py``. A diffusers ``DDPMScheduler`` is evaluated
-    through ``GaussianDiffusionScheduler.from_config`` of its config (same β and variance).
+    The bound is that of the reverse process the model samples with: x̂_0 is clipped iff the scheduler clips or
+    thresholds it (:func:`~diffusers_ddpm_ext.likelihood.sampler_clips_x0`), as in ``train.py``. A diffusers
+    ``DDPMScheduler`` is evaluated through ``GaussianDiffusionScheduler.from_config`` of its config.
 
     Args:
         unet: the denoiser (on the device to run on).
@@ -162,10 +162,10 @@ def evaluate_bits_per_dim(unet, scheduler, images: torch.Tensor, class_labels: O
         (estimate only: the error from sampling timesteps for these images), ``method``, ``split``,
         ``num_images``, ``num_levels``, ``clip_denoised``, ``num_train_timesteps``, ``network_calls_per_image``.
     """
-    from .likelihood import bits_per_dim, estimate_bits_per_dim
+    from .likelihood import bits_per_dim, estimate_bits_per_dim, sampler_clips_x0
 
     scheduler = _bpd_scheduler(scheduler)
-    clip_denoised = bool(getattr(scheduler.config, "clip_sample", False))
+    clip_denoised = sampler_clips_x0(scheduler)  # thresholding too, as train.py's report
     device = unet.device
     num_timesteps = int(scheduler.config.num_train_timesteps)
     generator = torch.Generator(device=device).manual_seed(seed)

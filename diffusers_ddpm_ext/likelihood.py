@@ -130,10 +130,19 @@ def _check_inputs(images, class_labels, num_levels, batch_size):
         raise ValueError(f"class_labels has {class_labels.shape[0]} entries for {images.shape[0]} images")
 
 
+def sampler_clips_x0(scheduler) -> bool:
+    """Whether ``scheduler``'s sampler clips (``clip_sample``) or thresholds (``thresholding``) x̂_0: the bound of
+    the model as it samples then uses the same x̂_0 in the reverse mean (IDM's ``clip_denoised=True``). The one
+    answer used by the trainer, the evaluate CLI and the comparison. Unclipped, the cosine schedule's last step
+    (β = 0.999, ᾱ ≈ 2e-9) turns a small ε error into several bits/dim of KL for a model that samples the same."""
+    config = scheduler.config
+    return bool(config.get("clip_sample", False) or config.get("thresholding", False))
+
+
 def _resolve_clip(scheduler, clip_denoised: Optional[bool]) -> bool:
     """None: clip (or threshold) x_0 exactly when the scheduler's sampler does."""
     if clip_denoised is None:
-        return bool(scheduler.config.thresholding or scheduler.config.clip_sample)
+        return sampler_clips_x0(scheduler)
     if not isinstance(clip_denoised, (bool, np.bool_)):
         raise TypeError(f"clip_denoised must be None, True or False, got {clip_denoised!r}")
     return bool(clip_denoised)

@@ -793,11 +793,10 @@ class Trainer:
 
     @property
     def clip_denoised(self) -> bool:
-        # The bound of the model as it samples: with clip_sample the reverse mean uses the clipped x̂_0 (as IDM's
-        # NLL evaluation, clip_denoised=True). Unclipped, the cosine schedule's last step (β = 0.999, ᾱ ≈ 2e-9)
-        # turns a small ε error into several bits/dim of KL for a model that samples exactly the same.
-        config = self.noise_scheduler.config
-        return bool(config.get("clip_sample", False) or config.get("thresholding", False))
+        """The bound of the model as it samples (:func:`~diffusers_ddpm_ext.likelihood.sampler_clips_x0`)."""
+        from .likelihood import sampler_clips_x0
+
+        return sampler_clips_x0(self.noise_scheduler)
 
     def evaluate_sample_quality(self, feature_extractor, num_images: int) -> Dict[str, Any]:
         """FD, KID and precision/recall of ``num_images`` EMA samples at ``ddpm_num_inference_steps`` against the

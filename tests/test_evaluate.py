@@ -255,3 +255,26 @@ def test_non_finite_weights_are_refused_before_any_work(setup, tmp_path, monkeyp
         assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
         assert str(folder) in errors[0] and f" weight '{name}' holds NaN or infinite values ({kind} of" in errors[0]
         assert "wrote" not in res.stdout and not os.path.exists(out)
+
+
+def test_a_thresholded_scheduler_is_evaluated_with_the_bound_it_samples_as_train_py_does():
+    """Issue 27 item 2: "does the sampler clip x̂_0?" had four answers; the evaluate CLI ignored `thresholding`, so it
+    reported another bound than train.py for a thresholded model. One rule now (likelihood.sampler_clips_x0)."""
+    from diffusers_ddpm_ext import trainer as tr
+    from diffusers_ddpm_ext.likelihood import sampler_clips_x0
+
+    torch.manual_seed(0)
+    unet = DDPMUNet2DModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(8, 16),
+                           layers_per_block=1, norm_num_groups=4, attention_resolutions=()).eval()
+    images = torch.randint(0, 17, (4, 1, 8, 8)).float() / 8 - 1
+    for config in ({"thresholding": True, "clip_sample": False}, {"clip_sample": True}, {"clip_sample": False}):
+        scheduler = GaussianDiffusionScheduler(num_train_timesteps=20, variance_type="learned_range", **config)
+        expected = sampler_clips_x0(scheduler)
+        assert tr.Trainer(unet, scheduler, max_train_steps=1).clip_denoised is expected
+        got = E.evaluate_bits_per_dim(unet, scheduler, images, None, num_levels=17, split="heldout",
+                                      num_timesteps_sampled=4, progress=False)
+        reference = estimate_bits_per_dim(unet, scheduler, images, num_levels=17, num_timesteps_sampled=4,
+                                          generator=torch.Generator().manual_seed(0), clip_denoised=expected)
+        assert got["clip_denoised"] is expected
+        assert got["bits_per_dim"] == pytest.approx(float(reference.mean), rel=1e-6)
+    assert sampler_clips_x0(DDPMScheduler(thresholding=True, clip_sample=False))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusers_ddpm_ext.likelihood import bits_per_dim, estimate_bits_per_dim
+from diffusers_ddpm_ext.likelihood import bits_per_dim, estimate_bits_per_dim, sampler_clips_x0
 
 from .measure import peak_memory_bytes, tensor_bytes
 
@@ -33,12 +33,6 @@ def bpd_scheduler(scheduler):
     if isinstance(scheduler, GaussianDiffusionScheduler):
         return scheduler
     return GaussianDiffusionScheduler.from_config(scheduler.config)
-
-
-def sampler_clips(scheduler) -> bool:
-    """Whether the scheduler's sampler clips (or thresholds) x̂_0."""
-    config = scheduler.config
-    return bool(config.get("clip_sample", False) or config.get("thresholding", False))
 
 
 def held_out_bits_per_dim(model, scheduler, images: torch.Tensor, num_levels: int, num_timesteps_sampled: int,
@@ -55,7 +49,7 @@ def held_out_bits_per_dim(model, scheduler, images: torch.Tensor, num_levels: in
         sampled on the first ``exact_images``, or None).
     """
     sched = bpd_scheduler(scheduler)
-    clip = sampler_clips(sched)
+    clip = sampler_clips_x0(sched)
     device = next(model.parameters()).device
 
     def estimate(clip_denoised: bool):
