@@ -7,6 +7,7 @@ one, IDM), a preset or resolution the UNet rejects, a class-conditional model on
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -16,32 +17,63 @@ import torch
 
 from .presets import RECOMMENDED_LEARNING_RATES
 from .scheduler import LEARNED_VARIANCE_TYPES
-from .train_config import EvalSet
+from .train_config import TRAIN_RANGES, EvalSet, Range, check_ranges
 
 logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("ours", "unet2d")
 
+# The one definition of the range of each numeric flag of training/train.py that TrainConfig does not take (its own:
+# train_config.TRAIN_RANGES); README "Flag ranges" lists them. Checked by check_flags (model and data) and
+# check_run_flags (the run's length and exports), before anything is built.
+FLAG_RANGES = {
+    "train_batch_size": Range(1, 65536, integer=True),
+    "ddpm_num_steps": Range(2, 100_000, integer=True, why="the training timesteps T; 1000 to 4000 are usual"),
+    "resolution": Range(1, 4096, integer=True, unset="left unset"),
+    "num_class_embeds": Range(1, 100_000, integer=True, unset="left unset (unconditional)"),
+    "eval_num_images": Range(1, integer=True),  # at most the held-out split is used
+    "eval_quality_num_images": Range(0, 50_000, integer=True, why="0 skips sample quality, else at least 4; 50000 "
+                                     "is FID's convention"),
+    "validation_split_seed": Range(0, 2**32, high_open=True, integer=True),
+    "ddpm_max_beta": Range(0, 1, low_open=True, high_open=True, why="the largest β_t; cosine's own is 0.999",
+                           unset=""),
+    "dataloader_num_workers": Range(0, 256, integer=True),
+}
+RUN_FLAG_RANGES = {
+    "num_epochs": Range(1, 1_000_000, integer=True),
+    "max_train_steps": Range(1, 1_000_000_000, integer=True, unset="left unset (--num_epochs decides)"),
+    "save_model_epochs": Range(1, integer=True, unset="left unset"),
+}
+
+
+def allowed_range(name: str) -> Optional[Range]:
+    """The range of the numeric flag ``--name`` of training/train.py (:data:`TRAIN_RANGES`, :data:`FLAG_RANGES`,
+    :data:`RUN_FLAG_RANGES`); None for a flag without one."""
+    for table in (TRAIN_RANGES, FLAG_RANGES, RUN_FLAG_RANGES):
+        if name in table:
+            return table[name]
+    return None
+
+
+def add_range_help(parser: argparse.ArgumentParser) -> None:
+    """Append each numeric flag's allowed range to its ``--help`` text (from its one definition)."""
+    for action in parser._actions:
+        allowed = allowed_range(action.dest)
+        if allowed is not None and action.help != argparse.SUPPRESS:
+            action.help = " ".join(filter(None, [action.help, f"Must be {allowed.describe()}."]))
+
 
 def check_flags(flags) -> None:
     """Reject bad combinations of the flags :func:`build_model` and :func:`build_data` read, before anything is
-    built: the data source, the model source, class conditioning, positive sizes.
+    built: the ranges of :data:`FLAG_RANGES`, the data source, the model source, class conditioning, step counts
+    within T (``--ddpm_num_inference_steps``, ``--eval_bpd_steps``).
 
     Raises:
         ValueError: naming the flag(s), the bad value and what is allowed.
     """
-    for name in ("train_batch_size", "ddpm_num_steps"):
-        if not isinstance(getattr(flags, name), int) or getattr(flags, name) < 1:
-            _fail(f"--{name} must be a positive integer, got {getattr(flags, name)!r}")
-    for name in ("resolution", "num_class_embeds"):
-        value = getattr(flags, name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            _fail(f"--{name} must be a positive integer (or left unset), got {value!r}")
-    if not isinstance(flags.eval_num_images, int) or flags.eval_num_images < 1:
-        _fail(f"--eval_num_images must be a positive integer (the images bits/dim is measured on), got "
-              f"{flags.eval_num_images!r}")
+    check_ranges(flags, FLAG_RANGES)
     quality_n = getattr(flags, "eval_quality_num_images", 0)
-    if isinstance(quality_n, bool) or not isinstance(quality_n, int) or quality_n < 0 or 0 < quality_n < 4:
+    if 0 < quality_n < 4:
         _fail(f"--eval_quality_num_images must be 0 (no sample quality) or an integer >= 4 (precision/recall "
               f"compare each image with its 3 nearest neighbours), got {quality_n!r}")
     size = getattr(flags, "validation_size", None)
@@ -49,21 +81,18 @@ def check_flags(flags) -> None:
                                  or (isinstance(size, float) and 0.0 < size < 1.0)):
         _fail(f"--validation_size must be a number of images >= 1 (e.g. 500) or a fraction in (0, 1) (e.g. 0.1), "
               f"got {size!r}")
-    split_seed = getattr(flags, "validation_split_seed", 0)
-    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**32:
-        _fail(f"--validation_split_seed must be an integer in [0, 2**32), got {split_seed!r}")
-    if getattr(flags, "ddpm_max_beta", None) is not None:
-        check_max_beta(flags.ddpm_max_beta)
     if flags.unet_preset is not None and flags.unet_config is None:
         from .unet import UNET_PRESETS
 
         if flags.unet_preset not in UNET_PRESETS:
             _fail(f"--unet_preset {flags.unet_preset!r} is unknown; choose one of {sorted(UNET_PRESETS)}")
-    if not isinstance(flags.dataloader_num_workers, int) or flags.dataloader_num_workers < 0:
-        _fail(f"--dataloader_num_workers must be an integer >= 0, got {flags.dataloader_num_workers!r}")
     if flags.ddpm_num_inference_steps > flags.ddpm_num_steps:
         _fail(f"--ddpm_num_inference_steps ({flags.ddpm_num_inference_steps}) cannot exceed --ddpm_num_steps "
               f"({flags.ddpm_num_steps})")
+    if getattr(flags, "eval_bpd_steps", 2) > flags.ddpm_num_steps:
+        _fail(f"--eval_bpd_steps ({flags.eval_bpd_steps}) cannot exceed --ddpm_num_steps ({flags.ddpm_num_steps}): "
+              f"bits/dim is exact at T = --ddpm_num_steps timesteps per image; use an integer in [2, "
+              f"{flags.ddpm_num_steps}]")
     if flags.dataset_name is not None and flags.train_data_dir is not None:
         _fail("pass either --dataset_name or --train_data_dir, not both")
     if flags.image_column is not None and flags.dataset_name is None:
@@ -95,19 +124,19 @@ def check_flags(flags) -> None:
 
 def check_run_flags(flags) -> None:
     """Reject bad values of the flags that shape the run rather than the model or the data: its length, the
-    export cadence, resuming, the Hub (before anything is built).
+    export cadence (:data:`RUN_FLAG_RANGES`), a warm-up within ``--max_train_steps``, resuming, the Hub (before
+    anything is built).
 
     Raises:
         ValueError: naming the flag(s), the bad value and what is allowed.
     """
     from .runflags import parse_allowed_flags
 
-    if not isinstance(flags.num_epochs, int) or flags.num_epochs < 1:
-        _fail(f"--num_epochs must be a positive integer, got {flags.num_epochs!r}")
-    for name in ("max_train_steps", "save_model_epochs"):
-        value = getattr(flags, name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            _fail(f"--{name} must be a positive integer (or left unset), got {value!r}")
+    check_ranges(flags, RUN_FLAG_RANGES)
+    warmup = getattr(flags, "lr_warmup_steps", 0)
+    if flags.max_train_steps is not None and warmup > flags.max_train_steps:
+        _fail(f"--lr_warmup_steps ({warmup}) cannot exceed --max_train_steps ({flags.max_train_steps}): the "
+              f"learning rate would never reach --learning_rate; use an integer in [0, {flags.max_train_steps}]")
     if flags.resume_from_checkpoint is not None and flags.overwrite_output_dir:
         _fail("--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir would delete its "
               "checkpoints. Pass one of them.")
@@ -366,9 +395,7 @@ def schedule_betas(num_train_timesteps: int, beta_schedule: str, dtype: torch.dt
 
 def check_max_beta(max_beta) -> None:
     """``--ddpm_max_beta`` must be a number in (0, 1): β_t = 1 would zero ᾱ_t, and β_t <= 0 adds no noise."""
-    if isinstance(max_beta, bool) or not isinstance(max_beta, (int, float)) or not 0.0 < max_beta < 1.0:
-        raise ValueError(f"--ddpm_max_beta must be a number in (0, 1) (the largest β_t; cosine's own is 0.999), "
-                         f"got {max_beta!r}")
+    FLAG_RANGES["ddpm_max_beta"].check("ddpm_max_beta", max_beta)
 
 
 def check_model_scheduler(model, noise_scheduler, num_class_embeds: Optional[int] = None) -> None:

@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -255,8 +256,28 @@ def write_image_atomic(path: str, image) -> None:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (see :func:`write_bytes_atomic`)."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+    """Write ``obj`` as indented JSON, atomically (see :func:`write_bytes_atomic`).
+
+    Strict JSON has no NaN or ±inf: such a float (a diverged loss or bits/dim in ``metrics.json``) is written as
+    ``null``, with a warning naming where it was, so a run never fails after training for one; ``obj`` is not changed.
+    """
+    replaced: List[str] = []
+    finite = _nonfinite_to_null(obj, "", replaced)
+    if replaced:
+        logger.warning("%s: non-finite values written as null: %s", path, ", ".join(replaced))
+    write_bytes_atomic(path, (json.dumps(finite, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def _nonfinite_to_null(obj: Any, where: str, replaced: List[str]) -> Any:
+    """A copy of a JSON-able ``obj`` with every NaN/±inf float as None; their places are appended to ``replaced``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        replaced.append(f"{where or '(top level)'} = {obj!r}")
+        return None
+    if isinstance(obj, dict):
+        return {k: _nonfinite_to_null(v, f"{where}.{k}" if where else str(k), replaced) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nonfinite_to_null(v, f"{where}[{i}]", replaced) for i, v in enumerate(obj)]
+    return obj
 
 
 def sha256_file(path: str) -> str:

@@ -33,6 +33,102 @@ def check_objective(loss_type: str, variance_type: str) -> None:
                          f"a fixed --variance_type")
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric flag: ``[low, high]`` (either end open with ``low_open`` / ``high_open``;
+    ``high`` infinite = no upper bound), integers only with ``integer``. NaN and inf are never in a range.
+
+    Args:
+        why: shown after the range in the error message.
+        unset: None allowed too, described as this (``"left unset"``; ``""`` allows None without saying so).
+    """
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    why: str = ""
+    unset: Optional[str] = None
+
+    def __str__(self) -> str:
+        low, high = _bound(self.low), _bound(self.high)
+        if self.high != math.inf:
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.integer:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.low == 0 and self.low_open:
+            return "positive and finite"
+        return f"{'>' if self.low_open else '>='} {low} and finite"
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise a ValueError naming ``--name``, ``value`` and this range unless ``value`` is in it."""
+        if value is None and self.unset is not None:
+            return
+        typed = not isinstance(value, bool) and isinstance(value, int if self.integer else (int, float))
+        if typed and self._contains(value):
+            return
+        kind = "" if typed else ("an integer " if self.integer else "a number ")
+        raise ValueError(f"--{name} must be {kind}{self.describe()}, got {value!r}")
+
+    def describe(self) -> str:
+        """The range with its reason and what None means: what ``--help`` and the error message say."""
+        return f"{self}{f' ({self.why})' if self.why else ''}{f' or {self.unset}' if self.unset else ''}"
+
+    def _contains(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes no comparison, inf most
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+
+def _bound(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def check_ranges(obj, ranges: Dict[str, Range]) -> None:
+    """Check every attribute of ``obj`` named in ``ranges`` (attributes it lacks are skipped)."""
+    for name, allowed in ranges.items():
+        if hasattr(obj, name):
+            allowed.check(name, getattr(obj, name))
+
+
+_POSITIVE_INT = Range(1, integer=True)
+_CADENCE = Range(1, integer=True, unset="left unset")
+
+# The one definition of every numeric TrainConfig field's range (the script's other numeric flags: build.FLAG_RANGES
+# and build.RUN_FLAG_RANGES). README "Flag ranges" lists them.
+TRAIN_RANGES: Dict[str, Range] = {
+    "snr_gamma": Range(0, low_open=True, why="the min-SNR-γ cap; 5 is the paper's value",
+                       unset="left unset (no weighting)"),
+    "num_levels": Range(2, 65536, integer=True, why="grey levels of the data: 256 for 8-bit images"),
+    "class_dropout_prob": Range(0, 1, high_open=True),
+    "learning_rate": Range(0, 1, low_open=True, why="AdamW moves each weight by up to about this much per step"),
+    "lr_warmup_steps": Range(0, integer=True),
+    "adam_beta1": Range(0, 1, high_open=True),
+    "adam_beta2": Range(0, 1, high_open=True),
+    "adam_weight_decay": Range(0, 1, why="AdamW shrinks each weight by learning_rate × this per step"),
+    "adam_epsilon": Range(0, 1, low_open=True),
+    "max_grad_norm": Range(0, low_open=True, unset="0 (no clipping)"),
+    "gradient_accumulation_steps": Range(1, 1024, integer=True),
+    "ema_inv_gamma": Range(0, 1_000_000, low_open=True),  # EMA warm-up decay 1 - (1 + step / inv_gamma) ** -power
+    "ema_power": Range(0, 10, low_open=True, why="3/4 or 2/3 are usual"),
+    "ema_max_decay": Range(0, 1),
+    "seed": Range(0, 2**32, high_open=True, integer=True),
+    "checkpointing_steps": _CADENCE,
+    "checkpoints_total_limit": _CADENCE,
+    "eval_every": _CADENCE,
+    "eval_bpd_steps": Range(2, integer=True, why="bits/dim draws two timesteps per stratum"),
+    "save_images_epochs": _CADENCE,
+    "eval_batch_size": Range(1, 4096, integer=True, why="images per sample grid and per sampling batch"),
+    "ddpm_num_inference_steps": _POSITIVE_INT,
+    "guidance_scale": Range(0, 100, unset="left unset (2 with --class_dropout_prob > 0, else 1)"),
+    "debug_nan_at_step": _CADENCE,
+    "debug_interrupt_after_step": _CADENCE,
+}
+
+
 @dataclass
 class TrainConfig:
     """How to train: objective, optimisation, NaN policy and the loop's periodic work.
@@ -106,56 +202,14 @@ class TrainConfig:
         return cls(**{**values, **overrides})
 
     def validate(self) -> None:
-        """Raise a ValueError naming the first bad field, its value and what is allowed."""
+        """Raise a ValueError naming the first bad field, its value and what is allowed (:data:`TRAIN_RANGES`)."""
         for name, allowed in (("loss_type", LOSS_TYPES), ("timestep_sampler", SAMPLER_NAMES),
                               ("nan_policy", NAN_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("gradient_accumulation_steps", "num_levels", "eval_batch_size", "ddpm_num_inference_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
-        for name in ("checkpointing_steps", "checkpoints_total_limit", "eval_every", "eval_bpd_steps",
-                     "save_images_epochs", "debug_nan_at_step", "debug_interrupt_after_step"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"--{name} must be a positive integer (or left unset), got {value!r}")
-        for f in dataclasses.fields(self):  # NaN passes every comparison below, inf most of them
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"--{f.name} must be a finite number, got {value!r}")
-        if self.eval_bpd_steps is not None and self.eval_bpd_steps < 2:
-            raise ValueError(f"--eval_bpd_steps must be >= 2 (bits/dim draws two timesteps per stratum), got "
-                             f"{self.eval_bpd_steps!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"--seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate!r}")
-        if self.lr_warmup_steps < 0:
-            raise ValueError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps!r}")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.adam_weight_decay < 0 or not self.adam_epsilon > 0:
-            raise ValueError(f"--adam_weight_decay must be >= 0 and --adam_epsilon > 0, got "
-                             f"{self.adam_weight_decay!r}, {self.adam_epsilon!r}")
-        if not 0.0 <= self.ema_max_decay <= 1.0:
-            raise ValueError(f"--ema_max_decay must be in [0, 1], got {self.ema_max_decay!r}")
-        for name in ("ema_inv_gamma", "ema_power"):  # EMA warm-up decay 1 - (1 + step / inv_gamma) ** -power
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)!r}")
-        if self.guidance_scale is not None and not self.guidance_scale >= 0:
-            raise ValueError(f"--guidance_scale must be >= 0 (or left unset), got {self.guidance_scale!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"--max_grad_norm must be positive (or unset for no clipping), got "
-                             f"{self.max_grad_norm!r}")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"--class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}")
-        if self.snr_gamma is not None:
-            if not self.snr_gamma > 0:
-                raise ValueError(f"--snr_gamma must be positive, got {self.snr_gamma!r}")
-            if self.loss_type == "kl":
-                raise ValueError("--snr_gamma weights the MSE term; --loss_type kl has none")
+        check_ranges(self, TRAIN_RANGES)
+        if self.snr_gamma is not None and self.loss_type == "kl":
+            raise ValueError("--snr_gamma weights the MSE term; --loss_type kl has none")
 
 
 @dataclass

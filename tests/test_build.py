@@ -1,8 +1,10 @@
 """Building a run from the script's flags (diffusers_ddpm_ext.build): the UNet fits the variance type."""
 
 import json
+import re
 
 import pytest
+from train_helpers import TRAIN
 
 from diffusers_ddpm_ext import build
 from diffusers_ddpm_ext.trainer import parameter_checksum
@@ -84,6 +86,53 @@ def test_max_beta_clips_the_schedule_and_every_diffusers_scheduler_runs_the_clip
         assert float((other.alphas_cumprod.double() - clipped.alphas_cumprod.double()).abs().max()) < 1e-7, cls
     # A cap above every β changes nothing and writes no trained_betas (linear's largest β is 0.02).
     assert build.build_noise_scheduler(1000, "linear", max_beta=0.5).config.trained_betas is None
-    for bad in (0, 1.0, -0.1, float("nan"), True):
-        with pytest.raises(ValueError, match="--ddpm_max_beta must be a number in \\(0, 1\\)"):
+    for bad in (0, 1.0, -0.1, float("nan"), float("inf"), True, "0.5"):
+        with pytest.raises(ValueError, match=f"--ddpm_max_beta must be (a number )?in \\(0, 1\\) .*, got {bad!r}"):
             build.clipped_betas(1000, "squaredcos_cap_v2", bad)
+
+
+def test_range_checks_both_ends_types_and_non_finite_values():
+    from diffusers_ddpm_ext.train_config import Range
+
+    unit = Range(0, 1, low_open=True, why="a reason")
+    for good in (1, 1.0, 1e-12, 0.5):
+        unit.check("x", good)
+    for bad in (0, 0.0, 1.0000001, -1, float("nan"), float("inf"), -float("inf"), 10**400):
+        with pytest.raises(ValueError, match=f"^--x must be in \\(0, 1\\] \\(a reason\\), got {re.escape(repr(bad))}$"):
+            unit.check("x", bad)
+    for bad in (True, "0.5", None):  # not numbers: the message says so
+        expected = f"^--x must be a number in \\(0, 1\\] \\(a reason\\), got {re.escape(repr(bad))}$"
+        with pytest.raises(ValueError, match=expected):
+            unit.check("x", bad)
+    count = Range(1, integer=True, unset="left unset")
+    for good in (None, 1, 10**400):
+        count.check("n", good)
+    for bad, kind in ((0, ""), (-5, ""), (2.5, "an integer "), (2.0, "an integer "), (False, "an integer ")):
+        with pytest.raises(ValueError, match=f"^--n must be {kind}>= 1 or left unset, got {re.escape(repr(bad))}$"):
+            count.check("n", bad)
+    assert str(Range(0, 2**32, high_open=True, integer=True)) == "in [0, 4294967296)"
+    assert str(Range(0, low_open=True)) == "positive and finite" and str(Range(0)) == ">= 0 and finite"
+    with pytest.raises(ValueError, match=r"^--r must be >= 0 and finite, got inf$"):
+        Range(0).check("r", float("inf"))
+
+
+def test_check_flags_refuses_step_counts_beyond_t_and_a_warm_up_beyond_the_run():
+    from diffusers_ddpm_ext.train_config import TRAIN_RANGES
+
+    args = TRAIN.parse_args(["--ddpm_num_steps", "40", "--ddpm_num_inference_steps", "40"])
+    args.eval_bpd_steps = 40
+    build.check_flags(args)  # at T: allowed
+    args.eval_bpd_steps = 41
+    with pytest.raises(ValueError, match=r"--eval_bpd_steps \(41\) cannot exceed --ddpm_num_steps \(40\).*"
+                                         r"in \[2, 40\]"):
+        build.check_flags(args)
+    args = TRAIN.parse_args(["--max_train_steps", "10", "--lr_warmup_steps", "10"])
+    build.check_run_flags(args)
+    args.lr_warmup_steps = 11
+    with pytest.raises(ValueError, match=r"--lr_warmup_steps \(11\) cannot exceed --max_train_steps \(10\)"):
+        build.check_run_flags(args)
+    args.max_train_steps = None  # with --num_epochs the run's length is known only once the data is loaded
+    build.check_run_flags(args)
+    assert build.allowed_range("learning_rate") is TRAIN_RANGES["learning_rate"]
+    assert build.allowed_range("ddpm_num_steps") is build.FLAG_RANGES["ddpm_num_steps"]
+    assert build.allowed_range("num_epochs") is build.RUN_FLAG_RANGES["num_epochs"] and build.allowed_range("x") is None

@@ -1,5 +1,6 @@
 """End-to-end runs of training/train.py (short real CPU runs; in-process through main(argv) where possible)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -101,7 +102,7 @@ def test_output_dir_of_another_run_is_refused_and_bad_combos_fail_before_trainin
     out, _ = default_run
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(FileExistsError, match="not empty.*--overwrite_output_dir"):
-        run_train("--output_dir", out, "--max_train_steps", 1, *FAST)
+        run_train("--output_dir", out, "--max_train_steps", 2, *FAST)
     assert sorted(p.name for p in out.iterdir()) == before
 
     fresh = tmp_path / "fresh"
@@ -157,6 +158,11 @@ def test_help_lists_flags_with_defaults(capsys):
                  "--validation_size", "--validation_split_seed", "--eval_quality_num_images", "--feature_extractor"):
         assert flag in text, flag
     assert "default: hybrid" in text and "default: learned_range" in text and "debug_" not in text
+    # Every numeric flag's help states its range (build.add_range_help, from the one table).
+    flat = " ".join(text.split())
+    for shown in ("Peak learning rate (AdamW).", "Must be in (0, 1] (AdamW moves", "be in [0, 50000] (0 skips",
+                  "Must be in [0, 1).", "Must be >= 2 (bits/dim draws", "Must be in [2, 100000] (the training"):
+        assert shown in flat, shown
 
 
 # ---- flag validation (before anything is built)
@@ -215,6 +221,117 @@ def test_trainer_config_defaults_are_the_flag_defaults():
     defaults = tr.TrainConfig()
     assert {k: v for k, v in vars(flags).items() if k != "num_levels"} == \
         {k: v for k, v in vars(defaults).items() if k != "num_levels"}
+
+
+# ---- ranges of the numeric flags (issue 24 item 9): refused before anything is built, naming flag, value and range
+
+OUT_OF_RANGE = [
+    (["--learning_rate", "1e30"], ["--learning_rate", "1e+30", "in (0, 1]"]),  # trained, then failed on a NaN
+    (["--learning_rate", "nan"], ["--learning_rate", "nan", "in (0, 1]"]),
+    (["--learning_rate", "inf"], ["--learning_rate", "inf", "in (0, 1]"]),
+    (["--eval_quality_num_images", "100000000"], ["--eval_quality_num_images", "100000000", "in [0, 50000]"]),
+    (["--eval_bpd_steps", "5000"], ["--eval_bpd_steps (5000)", "--ddpm_num_steps (1000)", "in [2, 1000]"]),
+    (["--eval_bpd_steps", "51", "--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "3"],
+     ["--eval_bpd_steps (51)", "--ddpm_num_steps (50)", "in [2, 50]"]),
+    (["--lr_warmup_steps", "3"], ["--lr_warmup_steps (3)", "--max_train_steps (2)", "in [0, 2]"]),
+    (["--adam_beta1", "1.0"], ["--adam_beta1", "1.0", "in [0, 1)"]),
+    (["--adam_weight_decay", "inf"], ["--adam_weight_decay", "inf", "in [0, 1]"]),
+    (["--adam_weight_decay", "2"], ["--adam_weight_decay", "2.0", "in [0, 1]"]),
+    (["--adam_epsilon", "2"], ["--adam_epsilon", "2.0", "in (0, 1]"]),
+    (["--max_grad_norm", "inf"], ["--max_grad_norm", "inf", "positive and finite or 0 (no clipping)"]),
+    (["--snr_gamma", "inf"], ["--snr_gamma", "inf", "positive and finite"]),
+    (["--ema_power", "100"], ["--ema_power", "100.0", "in (0, 10]"]),
+    (["--ema_inv_gamma", "1e7"], ["--ema_inv_gamma", "10000000.0", "in (0, 1000000]"]),
+    (["--ema_max_decay", "nan"], ["--ema_max_decay", "nan", "in [0, 1]"]),
+    (["--class_dropout_prob", "1.0"], ["--class_dropout_prob", "1.0", "in [0, 1)"]),
+    (["--guidance_scale", "1e9"], ["--guidance_scale", "1000000000.0", "in [0, 100]"]),
+    (["--ddpm_max_beta", "inf"], ["--ddpm_max_beta", "inf", "in (0, 1)"]),
+    (["--ddpm_num_steps", "1000000"], ["--ddpm_num_steps", "1000000", "in [2, 100000]"]),
+    (["--resolution", "8192"], ["--resolution", "8192", "in [1, 4096]"]),
+    (["--train_batch_size", "100000"], ["--train_batch_size", "100000", "in [1, 65536]"]),
+    (["--eval_batch_size", "100000"], ["--eval_batch_size", "100000", "in [1, 4096]"]),
+    (["--gradient_accumulation_steps", "5000"], ["--gradient_accumulation_steps", "5000", "in [1, 1024]"]),
+    (["--num_class_embeds", "1000000"], ["--num_class_embeds", "1000000", "in [1, 100000]"]),
+    (["--dataloader_num_workers", "1000"], ["--dataloader_num_workers", "1000", "in [0, 256]"]),
+    (["--max_train_steps", "10000000000"], ["--max_train_steps", "10000000000", "in [1, 1000000000]"]),
+    (["--seed", str(2**32)], ["--seed", "4294967296", "in [0, 4294967296)"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", OUT_OF_RANGE, ids=[" ".join(argv) for argv, _ in OUT_OF_RANGE])
+def test_out_of_range_flag_is_refused_before_training_naming_flag_value_and_range(argv, words, tmp_path,
+                                                                                    monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError(f"{argv} got past the flag checks")
+
+    for name in ("build_model", "build_data", "load_quality_extractor"):
+        monkeypatch.setattr(TRAIN, name, never)
+    monkeypatch.setattr(tr.Trainer, "train_step", never)
+    with pytest.raises(ValueError) as info:
+        run_train("--output_dir", tmp_path / "out", "--max_train_steps", 2, *FAST, *argv)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    assert not (tmp_path / "out").exists()
+
+
+def test_range_bounds_themselves_are_accepted():
+    TRAIN.validate_args(parse("--learning_rate", "1", "--adam_beta1", "0", "--adam_weight_decay", "1",
+                              "--adam_epsilon", "1", "--ema_power", "10", "--ema_inv_gamma", "1e6", "--ema_max_decay",
+                              "1", "--eval_quality_num_images", "50000", "--eval_bpd_steps", "1000",
+                              "--lr_warmup_steps", "7", "--max_train_steps", "7", "--train_batch_size", "65536",
+                              "--resolution", "4096", "--dataloader_num_workers", "256", "--guidance_scale", "100",
+                              "--seed", str(2**32 - 1), "--max_grad_norm", "0", "--eval_quality_num_images", "0"))
+    TRAIN.validate_args(parse("--ddpm_num_steps", "100000", "--eval_bpd_steps", "100000", "--lr_warmup_steps", "0",
+                              "--max_train_steps", "1", "--gradient_accumulation_steps", "1024"))
+
+
+def test_every_numeric_flag_has_one_range():
+    """A numeric flag added to train.py without a range (build.allowed_range) fails here; no name is in two tables."""
+    from diffusers_ddpm_ext import build
+    from diffusers_ddpm_ext.train_config import TRAIN_RANGES
+
+    numeric = {a.dest for a in TRAIN.build_parser()._actions if a.type in (int, float)} - {"local_rank"}
+    assert {name for name in numeric if build.allowed_range(name) is None} == set()
+    tables = (TRAIN_RANGES, build.FLAG_RANGES, build.RUN_FLAG_RANGES)
+    assert sum(len(t) for t in tables) == len(set().union(*tables))
+    numeric_fields = {f.name for f in dataclasses.fields(tr.TrainConfig)
+                      if f.type.replace("Optional[", "").rstrip("]") in ("int", "float")}
+    assert numeric_fields == set(TRAIN_RANGES)
+
+
+def test_non_finite_metrics_are_written_as_null_in_strict_json(tmp_path, caplog):
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in strict JSON"))
+
+    metrics = {"bits_per_dim": float("nan"), "curve": [1.5, float("inf")], "quality": {"fd": -float("inf")}, "n": 3}
+    with caplog.at_level("WARNING"):
+        rundir.write_json_atomic(str(tmp_path / "metrics.json"), metrics)
+    assert strict((tmp_path / "metrics.json").read_text()) == {"bits_per_dim": None, "curve": [1.5, None],
+                                                               "quality": {"fd": None}, "n": 3}
+    assert np.isnan(metrics["bits_per_dim"]) and metrics["curve"][1] == float("inf")  # the caller's dict unchanged
+    for place in ("bits_per_dim = nan", "curve[1] = inf", "quality.fd = -inf"):  # the warning says where
+        assert place in caplog.text, caplog.text
+
+
+def test_run_whose_metrics_are_nan_still_writes_metrics_json(tmp_path, monkeypatch):
+    """A figure that ends non-finite after training (bits/dim of a model gone bad) no longer fails the finished run
+    on the JSON write (which exited 2, "refused before training", with no metrics.json)."""
+    real_report = tr.Trainer.report
+
+    def report_with_nan(self, *args, **kwargs):
+        metrics = real_report(self, *args, **kwargs)
+        metrics.update(bits_per_dim=float("nan"), bits_per_dim_standard_error=float("inf"))
+        return metrics
+
+    monkeypatch.setattr(tr.Trainer, "report", report_with_nan)
+    out = tmp_path / "nan-metrics"
+    metrics = run_train("--output_dir", out, "--max_train_steps", 2, "--checkpointing_steps", 100, *FAST,
+                        "--resolution", 8, "--ddpm_num_steps", 50)
+    assert np.isnan(metrics["bits_per_dim"])
+    written = json.loads((out / "metrics.json").read_text(),
+                         parse_constant=lambda token: pytest.fail(f"{token} in metrics.json"))
+    assert written["bits_per_dim"] is None and written["bits_per_dim_standard_error"] is None
+    assert written["train_steps"] == 2 and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
 
 @pytest.fixture

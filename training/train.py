@@ -32,8 +32,8 @@ if __name__ == "__main__":  # a stop in the seconds of imports below: nothing is
 
 import torch  # noqa: E402
 
-from diffusers_ddpm_ext.build import (MODEL_TYPES, build_data, build_model, check_environment, check_flags,
-                                      check_run_flags, default_learning_rate, load_quality_extractor)
+from diffusers_ddpm_ext.build import (MODEL_TYPES, add_range_help, build_data, build_model, check_environment,
+                                      check_flags, check_run_flags, default_learning_rate, load_quality_extractor)
 from diffusers_ddpm_ext.data import VALIDATION_SPLIT_SEED
 from diffusers_ddpm_ext.evaluate import validation_size_type
 from diffusers_ddpm_ext.losses import LOSS_TYPES
@@ -106,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
       "stores the clipped β as `trained_betas`, which every diffusers scheduler reads. Cosine's own cap is 0.999 "
       "(IDM eq. 17): its last step then multiplies ε̂'s error by ~32 in the reverse mean and the unclipped bound "
       "grows heavy tails; 0.5 changes only cosine's last 3 β (README, ablation). Linear β never reach it.")
-    a("--prediction_type", default="epsilon", choices=PREDICTION_TYPES,
-      help="What the UNet predicts.")
+    a("--prediction_type", default="epsilon", choices=PREDICTION_TYPES, help="What the UNet predicts.")
     a("--variance_type", default="learned_range", choices=VARIANCE_TYPES, help="Reverse-process variance. "
       "learned/learned_range make the UNet output 2×C channels: a preset's out_channels is set automatically; "
       "an explicit out_channels in --unet_config must match. Needs --loss_type hybrid or kl.")
@@ -135,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
       "--unet_config (2e-3 at 1M down to 2e-4 at 36M, at least 1e-4).")
     a("--lr_scheduler", default="cosine", choices=["linear", "cosine", "cosine_with_restarts", "polynomial",
       "constant", "constant_with_warmup"], help="diffusers.optimization.get_scheduler name.")
-    a("--lr_warmup_steps", type=int, default=50, help="Linear warm-up steps.")
+    a("--lr_warmup_steps", type=int, default=50, help="Linear warm-up steps (at most --max_train_steps).")
     a("--adam_beta1", type=float, default=0.95)
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-6)
@@ -163,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
       "change on resume.")
     # ---- evaluation
     a("--eval_bpd_steps", type=int, default=20, help="Timesteps per image for the held-out bits/dim estimate "
-      "(stratified, unbiased; exact needs T).")
+      "(stratified, unbiased; exact at T = --ddpm_num_steps, the most allowed).")
     a("--eval_num_images", type=int, default=300, help="Held-out images for bits/dim (the first of the split).")
     a("--eval_quality_num_images", type=int, default=256, help="Images generated at the end of training (at "
       "--ddpm_num_inference_steps) for FD/KID/precision/recall against the whole held-out split; 0 skips it.")
@@ -191,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- testing aids (hidden)
     a("--debug_nan_at_step", type=int, default=None, help=argparse.SUPPRESS)
     a("--debug_interrupt_after_step", type=int, default=None, help=argparse.SUPPRESS)
+    add_range_help(p)  # "Must be ...": each numeric flag's range, from its one definition (build.allowed_range)
     return p
 
 
