@@ -13,6 +13,11 @@ all in bits and divided by the number of dimensions. :func:`bits_per_dim` evalua
 :func:`estimate_bits_per_dim` evaluates a stratified random subset of the terms and is unbiased for
 the same quantity, with a standard error.
 
+Precision: a model in half precision (fp16/bf16 weights, or called inside ``torch.autocast``) gets x_t in its
+dtype and its output is upcast at once; x_0, x_t, the scheduler's coefficients and every term are float64. So a
+half-precision model's bits/dim differ from its float32 twin's only through the rounding of the network's input
+and output (tests/test_mixed_precision.py states the tolerance).
+
 Every bits/dim is the bound of one reverse process, and by default of the one the model samples with: the
 predicted x_0 is clipped as the scheduler clips (``clip_denoised=None``), the variance is the scheduler's
 ``variance_type`` (fixed, learned or analytic), and ``num_inference_steps`` / ``timesteps`` select a respaced chain
@@ -31,7 +36,7 @@ import torch
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from .losses import mean_flat, normal_kl, prior_bpd, vlb_terms
+from .losses import compute_dtype, mean_flat, normal_kl, prior_bpd, vlb_terms
 
 
 @dataclass
@@ -112,7 +117,7 @@ def _call_unet(unet, sample, timesteps, class_labels):
         out = out.sample
     elif isinstance(out, (tuple, list)):
         out = out[0]
-    return out.float()
+    return out.to(compute_dtype(out))  # a half-precision model's output upcast at once; float64 kept
 
 
 def _check_inputs(images, class_labels, num_levels, batch_size):

@@ -33,13 +33,30 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
+def compute_dtype(*tensors) -> torch.dtype:
+    """The dtype the loss terms are computed in: the inputs' promoted dtype, at least float32.
+
+    Half-precision model outputs (fp16 / bf16 autocast) are upcast here, at the boundary: exp(±log σ²) of a
+    learned log-variance overflows float16 beyond |log σ²| ≈ 11, KLs reach 10^3 bits/dim at the last cosine step
+    (fp16 resolves 0.5 there) and a sum over pixels in half precision loses the small terms.
+    """
+    dtype = torch.float32
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, exp(logvar1)) ‖ N(mean2, exp(logvar2))) elementwise, in nats.
 
     Arguments broadcast against each other; at least one must be a tensor.
     """
     tensor = next(x for x in (mean1, logvar1, mean2, logvar2) if isinstance(x, torch.Tensor))
-    logvar1, logvar2 = (x if isinstance(x, torch.Tensor) else torch.tensor(x).to(tensor) for x in (logvar1, logvar2))
+    dtype = compute_dtype(mean1, logvar1, mean2, logvar2)  # half precision in: float32 out
+    mean1, logvar1, mean2, logvar2 = (x.to(dtype) if isinstance(x, torch.Tensor)
+                                      else torch.tensor(x, dtype=dtype, device=tensor.device)
+                                      for x in (mean1, logvar1, mean2, logvar2))
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
 
 
@@ -78,7 +95,7 @@ def discretized_gaussian_log_likelihood(
     """
     if not isinstance(num_levels, int) or num_levels < 2:
         raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
-    dtype = torch.promote_types(x.dtype, torch.float32)  # half precision CDFs are too coarse
+    dtype = compute_dtype(x, means, log_scales)  # half precision CDFs are too coarse
     x, means, log_scales = (t.to(dtype) for t in torch.broadcast_tensors(x, means, log_scales))
     half_width = 1.0 / (num_levels - 1)
     inv_scale = torch.exp(-log_scales)
@@ -87,6 +104,16 @@ def discretized_gaussian_log_likelihood(
     log_cdf_upper = torch.special.log_ndtr(upper)  # lowest bin: (-∞, -1 + h]
     log_sf_lower = torch.special.log_ndtr(-lower)  # highest bin: [1 - h, ∞)
     log_bin = _log_normal_cdf_difference(lower, upper)
+    # A bin much narrower than σ (a large predicted variance): Φ(b) − Φ(a) cancels to 0 in float32 (the clamp
+    # above, a wrong value and no gradient), so integrate the density directly: the midpoint rule with its
+    # second-order correction, ∫ φ = w·φ(m)·(1 + (m² − 1)·w²/24 + O(w⁴(1 + m⁴))), w = b − a, m = (a + b)/2.
+    width = 2.0 * half_width * inv_scale
+    narrow = width * (1.0 + (x - means).abs() * inv_scale) < 0.05
+    mid = torch.where(narrow, (x - means) * inv_scale, torch.zeros_like(x))
+    w = torch.where(narrow, width, torch.zeros_like(x))
+    log_narrow = (math.log(2.0 * half_width) - log_scales - 0.5 * mid**2 - 0.5 * math.log(2.0 * math.pi)
+                  + torch.log1p((mid**2 - 1.0) * w**2 / 24.0))
+    log_bin = torch.where(narrow, log_narrow, log_bin)
     # Compare against the midpoint between the edge level and its neighbour, robust to float noise.
     return torch.where(
         x < -1.0 + half_width, log_cdf_upper, torch.where(x > 1.0 - half_width, log_sf_lower, log_bin)
@@ -132,8 +159,11 @@ def vlb_terms(
             With respacing the decoder term is taken where ``prev_timesteps`` is −1.
 
     Returns:
-        (B,) tensor, bits per dimension.
+        (B,) tensor, bits per dimension, in float32 (float64 for float64 inputs) whatever the inputs' precision.
     """
+    dtype = compute_dtype(model_output, original_samples, noisy_samples)  # fp16/bf16 outputs: upcast here
+    model_output, original_samples, noisy_samples = (
+        t.to(dtype) for t in (model_output, original_samples, noisy_samples))
     if detach_mean:
         prediction, variance_values = scheduler.split_model_output(model_output, noisy_samples)
         if variance_values is None:
@@ -162,6 +192,7 @@ def vlb_terms(
 
 def prior_bpd(original_samples: torch.Tensor, scheduler) -> torch.Tensor:
     """KL(q(x_T | x_0) ‖ N(0, I)) per example in bits/dim: the prior term of the bound (IDM eq. 5, L_T)."""
+    original_samples = original_samples.to(compute_dtype(original_samples))
     batch = original_samples.shape[0]
     last = torch.full((batch,), scheduler.config.num_train_timesteps - 1, dtype=torch.long, device=original_samples.device)
     mean, _, log_variance = scheduler.q_mean_variance(original_samples, last)
@@ -279,7 +310,7 @@ def diffusion_loss(
 
     prediction, _ = scheduler.split_model_output(model_output, noisy_samples)
     target = training_target(original_samples, noise, timesteps, scheduler)
-    dtype = torch.promote_types(model_output.dtype, torch.float32)  # never reduce in half precision
+    dtype = compute_dtype(model_output)  # never reduce in half precision
     mse = mean_flat((prediction.to(dtype) - target.to(dtype)) ** 2)  # (B,)
 
     num_timesteps = scheduler.config.num_train_timesteps

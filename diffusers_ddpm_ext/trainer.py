@@ -324,7 +324,12 @@ class Trainer:
             if acc.sync_gradients:
                 if self._window is not None:
                     self.optimizer.step()
-                    self.lr_scheduler.step()
+                    if getattr(self.optimizer, "step_was_skipped", False):
+                        # fp16: the GradScaler found inf/NaN gradients, left the weights and lowered its scale. A
+                        # skipped step whatever the NaN policy (no LR, EMA or sampler step; 20 in a row give up).
+                        self._window = None
+                    else:
+                        self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.state.batch_in_epoch += 1
         if not acc.sync_gradients:
