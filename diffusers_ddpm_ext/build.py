@@ -135,8 +135,9 @@ def check_run_flags(flags) -> None:
     check_ranges(flags, RUN_FLAG_RANGES)
     warmup = getattr(flags, "lr_warmup_steps", 0)
     if flags.max_train_steps is not None and warmup > flags.max_train_steps:
-        _fail(f"--lr_warmup_steps ({warmup}) cannot exceed --max_train_steps ({flags.max_train_steps}): the "
-              f"learning rate would never reach --learning_rate; use an integer in [0, {flags.max_train_steps}]")
+        # Not refused: a short smoke run (--max_train_steps 10) with the default warm-up is a normal thing to do.
+        logger.warning("--lr_warmup_steps %d is longer than the run (--max_train_steps %d): the learning rate never "
+                       "reaches --learning_rate %g", warmup, flags.max_train_steps, flags.learning_rate)
     if flags.resume_from_checkpoint is not None and flags.overwrite_output_dir:
         _fail("--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir would delete its "
               "checkpoints. Pass one of them.")

@@ -151,7 +151,7 @@ def test_kill9_at_every_point_resumes_to_the_uninterrupted_result(spawner, tmp_p
 # NaN / inf
 # ------------------------------------------------------------------------------------------------------------
 
-HUGE_LR = ["--learning_rate", "1e12", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_grad_norm", "0"]
+HUGE_LR = ["--learning_rate", "1", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_grad_norm", "0"]
 
 
 def _assert_finite_checkpoint(path):

@@ -233,7 +233,6 @@ OUT_OF_RANGE = [
     (["--eval_bpd_steps", "5000"], ["--eval_bpd_steps (5000)", "--ddpm_num_steps (1000)", "in [2, 1000]"]),
     (["--eval_bpd_steps", "51", "--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "3"],
      ["--eval_bpd_steps (51)", "--ddpm_num_steps (50)", "in [2, 50]"]),
-    (["--lr_warmup_steps", "3"], ["--lr_warmup_steps (3)", "--max_train_steps (2)", "in [0, 2]"]),
     (["--adam_beta1", "1.0"], ["--adam_beta1", "1.0", "in [0, 1)"]),
     (["--adam_weight_decay", "inf"], ["--adam_weight_decay", "inf", "in [0, 1]"]),
     (["--adam_weight_decay", "2"], ["--adam_weight_decay", "2.0", "in [0, 1]"]),
