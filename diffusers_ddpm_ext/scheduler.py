@@ -47,13 +47,11 @@ VARIANCE_TYPES = get_args(VarianceType)
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")  # the model's extra C output channels carry the variance
 TIMESTEP_SPACINGS = get_args(TimestepSpacing)
 SAMPLERS = get_args(Sampler)
-# Our config keys that no diffusers scheduler has, with their defaults. diffusers' `from_config` logs "The config
-# attributes {...} were passed to <Scheduler>, but are not expected" for every key the new class does not take,
-# unless the config's `_class_name` is an attribute of `diffusers` (`ConfigMixin.extract_init_dict`) or the key is
-# private ("_...") or absent. So the class registers itself in the `diffusers` namespace
-# (`_register_in_diffusers_namespace`), records its `_class_name` in memory, and a saved config leaves out these
-# keys while they hold their defaults (`to_json_string`): swapping schedulers is silent with our package or a
-# remote-code copy of this file imported, and for every saved config at these defaults also without either.
+# Our config keys that no diffusers scheduler has, with their defaults. diffusers' `from_config` warns "The config
+# attributes {...} were passed to <Scheduler>, but are not expected" for each such key unless it is private or absent,
+# or the config's `_class_name` is an attribute of `diffusers` (`ConfigMixin.extract_init_dict`). So the class
+# registers itself there (`_register_in_diffusers_namespace`), records its `_class_name` in memory, and saved configs
+# leave these keys out at their defaults (`to_json_string`): swapping schedulers is silent.
 _OWN_KEY_DEFAULTS = {"sampler": "ddpm", "eta": 0.0, "analytic_gamma": None}
 
 
@@ -112,11 +110,8 @@ def _laplace_alpha_bar(t: float) -> float:
 
 def betas_from_alpha_bar(num_train_timesteps: int, alpha_bar, max_beta: float = 0.999) -> List[float]:
     """β_t = min(1 − ᾱ((t+1)/T) / ᾱ(t/T), max_beta), in float64 (IDM eq. 17's discretisation)."""
-    betas = []
-    for i in range(num_train_timesteps):
-        t1, t2 = i / num_train_timesteps, (i + 1) / num_train_timesteps
-        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
-    return betas
+    T = num_train_timesteps
+    return [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)]
 
 
 def rescale_betas_to_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -129,15 +124,8 @@ def rescale_betas_to_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def make_betas(
-    num_train_timesteps: int,
-    beta_start: float,
-    beta_end: float,
-    beta_schedule: str,
-    trained_betas=None,
-    rescale_betas_zero_snr: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str, trained_betas=None,
+               rescale_betas_zero_snr: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (T,) β schedule in `dtype`. In float32 it is bit-identical to `DDPMScheduler.betas`; float64 gives the
     same schedule computed at IDM's precision (used for likelihood work).
 
@@ -276,14 +264,9 @@ def _validate_config(cfg: dict) -> None:
         raise TypeError(f"num_train_timesteps must be a positive int, got {T!r} ({type(T).__name__})")
     if T < 1:
         raise ValueError(f"num_train_timesteps must be a positive int, got {T!r}")
-    choices = (
-        ("beta_schedule", BETA_SCHEDULES + tuple(BETA_SCHEDULE_ALIASES)),
-        ("variance_type", VARIANCE_TYPES),
-        ("prediction_type", PREDICTION_TYPES),
-        ("timestep_spacing", TIMESTEP_SPACINGS),
-        ("sampler", SAMPLERS),
-    )
-    for name, allowed in choices:
+    for name, allowed in (("beta_schedule", BETA_SCHEDULES + tuple(BETA_SCHEDULE_ALIASES)),
+                          ("variance_type", VARIANCE_TYPES), ("prediction_type", PREDICTION_TYPES),
+                          ("timestep_spacing", TIMESTEP_SPACINGS), ("sampler", SAMPLERS)):
         value = cfg[name]
         if not isinstance(value, str):  # checked first: an unhashable value would fail the lookup obscurely
             raise TypeError(f"{name}={value!r} must be a string, one of {allowed}")
@@ -332,31 +315,13 @@ def _validate_config(cfg: dict) -> None:
                              f"analytic_gamma[{bad[0]}] = {float(values[bad[0]])!r}")
 
 
-def _keys_left_out_when_saved(config: dict) -> List[str]:
-    """The keys `GaussianDiffusionScheduler.to_json_string` leaves out of `config` (see `_OWN_KEY_DEFAULTS`)."""
-    left_out = [key for key, default in _OWN_KEY_DEFAULTS.items()
-                if key in config and (config[key] is None if default is None else config[key] == default)]
-    if "sampler" in left_out:
-        if config.get("set_alpha_to_one", True) is True:
-            left_out.append("set_alpha_to_one")
-        else:  # set_alpha_to_one without sampler would read as a DDIMScheduler config: keep both
-            left_out.remove("sampler")
-    return left_out
-
-
 def _register_in_diffusers_namespace(klass) -> None:
-    """Make ``klass`` an attribute of ``diffusers`` so that diffusers' ``from_config`` of another scheduler drops
-    the keys only ``klass`` takes instead of warning about them (``ConfigMixin.extract_init_dict`` looks the config's
-    ``_class_name`` up as ``getattr(diffusers, name)``; it does so for nothing else).
-
-    A diffusers class of the same name is never replaced. A copy of this file loaded as remote code registers
-    itself where the name is free (same config keys); the installed module takes the name over from such a copy.
-    """
+    """Make ``klass`` an attribute of ``diffusers`` (see `_OWN_KEY_DEFAULTS`). A diffusers class of the same name is
+    never replaced; a remote-code copy of this file registers itself where the name is free (same config keys), and
+    the installed module takes the name over from such a copy."""
     existing = getattr(diffusers, klass.__name__, None)
-    if existing is None:
-        setattr(diffusers, klass.__name__, klass)
-    elif (existing is not klass and str(getattr(existing, "__module__", "")).split(".")[0] != "diffusers"
-          and klass.__module__ == "diffusers_ddpm_ext.scheduler"):
+    if existing is None or (existing is not klass and klass.__module__ == "diffusers_ddpm_ext.scheduler"
+                            and str(getattr(existing, "__module__", "")).split(".")[0] != "diffusers"):
         setattr(diffusers, klass.__name__, klass)
 
 
@@ -392,12 +357,10 @@ def _check_betas(betas: torch.Tensor, alphas_cumprod: torch.Tensor, cfg: dict) -
                          "the signal is destroyed before the last step (lower beta_end or num_train_timesteps)")
 
 
-
 def _as_long(timesteps, device) -> torch.Tensor:
     t = torch.as_tensor(timesteps, device=device)
-    if t.is_floating_point():
-        if not torch.equal(t, t.round()):
-            raise ValueError(f"timesteps must be integers, got {t}")
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        raise ValueError(f"timesteps must be integers, got {t}")
     return t.long()
 
 
@@ -419,13 +382,8 @@ def _extract(table: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> torch.T
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _step_table(
-    alphas_cumprod: torch.Tensor,
-    timesteps: torch.Tensor,
-    prev_timesteps: torch.Tensor,
-    successors: torch.Tensor,
-    final_alpha_cumprod: Optional[torch.Tensor] = None,
-) -> Dict[str, torch.Tensor]:
+def _step_table(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, prev_timesteps: torch.Tensor, successors: Tensor,
+                final_alpha_cumprod: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Coefficients of the chain steps t → prev, one entry per step ((K,) tensors in the dtype of `alphas_cumprod`).
 
     With ᾱ' = ᾱ_prev (`final_alpha_cumprod`, default 1, when prev = −1): β' = 1 − ᾱ_t/ᾱ' (IDM Sec. 4 respacing;
@@ -449,15 +407,10 @@ def _step_table(
     next_variance = torch.where(successors > timesteps, posterior_variance(successors, timesteps)[-1], beta_step)
     clipped_variance = torch.where(first, next_variance, variance)
     return {
-        "alpha_prod_t": a_t,
-        "alpha_prod_prev": a_prev,
-        "beta_prod_t": beta_prod_t,
-        "beta": beta_step,
-        "posterior_variance": variance,
-        "clipped_variance": clipped_variance,
+        "alpha_prod_t": a_t, "alpha_prod_prev": a_prev, "beta_prod_t": beta_prod_t, "beta": beta_step,
+        "posterior_variance": variance, "clipped_variance": clipped_variance,
         "posterior_log_variance_clipped": torch.log(torch.clamp(clipped_variance, min=1e-20)),
-        "coef_x0": a_prev**0.5 * beta_step / beta_prod_t,
-        "coef_xt": alpha_step**0.5 * beta_prod_prev / beta_prod_t,
+        "coef_x0": a_prev**0.5 * beta_step / beta_prod_t, "coef_xt": alpha_step**0.5 * beta_prod_prev / beta_prod_t,
         "first": first,
     }
 
@@ -549,25 +502,15 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         set_alpha_to_one: bool = True,
         analytic_gamma: Optional[List[float]] = None,
     ):
-        config_args = dict(
-            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=beta_schedule, trained_betas=trained_betas, variance_type=variance_type,
-            clip_sample=clip_sample, prediction_type=prediction_type, thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio, clip_sample_range=clip_sample_range,
-            sample_max_value=sample_max_value, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-            rescale_betas_zero_snr=rescale_betas_zero_snr, sampler=sampler, eta=eta,
-            set_alpha_to_one=set_alpha_to_one, analytic_gamma=analytic_gamma,
-        )
+        config_args = dict(self.config)  # every argument, as `register_to_config` recorded it
         _validate_config(config_args)
         if beta_schedule in BETA_SCHEDULE_ALIASES:
             # Store the diffusers name so DDPMScheduler.from_config(our config) works.
             beta_schedule = BETA_SCHEDULE_ALIASES[beta_schedule]
             self.register_to_config(beta_schedule=beta_schedule)
-        # The source class of this config, for diffusers' `from_config` of another scheduler (see _OWN_KEY_DEFAULTS):
-        # without it, keys passed here explicitly (`sampler="ddim"`) are reported as unexpected by the new class.
-        # Our own keys count as given even when defaulted (a saved config leaves them out at their defaults): a
-        # diffusers scheduler built from this config then keeps them as hidden keys and hands them back to
-        # `from_config` of ours; otherwise DDIMScheduler's `set_alpha_to_one` alone would select sampler="ddim".
+        # `_class_name` in memory too (see _OWN_KEY_DEFAULTS). Our own keys count as given even when defaulted: a
+        # diffusers scheduler built from this config keeps them as hidden keys and hands them back to our
+        # `from_config`; otherwise DDIMScheduler's `set_alpha_to_one` alone would select sampler="ddim".
         used_defaults = [k for k in self.config.get("_use_default_values", []) if k not in _OWN_KEY_DEFAULTS]
         self.register_to_config(_class_name=type(self).__name__, _use_default_values=used_defaults)
         self._analytic_gamma = None
@@ -583,10 +526,8 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         _check_betas(self.betas, self.alphas_cumprod, config_args)
-        betas64 = make_betas(*args, dtype=torch.float64)
-        self._alphas_cumprod_by_dtype = {
-            torch.float32: self.alphas_cumprod, torch.float64: torch.cumprod(1.0 - betas64, dim=0)
-        }
+        alphas_cumprod64 = torch.cumprod(1.0 - make_betas(*args, dtype=torch.float64), dim=0)
+        self._alphas_cumprod_by_dtype = {torch.float32: self.alphas_cumprod, torch.float64: alphas_cumprod64}
 
         self.init_noise_sigma = 1.0
         self.variance_type = variance_type
@@ -601,31 +542,30 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """`ConfigMixin.from_config`. A DDIM-family config (DDIMScheduler's `set_alpha_to_one` key, no `sampler`
-        key) gives `sampler="ddim"`, so `from_config(ddim_scheduler.config)` reproduces DDIMScheduler's numbers.
-        (A config saved by this class never holds `set_alpha_to_one` without `sampler`: see `to_json_string`.)"""
+        key) gives `sampler="ddim"`, so `from_config(ddim_scheduler.config)` reproduces DDIMScheduler's numbers."""
         source = getattr(config, "config", config)
         if isinstance(source, dict) and "set_alpha_to_one" in source and "sampler" not in source:
             kwargs.setdefault("sampler", "ddim")
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def to_json_string(self) -> str:
-        """The config as saved by `save_pretrained` / `save_config`: `ConfigMixin.to_json_string` without our keys
-        that no diffusers scheduler has (`sampler`, `eta`, `analytic_gamma`) while they hold their defaults.
-
-        Loading the file gives every left-out key its default again, so the saved scheduler is the same; and a
-        diffusers scheduler built from the file (`DPMSolverMultistepScheduler.from_pretrained(folder)`) logs no
-        "config attributes ... are not expected" warning even where our package is not imported. `set_alpha_to_one`
-        is left out with `sampler` when it holds its default too (True): `set_alpha_to_one` without `sampler` is how
-        a DDIMScheduler config is recognised (`from_config`), also by releases that always wrote `sampler`.
-        Non-default values are written, and old files that list every key load as before.
+        """`ConfigMixin.to_json_string` (what `save_pretrained` writes) without the keys of `_OWN_KEY_DEFAULTS` that
+        hold their defaults: loading gives them their defaults again, and a diffusers scheduler built from the file
+        logs no "not expected" warning even where our package is not imported. `sampler` is left out only with
+        `set_alpha_to_one` at its default (True), which is then left out too: `set_alpha_to_one` without `sampler` is
+        how a DDIMScheduler config is recognised (`from_config`), also by releases that always wrote `sampler`.
 
         Returns:
             `str`: the JSON text, keys sorted, as diffusers writes it.
         """
         config = json.loads(super().to_json_string())
-        for key in _keys_left_out_when_saved(config):
-            config.pop(key)
-        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+        left_out = [key for key, default in _OWN_KEY_DEFAULTS.items() if key in config and config[key] == default]
+        if "sampler" in left_out:
+            if config.get("set_alpha_to_one", True) is True:
+                left_out.append("set_alpha_to_one")
+            else:  # set_alpha_to_one without sampler would read as a DDIMScheduler config: keep both
+                left_out.remove("sampler")
+        return json.dumps({k: v for k, v in config.items() if k not in left_out}, indent=2, sort_keys=True) + "\n"
 
     # ------------------------------------------------------------------------------------------------------------
     # Tables (built once per chain)
@@ -750,10 +690,8 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
             for a, b in zip(chain, chain[1:]):
                 if b >= a:
                     raise ValueError(f"custom timesteps must be strictly descending, got {b} after {a}")
-            self.custom_timesteps = True
         elif respacing is not None:
             chain = parse_respacing(respacing, T)[::-1]
-            self.custom_timesteps = True
         else:
             n = int(num_inference_steps)
             if n != num_inference_steps or n < 1:
@@ -772,7 +710,7 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
             chain = arr.tolist()
             if any(b >= a for a, b in zip(chain, chain[1:])):
                 raise ValueError(f"timestep_spacing={spacing!r} with {n} steps gives repeated timesteps {chain}")
-            self.custom_timesteps = False
+        self.custom_timesteps = num_inference_steps is None
         if chain[0] >= T or chain[-1] < 0:
             raise ValueError(f"timesteps must lie in [0, {T}), got {chain[0]} .. {chain[-1]}")
         self.num_inference_steps = len(chain)
@@ -822,10 +760,6 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         alphas_cumprod = self.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)[t].flatten()
         shape = alphas_cumprod.shape + (1,) * (sample.ndim - 1)
         return (alphas_cumprod**0.5).reshape(shape), ((1 - alphas_cumprod) ** 0.5).reshape(shape)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Diffusion quantities (the single source of the math used by step, the losses and the likelihood)
-    # ------------------------------------------------------------------------------------------------------------
 
     # ------------------------------------------------------------------------------------------------------------
     # Diffusion quantities (the single source of the math used by step, the losses and the likelihood)
@@ -1111,7 +1045,6 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
         # No noise on the step onto the data (Ho et al. 2020 Alg. 2: z = 0 at t = 1).
         keep_noise = (~c["first"]).to(dtype)  # (B, 1, ...)
         last_step = not bool(keep_noise.any())
-        noise_shape, noise_dtype = out.mean.shape, out.mean.dtype
         analytic = self.config.variance_type == "analytic"
         if ddim:
             a_prev = c["alpha_prod_prev"]
@@ -1127,18 +1060,15 @@ class GaussianDiffusionScheduler(SchedulerMixin, ConfigMixin):
                 lambda_sq = eta**2 * c64["posterior_variance"]
                 std = analytic_variance(c64["alpha_prod_t"], c64["alpha_prod_prev"], lambda_sq, gamma,
                                         self.config.clip_sample_range).to(dtype) ** 0.5
-            if (eta > 0 or analytic) and not last_step:
-                noise = randn_tensor(noise_shape, generator=generator, device=sample.device, dtype=noise_dtype)
-                prev_sample = prev_sample + std * noise * keep_noise
         else:
             prev_sample = out.mean
-            if not last_step:
-                noise = randn_tensor(noise_shape, generator=generator, device=sample.device, dtype=noise_dtype)
-                if self.config.variance_type in ("fixed_small", "fixed_large", "analytic"):
-                    std = out.variance**0.5
-                else:  # log-space types (incl. learned) form σ from log σ², as DDPMScheduler does
-                    std = torch.exp(0.5 * out.log_variance)
-                prev_sample = prev_sample + std * noise * keep_noise
+            if self.config.variance_type in ("fixed_small", "fixed_large", "analytic"):
+                std = out.variance**0.5
+            else:  # log-space types (incl. learned) form σ from log σ², as DDPMScheduler does
+                std = torch.exp(0.5 * out.log_variance)
+        if (not ddim or eta > 0 or analytic) and not last_step:
+            noise = randn_tensor(out.mean.shape, generator=generator, device=sample.device, dtype=out.mean.dtype)
+            prev_sample = prev_sample + std * noise * keep_noise
         prev_sample = prev_sample.to(sample.dtype)
         pred_original_sample = out.pred_original_sample.to(sample.dtype)
         if not return_dict:

@@ -31,10 +31,8 @@ from diffusers.models.model_loading_utils import load_state_dict as _read_checkp
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-__all__ = [
-    "DDPMAttention", "DDPMAttnProcessor", "DDPMUNet2DModel", "DDPMUNet2DOutput", "NonFiniteWeightsError",
-    "check_finite_weights",
-]
+__all__ = ["DDPMAttention", "DDPMAttnProcessor", "DDPMUNet2DModel", "DDPMUNet2DOutput", "NonFiniteWeightsError",
+           "check_finite_weights"]
 
 # Allowed values, as the constructor's signature declares them; the runtime checks read the same definitions.
 ActivationName = Literal["silu", "swish", "relu", "gelu", "mish"]
@@ -46,11 +44,7 @@ SpatialDims = Literal[1, 2, 3]
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "mish": F.mish}
 # In-place twins, used only under `torch.no_grad()` on freshly made tensors (inference saves one allocation and one
 # memory pass per activation; autograd would need the overwritten input). gelu has none: it stays out of place.
-_INPLACE_ACTIVATIONS = {
-    "silu": functools.partial(F.silu, inplace=True), "swish": functools.partial(F.silu, inplace=True),
-    "relu": functools.partial(F.relu, inplace=True), "mish": functools.partial(F.mish, inplace=True),
-    "gelu": F.gelu,
-}
+_INPLACE_ACTIVATIONS = {k: f if k == "gelu" else functools.partial(f, inplace=True) for k, f in _ACTIVATIONS.items()}
 _TIME_SCALE_SHIFT = get_args(TimeScaleShift)
 _DOWNSAMPLE_TYPES = get_args(DownsampleType)
 _UPSAMPLE_TYPES = get_args(UpsampleType)
@@ -113,10 +107,8 @@ def _is_int(value) -> bool:
 
 
 def _as_spatial(sample_size, dims: int = 2) -> tuple[int, ...] | None:
-    """`sample_size` (int, a `dims`-tuple or None) as a `dims`-tuple: (L,), (H, W) or (F, H, W).
-
-    An int is repeated on every axis (a square image, a cube volume), the same rule for every `dims`.
-    """
+    """`sample_size` (int, a `dims`-tuple or None) as a `dims`-tuple: (L,), (H, W) or (F, H, W); an int is repeated
+    on every axis (a square image, a cube volume), the same rule for every `dims`."""
     if sample_size is None:
         return None
     if _is_int(sample_size):
@@ -190,19 +182,8 @@ class DDPMResBlock(nn.Module):
     picks Conv1d / Conv2d / Conv3d; the 3-tap kernels become 3, 3x3 or 3x3x3 (IDM `conv_nd`).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        temb_channels: int,
-        groups: int,
-        eps: float,
-        act_fn: str,
-        dropout: float,
-        time_scale_shift: str,
-        output_scale_factor: float = 1.0,
-        dims: int = 2,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float, act_fn: str,
+                 dropout: float, time_scale_shift: str, output_scale_factor: float = 1.0, dims: int = 2):
         super().__init__()
         conv = _CONV[dims]
         self.scale_shift = time_scale_shift == "scale_shift"
@@ -246,20 +227,14 @@ class DDPMAttnProcessor:
     """Computes a [`DDPMAttention`] layer through diffusers' `dispatch_attention_fn`, so the backend chosen with
     `model.set_attention_backend(...)` (or diffusers' `attention_backend` context) runs the attention product.
 
-    Replace it with `model.set_attn_processor(...)` by diffusers' `AttnProcessor`, `AttnProcessor2_0` or
-    `SlicedAttnProcessor` (equal outputs; see [`DDPMAttention`]) or by any callable `processor(attn, hidden_states)`
-    of your own.
+    Replace it with `model.set_attn_processor(...)` (see [`DDPMAttention`] for the processors that work).
     """
 
     _attention_backend = None  # set by `set_attention_backend`; None: diffusers' active backend (native SDPA)
     _parallel_config = None
 
     def __call__(self, attn: "DDPMAttention", hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states
-        if x.ndim != 4:
-            # 1D / 3D: the same attention on a (B, C, 1, N) view (same positions in the same order, same GroupNorm
-            # groups), so the 2D path below keeps its exact code and cost.
-            return self(attn, x.reshape(x.shape[0], x.shape[1], 1, -1)).reshape(x.shape)
+        x = hidden_states  # (B, C, H, W): `DDPMAttention.forward` passes 1D / 3D inputs as (B, C, 1, N)
         b, c, hgt, wid = x.shape
         # 1. Normalise; every position becomes a token.
         h = x if attn.group_norm is None else attn.group_norm(x)
@@ -314,35 +289,22 @@ class DDPMAttention(nn.Module, AttentionModuleMixin):
     `fuse_qkv_projections`. Checkpoints written before this layout (one fused `qkv` Linear, `proj_out`, `norm`) are
     converted when loaded (`_split_legacy_attention`).
 
-    diffusers' self-attention processors `AttnProcessor`, `AttnProcessor2_0` and `SlicedAttnProcessor` run on this
-    layer with outputs equal to `DDPMAttnProcessor`'s: it carries the attributes they read with the values of the
-    self-attention in `UNet2DModel` (`spatial_norm`, `norm_cross`, `norm_q`, `norm_k` None, `residual_connection`
-    True, `scale` = head_dim^-0.5, no upcasting), and `forward` hands every processor a 4D (B, C, H, W) input (1D / 3D
-    inputs as (B, C, 1, N)). Other diffusers processors (cross-attention, added-KV, IP-Adapter, fused-only,
-    hardware-specific ones) are refused by `set_processor` with a ValueError naming the ones that work. A processor
-    of your own, any callable `processor(attn, hidden_states)`, is accepted as it is.
+    Processors: `DDPMAttnProcessor` (the default), diffusers' `AttnProcessor`, `AttnProcessor2_0` and
+    `SlicedAttnProcessor` (equal outputs: the layer carries the `Attention` attributes they read, at the values of
+    `UNet2DModel`'s self-attention, and `forward` hands them 1D / 3D inputs as (B, C, 1, N)), or any callable
+    `processor(attn, hidden_states)` of your own. Other diffusers processors (cross-attention, added-KV, IP-Adapter,
+    fused-only, hardware-specific) are refused when set, with a ValueError naming the ones that work.
     """
 
     _default_processor_cls = DDPMAttnProcessor
     _available_processors = [DDPMAttnProcessor]
     # The diffusers `Attention` attributes those processors read, at the values of a plain self-attention layer.
-    spatial_norm = None
-    norm_cross = None
-    norm_q = None
-    norm_k = None
+    spatial_norm = norm_cross = norm_q = norm_k = None
     residual_connection = True
-    upcast_attention = False
-    upcast_softmax = False
+    upcast_attention = upcast_softmax = False
 
-    def __init__(
-        self,
-        channels: int,
-        heads: int,
-        norm_groups: int | None,
-        eps: float,
-        rescale_output_factor: float = 1.0,
-        processor=None,
-    ):
+    def __init__(self, channels: int, heads: int, norm_groups: int | None, eps: float,
+                 rescale_output_factor: float = 1.0, processor=None):
         super().__init__()
         self.heads = heads
         self.rescale_output_factor = rescale_output_factor
@@ -358,28 +320,20 @@ class DDPMAttention(nn.Module, AttentionModuleMixin):
         self.register_load_state_dict_pre_hook(_split_legacy_attention_hook)
 
     def set_processor(self, processor) -> None:
-        """Use ``processor`` for this layer (``AttentionModuleMixin.set_processor``), refusing the diffusers
-        processors that cannot run it.
+        """``AttentionModuleMixin.set_processor``, refusing the diffusers processors that cannot run this layer.
 
         Args:
-            processor: ``DDPMAttnProcessor``, diffusers' ``AttnProcessor`` / ``AttnProcessor2_0`` /
-                ``SlicedAttnProcessor``, or any callable ``processor(attn, hidden_states)`` that is not a diffusers
-                class.
+            processor: one of the processors listed in [`DDPMAttention`], or a callable of your own.
 
         Raises:
-            ValueError: ``processor`` is another diffusers attention processor (it would fail or compute something
-                else at the first forward pass); the message names the processors that work.
+            ValueError: another diffusers attention processor; the message names the ones that work.
         """
         _check_attn_processor(processor)
         super().set_processor(processor)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states: (B, C, *spatial). Returns the same shape.
-
-        Processors always get a (B, C, H, W) tensor: a 1D or 3D input is passed as its (B, C, 1, N) view (the same
-        positions in the same order), the layout diffusers' processors handle.
-        """
-        if hidden_states.ndim != 4:
+        """hidden_states: (B, C, *spatial). Returns the same shape."""
+        if hidden_states.ndim != 4:  # 1D / 3D: the (B, C, 1, N) view (same positions, same order) for processors
             shape = hidden_states.shape
             return self.processor(self, hidden_states.reshape(shape[0], shape[1], 1, -1)).reshape(shape)
         return self.processor(self, hidden_states)
@@ -449,13 +403,10 @@ class DDPMUpsample(nn.Module):
         self.kind = kind
         keep_frames = dims == 3
         self._scale = (1.0, 2.0, 2.0) if keep_frames else 2.0
-        if kind == "conv":
-            self.conv = _CONV[dims](channels, channels, 3, padding=1)
-        elif kind == "conv_transpose":
+        self.conv = _CONV[dims](channels, channels, 3, padding=1) if kind == "conv" else None
+        if kind == "conv_transpose":
             kernel, stride = ((3, 4, 4), (1, 2, 2)) if keep_frames else (4, 2)
             self.conv = _CONV_TRANSPOSE[dims](channels, channels, kernel, stride=stride, padding=1)
-        else:
-            self.conv = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "conv_transpose":
@@ -559,22 +510,19 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
     last level; a Res-(Attn)-Res middle; per level `layers_per_block + 1` res blocks fed concatenated skips
     (+ attention) and an upsample except on the first level; GroupNorm -> activation -> `conv_out`.
 
-    1D and 3D variants (`dims`, IDM's name): the same class builds a UNet for sequences / audio
-    (`dims=1`, samples `(B, C, L)`) or for short videos / volumes (`dims=3`, samples `(B, C, F, H, W)`). Every
-    option keeps its meaning; only the convolutions change rank (3 -> 3x3 -> 3x3x3 kernels, as IDM's `conv_nd`).
-    `dims=3` follows IDM in never resampling the first (frame) axis: down/upsampling act on H and W only
-    (stride / pool / scale (1, 2, 2); `conv_transpose` uses a (3, 4, 4) kernel with stride (1, 2, 2)), so any
-    frame count F works, and attention attends jointly over all F*H*W positions. The class keeps its 2D name
-    because saved pipelines record it; `DDPMPipeline`, `from_unet2d` and `to_unet2d` are 2D only (sample 1D / 3D
-    models with the scheduler directly: `scheduler.step(model(x, t).sample, t, x).prev_sample`).
+    1D and 3D variants (`dims`, IDM's name): sequences / audio (`dims=1`, `(B, C, L)`) or short videos / volumes
+    (`dims=3`, `(B, C, F, H, W)`). Every option keeps its meaning; only the convolutions change rank (IDM's
+    `conv_nd`). `dims=3` never resamples the frame axis F (IDM; see `DDPMDownsample` / `DDPMUpsample`), so any F
+    works, and attention attends jointly over all F*H*W positions. The class keeps its 2D name because saved
+    pipelines record it; `DDPMPipeline`, `from_unet2d` and `to_unet2d` are 2D only (sample 1D / 3D models with the
+    scheduler directly: `scheduler.step(model(x, t).sample, t, x).prev_sample`).
 
     Args:
         sample_size (`int` or `tuple[int]`, *optional*, defaults to 32):
             Spatial size the model is built for, one entry per spatial axis: `(L,)` for `dims=1`, `(H, W)` for
-            `dims=2` (read by `DDPMPipeline`), `(F, H, W)` for `dims=3`. An int is used for every axis (a square
-            image, an L-long sequence, an F = H = W cube), so a 2D preset's int keeps working with
-            `dims=1` or `dims=3`. It is the base for `attention_resolutions`. The halved axes (L; H, W; H, W)
-            must be divisible by `2 ** (len(block_out_channels) - 1)`; F is never resampled and may be anything.
+            `dims=2` (read by `DDPMPipeline`), `(F, H, W)` for `dims=3`. An int is used for every axis, so a 2D
+            preset's int keeps working with `dims=1` or `dims=3`. It is the base for `attention_resolutions`. The
+            halved axes (L; H, W; H, W) must be divisible by `2 ** (len(block_out_channels) - 1)`; F may be anything.
         in_channels (`int`, defaults to 3): Channels of the input sample.
         out_channels (`int`, *optional*): Output channels; `2 * in_channels` for learned variance
             (first half: eps / x0 / v, second half: variance values, as IDM). Defaults to `in_channels`.
@@ -599,11 +547,10 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
         norm_eps (`float`, defaults to 1e-5): GroupNorm epsilon (DDPM and smalldiffusion use 1e-6).
         dropout (`float`, defaults to 0.0): Dropout before each res block's second conv.
         attention_resolutions (`tuple[int]`, defaults to `(16,)`): Resolutions at which a level gets
-            self-attention after each res block, in encoder and decoder. A level's resolution is its feature-map
-            size along the first axis the UNet halves: the height `H // 2**i` for `dims=2` and `dims=3` (frames
-            are never halved, so F cannot locate a level), the length `L // 2**i` for `dims=1`. So a value names
-            the same level (IDM's downsampling rate `ds = size / resolution`) whatever `dims` is. A value no
-            level has is an error. Empty for no level attention.
+            self-attention after each res block, in encoder and decoder. A level's resolution is its size along the
+            first halved axis: `H // 2**i` for `dims=2` and `dims=3` (F is never halved), `L // 2**i` for `dims=1`,
+            so a value names the same level (IDM's `ds = size / resolution`) whatever `dims` is. A value no level
+            has is an error. Empty for no level attention.
         add_attention (`bool`, defaults to `True`): Attention between the two middle res blocks.
         attention_head_dim (`int`, *optional*): Channels per attention head (diffusers semantics). If neither
             this nor `num_attention_heads` is given, every attention layer has a single head.
@@ -707,11 +654,8 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
         for i, c in enumerate(chans):
             resnets = [res(cin if j == 0 else c, c) for j in range(layers_per_block)]
             attns = [attn(c) for _ in range(layers_per_block)] if level_attn[i] else []
-            skip_ch += [c] * layers_per_block
-            down = None
-            if i < levels - 1:
-                down = DDPMDownsample(c, downsample_type, downsample_padding, dims)
-                skip_ch.append(c)
+            down = DDPMDownsample(c, downsample_type, downsample_padding, dims) if i < levels - 1 else None
+            skip_ch += [c] * (layers_per_block + (down is not None))
             self.down_blocks.append(DDPMDownLevel(resnets, attns, down))
             cin = c
 
@@ -724,10 +668,8 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
         self.up_blocks = nn.ModuleList()
         for i in reversed(range(levels)):
             c = chans[i]
-            resnets = []
-            for _ in range(layers_per_block + 1):
-                resnets.append(res(cin + skip_ch.pop(), c))
-                cin = c
+            resnets = [res((cin if j == 0 else c) + skip_ch.pop(), c) for j in range(layers_per_block + 1)]
+            cin = c
             attns = [attn(c) for _ in range(layers_per_block + 1)] if level_attn[i] else []
             up = DDPMUpsample(c, upsample_type, dims) if i > 0 else None
             self.up_blocks.append(DDPMUpLevel(resnets, attns, up))
@@ -752,16 +694,14 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
         return self.config.num_class_embeds if self.config.num_class_embeds else None
 
     def set_attn_processor(self, processor) -> None:
-        """Set the attention processor of every attention layer (``AttentionMixin.set_attn_processor``).
+        """``AttentionMixin.set_attn_processor``, checking every entry before any layer changes.
 
         Args:
-            processor: One processor for all layers, or a dict ``{"<layer>.processor": processor}`` with one entry per
-                layer (``attn_processors``' keys): ``DDPMAttnProcessor``, diffusers' ``AttnProcessor``,
-                ``AttnProcessor2_0`` or ``SlicedAttnProcessor`` (equal outputs), or a callable of your own.
+            processor: one of the processors listed in [`DDPMAttention`] or a callable of your own, for every layer;
+                or a dict with one per layer (``attn_processors``' keys).
 
         Raises:
-            ValueError: a diffusers processor that cannot run our attention layers (naming the ones that work),
-                checked for every entry before any layer changes.
+            ValueError: a diffusers processor that cannot run our attention layers (naming the ones that work).
         """
         for value in (processor.values() if isinstance(processor, dict) else [processor]):
             _check_attn_processor(value)
@@ -816,9 +756,8 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
         n = self.config.num_class_embeds
         if self.class_embedding is None:
             if class_labels is not None:
-                raise ValueError(
-                    "`class_labels` were given but this model is unconditional (`num_class_embeds` is None)."
-                )
+                raise ValueError("`class_labels` were given but this model is unconditional (`num_class_embeds` is "
+                                 "None).")
             return None
         if class_labels is None:
             labels = torch.full((batch,), n, dtype=torch.long, device=device)
@@ -833,15 +772,13 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
             if not torch.compiler.is_compiling():
                 lo, hi = int(labels.min()), int(labels.max())
                 if lo < 0 or hi > n:
-                    raise ValueError(
-                        f"`class_labels` must lie in [0, {n}] ({n} = null class); got values in [{lo}, {hi}]."
-                    )
+                    raise ValueError(f"`class_labels` must lie in [0, {n}] ({n} = null class); got values in "
+                                     f"[{lo}, {hi}].")
         return self.class_embedding(labels)
 
     def _compute_dtype(self) -> torch.dtype:
-        """The dtype the layers compute in: the weights' own, or under diffusers' layerwise casting (weights stored in
-        e.g. float8, cast per layer on use) the hook's compute dtype, as `ModelMixin.dtype` reports it. Read from
-        `conv_in` alone, so each call does not walk every module (`self.dtype` would)."""
+        """The weights' dtype, or under diffusers' layerwise casting (e.g. float8 storage) the hook's compute dtype, as
+        `ModelMixin.dtype` reports it; read from `conv_in` alone, so each call does not walk every module."""
         registry = getattr(self.conv_in, "_diffusers_hook", None)
         hook = registry.get_hook("layerwise_casting") if registry is not None else None
         return hook.compute_dtype if hook is not None else self.conv_in.weight.dtype
@@ -856,12 +793,9 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
             raise ValueError(f"`sample` has {sample.shape[1]} channels but the model expects in_channels={c_in}.")
         factor = 2 ** (len(self.config.block_out_channels) - 1)
         halved = sample.shape[self._halved_axes:]  # (L,), (H, W), or (H, W) of (F, H, W)
-        for s in halved:
-            if s % factor:
-                raise ValueError(
-                    f"`sample` spatial size {'x'.join(map(str, halved))} is not divisible by 2**(levels-1) = "
-                    f"{factor} ({len(self.config.block_out_channels)} levels)."
-                )
+        if any(s % factor for s in halved):
+            raise ValueError(f"`sample` spatial size {'x'.join(map(str, halved))} is not divisible by 2**(levels-1) = "
+                             f"{factor} ({len(self.config.block_out_channels)} levels).")
 
     def forward(
         self,
@@ -890,11 +824,9 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
         cfg = self.config
         batch, device = sample.shape[0], sample.device
         dtype = self._compute_dtype()
-        # 0. center input if necessary
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
-
-        # 1. time (+ class) embedding
+        # Time (+ class) embedding.
         t = self._batch_timesteps(timestep, batch, device)
         t_emb = sinusoidal_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(t_emb.to(dtype))  # (B, T)
@@ -903,34 +835,21 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
             emb = emb + class_emb.to(dtype)
         # Every res block applies the same activation to the embedding; do it once.
         temb = emb if self._skip_time_act else self._act(emb)
-
-        # 2. pre-process
+        # conv_in, encoder (pushing skips), middle, decoder (popping them), GroupNorm -> activation -> conv_out.
         h = self.conv_in(sample)  # (B, C0, *spatial)
         skips = [h]
-
-        # 3. down
         for block in self.down_blocks:
             h, level_skips = block(h, temb)
             skips.extend(level_skips)
-
-        # 4. mid
         h = self.mid_block(h, temb)
-
-        # 5. up
         for block in self.up_blocks:
             h = block(h, skips, temb)
-
-        # 6. post-process
         act = self._act if torch.is_grad_enabled() else self._act_
         h = self.conv_out(act(self.norm_out(h)))  # (B, out_channels, *spatial)
-
-        if not return_dict:
-            return (h,)
-        return DDPMUNet2DOutput(sample=h)
+        return DDPMUNet2DOutput(sample=h) if return_dict else (h,)
 
     # ------------------------------------------------------------------ presets and UNet2DModel conversion
-    # These live in the package (`presets.py`, `convert.py`), not in this file: it is copied to the Hub as remote code,
-    # where sampling never needs them. A Hub copy of this class raises an ImportError naming the package to install.
+    # In the package (`presets.py`, `convert.py`), not in this remote-code file: see `_package_module`.
 
     @classmethod
     def list_presets(cls) -> list[str]:
@@ -975,12 +894,10 @@ class DDPMUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin)
         A checkpoint whose config.json names `UNet2DModel` (`_class_name`) is loaded with
         `UNet2DModel.from_pretrained(**kwargs)` and converted (see [`~DDPMUNet2DModel.from_unet2d`]); a layout with
         no equivalent, or a config of another class, raises a ValueError naming the fix, never random weights.
-        Weights holding NaN or infinite values are refused (`NonFiniteWeightsError`, a ValueError naming the
-        tensor): the model would sample NaN images. `DiffusionPipeline.from_pretrained` of a saved pipeline loads
-        its UNet through this method, so it refuses them too.
+        NaN or infinite weights raise a `NonFiniteWeightsError` (see `check_finite_weights`), also under
+        `DiffusionPipeline.from_pretrained`, which loads a saved pipeline's UNet through this method.
         """
-        subfolder = kwargs.get("subfolder")
-        where = f"{pretrained_model_name_or_path}: {subfolder or cls.__name__}"
+        where = f"{pretrained_model_name_or_path}: {kwargs.get('subfolder') or cls.__name__}"
         config = cls._peek_config(pretrained_model_name_or_path, kwargs)
         saved_as = config.get("_class_name")
         if saved_as == "UNet2DModel":
@@ -1025,19 +942,17 @@ class NonFiniteWeightsError(ValueError):
 
 
 def check_finite_weights(model: nn.Module, source: str) -> None:
-    """Refuse a model whose floating-point weights (parameters and buffers) hold NaN or infinite values.
-
-    The one check behind `DDPMUNet2DModel.from_pretrained`, `diffusers_ddpm_ext.hub.load_pipeline` and the
-    evaluate CLI: such a model samples NaN images (or finite garbage, where a normalisation absorbs an infinity).
-    Tensors on the meta device (not materialised) and integer tensors are skipped.
+    """Refuse a model whose floating-point weights (parameters and buffers) hold NaN or infinite values: it would
+    sample NaN images (or finite garbage, where a normalisation absorbs an infinity). The one check behind
+    `DDPMUNet2DModel.from_pretrained`, `diffusers_ddpm_ext.hub.load_pipeline` and the evaluate CLI; tensors on the
+    meta device and integer tensors are skipped.
 
     Args:
         model (`torch.nn.Module`): the model to check, e.g. a loaded UNet of any class.
         source (`str`): what the model is, for the message, e.g. ``"ddpm-digits: unet"``.
 
     Raises:
-        NonFiniteWeightsError: (a ValueError) naming the bad tensors by their state-dict keys, each with its count
-            of NaN, +inf and -inf values.
+        NonFiniteWeightsError: naming the bad tensors by their state-dict keys, with their NaN, +inf, -inf counts.
     """
     bad = {}
     for name, tensor in model.state_dict().items():
@@ -1045,16 +960,13 @@ def check_finite_weights(model: nn.Module, source: str) -> None:
             counts = zip(("NaN", "+inf", "-inf"), (torch.isnan(tensor), torch.isposinf(tensor), torch.isneginf(tensor)))
             bad[name] = ", ".join(f"{int(m.sum())} {kind}" for kind, m in counts if bool(m.any()))
             bad[name] += f" of {tensor.numel()}"
-    if not bad:
-        return
-    (first, first_counts), *others = bad.items()
-    more = "".join(f", {name!r} ({counts})" for name, counts in others[:4])
-    more += f" and {len(others) - 4} more" if len(others) > 4 else ""
-    raise NonFiniteWeightsError(
-        f"{source} weight {first!r} holds NaN or infinite values ({first_counts}"
-        + (f"; so do {more[2:]}" if others else "")
-        + "): the checkpoint is corrupt and would sample NaN images. Load or export one saved before the weights "
-        "went bad.", list(bad))
+    if bad:
+        (first, first_counts), *others = bad.items()
+        more = ", ".join(f"{name!r} ({counts})" for name, counts in others[:4])
+        more = (f"; so do {more}" if others else "") + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+        raise NonFiniteWeightsError(
+            f"{source} weight {first!r} holds NaN or infinite values ({first_counts}{more}): the checkpoint is "
+            "corrupt and would sample NaN images. Load or export one saved before the weights went bad.", list(bad))
 
 
 # ---------------------------------------------------------------------- validation
@@ -1105,12 +1017,10 @@ def _validate_config(cfg: dict) -> tuple[list[int], list[int]]:
     for name in ("center_input_sample", "flip_sin_to_cos", "resnet_skip_time_act", "add_attention",
                  "mid_attention_norm", "zero_init_residual"):
         _require_bool(name, cfg[name])
-    _check_choice("time_embedding_act_fn", cfg["time_embedding_act_fn"], get_args(ActivationName))
-    _check_choice("act_fn", cfg["act_fn"], get_args(ActivationName))
-    _check_choice("resnet_time_scale_shift", cfg["resnet_time_scale_shift"], _TIME_SCALE_SHIFT)
-    _check_choice("downsample_type", cfg["downsample_type"], _DOWNSAMPLE_TYPES)
-    _check_choice("upsample_type", cfg["upsample_type"], _UPSAMPLE_TYPES)
-    _check_choice("downsample_padding", cfg["downsample_padding"], (0, 1))
+    for name, allowed in (("time_embedding_act_fn", get_args(ActivationName)), ("act_fn", get_args(ActivationName)),
+                          ("resnet_time_scale_shift", _TIME_SCALE_SHIFT), ("downsample_type", _DOWNSAMPLE_TYPES),
+                          ("upsample_type", _UPSAMPLE_TYPES), ("downsample_padding", (0, 1))):
+        _check_choice(name, cfg[name], allowed)
     for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
         _require_int(name, cfg[name])
     for name in ("time_embedding_dim", "attention_head_dim", "num_attention_heads", "attn_norm_num_groups",
@@ -1125,13 +1035,10 @@ def _validate_config(cfg: dict) -> tuple[list[int], list[int]]:
         # The sinusoid frequencies are max_period ** (-i / (half - freq_shift)): the denominator must stay positive.
         raise ValueError(f"`freq_shift`={cfg['freq_shift']!r} must be < block_out_channels[0] // 2 = {half} "
                          "(the sinusoid frequency denominator is `block_out_channels[0] // 2 - freq_shift`).")
-    if not _require_real("norm_eps", cfg["norm_eps"]) > 0:
-        raise ValueError(f"`norm_eps`={cfg['norm_eps']!r} must be > 0.")
-    if not 0.0 <= _require_real("dropout", cfg["dropout"]) < 1.0:
-        raise ValueError(f"`dropout`={cfg['dropout']!r} must be in [0, 1).")
-    if not _require_real("mid_block_scale_factor", cfg["mid_block_scale_factor"]) > 0:
-        raise ValueError(f"`mid_block_scale_factor`={cfg['mid_block_scale_factor']!r} must be > 0 (outputs are "
-                         "divided by it).")
+    for name, ok, bounds in (("norm_eps", lambda v: v > 0, "> 0"), ("dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+                             ("mid_block_scale_factor", lambda v: v > 0, "> 0 (outputs are divided by it)")):
+        if not ok(_require_real(name, cfg[name])):
+            raise ValueError(f"`{name}`={cfg[name]!r} must be {bounds}.")
 
     groups = cfg["norm_num_groups"]
     bad = [c for c in chans if c % groups]
@@ -1167,10 +1074,7 @@ def _validate_config(cfg: dict) -> tuple[list[int], list[int]]:
     if cfg["add_attention"]:
         attn_chans.append(chans[-1])
     for c in attn_chans:
-        if head_dim is not None and c % head_dim:
-            raise ValueError(f"`attention_head_dim`={head_dim} does not divide attention channels {c} "
-                             "(`block_out_channels`).")
-        if num_heads is not None and c % num_heads:
-            raise ValueError(f"`num_attention_heads`={num_heads} does not divide attention channels {c} "
-                             "(`block_out_channels`).")
+        for name, n in (("attention_head_dim", head_dim), ("num_attention_heads", num_heads)):
+            if n is not None and c % n:
+                raise ValueError(f"`{name}`={n} does not divide attention channels {c} (`block_out_channels`).")
     return chans, attn_res
