@@ -519,6 +519,33 @@ def export_student(student_dir: str, export_dir: str, repo_id: Optional[str] = N
                            grid_inference_steps=config["ddpm_num_inference_steps"], keep_pipeline_class=True, **kwargs)
 
 
+def push_final_student(flags, summary: Dict[str, Any]) -> Optional[str]:
+    """With ``flags.push_to_hub``: export the final student (:func:`export_student`) beside the output folder
+    (``<output_dir>-hub``) and push it as one commit to ``flags.hub_model_id`` (default: the output folder's name).
+    Returns the repo id, or None without ``push_to_hub``.
+
+    Raises:
+        HubPushError: the push failed; the export is kept and the message gives the command that retries it.
+    """
+    from . import hub
+    from .publish import default_repo_name
+
+    if not flags.push_to_hub:
+        return None
+    repo_id = flags.hub_model_id or default_repo_name(flags.output_dir)
+    export = export_student(summary["final_student"], os.path.normpath(flags.output_dir) + "-hub", repo_id=repo_id,
+                            overwrite=True)
+    last = summary["rounds"][-1]["student_steps"] if summary["rounds"] else flags.student_steps
+    private = " --private" if flags.hub_private_repo else ""
+    try:
+        hub.push_to_hub(export, repo_id, token=flags.hub_token, private=flags.hub_private_repo,
+                        commit_message=f"{last}-step student by progressive distillation of {os.path.basename(os.path.normpath(flags.teacher))}")
+    except hub.HubPushError as exc:
+        raise hub.HubPushError(f"{exc} The distillation itself completed; retry the upload with `python -m "
+                               f"diffusers_ddpm_ext.hub push {export} {repo_id}{private}`.") from exc
+    return repo_id
+
+
 def _measure(pipe, steps: int, extractor, reference, split: str, flags, progress: bool) -> Optional[dict]:
     from .evaluate import sample_quality_at_steps
 
@@ -580,12 +607,14 @@ def run_distillation(flags, accelerator, feature_extractor=None) -> Dict[str, An
     T = int(teacher_scheduler.config.num_train_timesteps)
     teacher_steps = flags.teacher_steps or default_teacher_steps(T, flags.student_steps)
     rounds = plan_rounds(T, teacher_steps, flags.student_steps)
+    # x̂ clipped in the teacher's steps and the students' schedulers exactly when the teacher's sampler clips it
+    clip = bool(teacher_scheduler.config.get("clip_sample", False)) if flags.clip_sample is None else flags.clip_sample
     alphas = teacher_scheduler.alphas_cumprod.detach().float().cpu()
     loader, eval_set, num_levels = build_data(flags, teacher, accelerator)
     reference = dataset_to_tensors(eval_set.reference)[0] if eval_set.reference is not None else None
     out, main = flags.output_dir, accelerator.is_main_process
     run_config = public_training_config(vars(flags))
-    run_config.update(teacher_steps=teacher_steps, rounds=rounds, num_train_timesteps=T)
+    run_config.update(teacher_steps=teacher_steps, rounds=rounds, num_train_timesteps=T, clip_sample=clip)
     summary: Dict[str, Any] = {"teacher": flags.teacher, "teacher_steps": teacher_steps, "rounds": []}
     start = time.time()
     with lock_on_main_process(accelerator, out):
@@ -612,10 +641,10 @@ def run_distillation(flags, accelerator, feature_extractor=None) -> Dict[str, An
             generator = torch.Generator(device=accelerator.device)
             seed_everything(process_seed(flags.seed + index, accelerator.process_index), generator)
             student = make_student(previous)
-            scheduler = student_scheduler(teacher_scheduler, steps, flags.student_prediction_type, flags.clip_sample,
+            scheduler = student_scheduler(teacher_scheduler, steps, flags.student_prediction_type, clip,
                                           diffusers_when_possible=False)  # the Trainer's: add_noise and sample grids
             loss_fn = ProgressiveDistillationLoss(previous, alphas, steps, previous_pt, flags.student_prediction_type,
-                                                  flags.clip_sample)
+                                                  clip)
             interrupt = flags.debug_interrupt_after_step
             interrupt = interrupt - elapsed_before if interrupt and 0 < interrupt - elapsed_before <= \
                 flags.steps_per_round else None
@@ -623,7 +652,7 @@ def run_distillation(flags, accelerator, feature_extractor=None) -> Dict[str, An
                                             ddpm_num_inference_steps=steps, debug_interrupt_after_step=interrupt,
                                             timestep_sampler="uniform")
             run_flags = {**script_flags(flags, accelerator), "teacher": flags.teacher, "round": index,
-                         "student_steps": steps, "teacher_steps": teacher_steps, "clip_sample": flags.clip_sample,
+                         "student_steps": steps, "teacher_steps": teacher_steps, "clip_sample": clip,
                          "student_prediction_type": flags.student_prediction_type}
             trainer = Trainer(student, scheduler, config, max_train_steps=flags.steps_per_round,
                               accelerator=accelerator, generator=generator,
@@ -643,13 +672,13 @@ def run_distillation(flags, accelerator, feature_extractor=None) -> Dict[str, An
             if main:
                 with trainer.ema_weights(), eval_mode(trainer.unwrapped):
                     pipe = student_pipeline(trainer.unwrapped, student_scheduler(
-                        teacher_scheduler, steps, flags.student_prediction_type, flags.clip_sample))
+                        teacher_scheduler, steps, flags.student_prediction_type, clip))
                     progress = accelerator.is_local_main_process
                     measure = (steps, feature_extractor, reference, eval_set.split, flags, progress)
                     result["student_quality"] = _measure(pipe, *measure)
                     if flags.eval_teacher:
                         result["teacher_quality"] = _measure(
-                            teacher_ddim_pipeline(teacher, teacher_scheduler, flags.clip_sample), *measure)
+                            teacher_ddim_pipeline(teacher, teacher_scheduler, clip), *measure)
                     summary["rounds"].append(result)
                     training_config = {**run_config, "ddpm_num_inference_steps": steps, "round": index}
                     _save_student(pipe, folder, description=card_description(flags.teacher, rounds, index,

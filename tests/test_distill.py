@@ -198,22 +198,32 @@ def distillation_error(student, loss, images, seed=0):
     return total / len(loss.timesteps)
 
 
-def test_one_round_on_digits_lowers_the_error_against_the_teacher(tmp_path):
+def test_one_round_on_digits_lowers_the_error_against_the_teacher(tmp_path, monkeypatch):
     """A learned-variance teacher (2C outputs) gives a C-output v-student; one short round brings its one step
     closer to the teacher's two DDIM steps on held-out digits, and the folder is a loadable, carded pipeline."""
     from diffusers_ddpm_ext.data import load_digits_tensors
     from diffusers_ddpm_ext.hub import load_pipeline
 
+    from train_helpers import FakeHubApi
+
+    hub_api = FakeHubApi().install(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
     folder = tiny_teacher(tmp_path / "teacher")
     out = tmp_path / "out"
     run_script("--teacher", folder, "--output_dir", out, "--teacher_steps", 4, "--student_steps", 2,
-               "--steps_per_round", 30, "--learning_rate", 2e-3, "--no-use_ema", *FAST)
+               "--steps_per_round", 30, "--learning_rate", 2e-3, "--no-use_ema", *FAST, "--push_to_hub",
+               "--no-clip_sample",  # the untrained teacher's clipped x̂ is a sign-like target a tiny net learns slowly
+               "--hub_model_id", "you/student")
+    upload = [c for c in hub_api.calls if c[0] == "upload"]
+    assert len(upload) == 1 and upload[0][1] == "you/student" and "unet/diffusion_pytorch_model.safetensors" in upload[0][2]
+    assert b"progressive distillation" in upload[0][4]["README.md"]
     teacher, scheduler = d.load_teacher(folder)
     loss = d.ProgressiveDistillationLoss(teacher, scheduler.alphas_cumprod, 2, "epsilon", "v_prediction")
     images = load_digits_tensors("heldout", resolution=8)[0][:64]
     before = distillation_error(d.make_student(teacher), loss, images)
     student = load_pipeline(out / "student-2-steps")
     assert student.unet.config.out_channels == 1 and student.scheduler.config.prediction_type == "v_prediction"
+    assert student.scheduler.config.clip_sample is False  # --no-clip_sample overrides the teacher's clipping
     after = distillation_error(student.unet, loss, images)
     assert after < 0.5 * before, (before, after)
     card = (out / "student-2-steps" / "README.md").read_text()
@@ -267,6 +277,8 @@ def test_saved_student_samples_identically_in_plain_diffusers(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["DDIMPipeline", "DDIMScheduler"]
+    with open(student / "scheduler" / "scheduler_config.json") as f:
+        assert json.load(f)["clip_sample"] is True  # by default x̂ is clipped as the teacher's DDPMScheduler clips
     plain = np.load(tmp_path / "plain.npy")
     unet = UNet2DModel.from_pretrained(student / "unet")
     with open(student / "scheduler" / "scheduler_config.json") as f:
@@ -278,3 +290,33 @@ def test_saved_student_samples_identically_in_plain_diffusers(tmp_path):
     noise = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     ref = d.ddim_sample(unet, DDIMScheduler.from_config(config).alphas_cumprod, [99, 49], "v_prediction", noise)
     np.testing.assert_allclose((ref / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), plain, atol=1e-5)
+    # The Hub export keeps the pipeline plain diffusers runs and the distillation card.
+    exported = d.export_student(str(student), str(tmp_path / "export"), repo_id="you/student", num_grid_images=2)
+    card = (exported / "README.md").read_text()
+    assert json.loads((exported / "model_index.json").read_text())["_class_name"] == "DDIMPipeline"
+    assert "2-step student distilled from the teacher `teacher (local folder)`" in card and "4 → 2" in card
+    assert "num_inference_steps=2" in card
+
+
+def test_card_metrics_list_fd_per_step_count_for_student_and_teacher():
+    entry = dict(fd=1.5, fd_standard_error=0.1, split="heldout", num_generated=500, num_reference=300,
+                 fd_method="Fréchet distance", num_inference_steps=4)
+    rows = d.card_metrics([{"round": 3, "student_steps": 4, "student_quality": entry,
+                            "teacher_quality": {**entry, "fd": 9.0}}])
+    assert rows["FD, student @ 4 steps (round 3)"]["value"] == 1.5
+    assert rows["FD, teacher DDIM @ 4 steps"]["value"] == 9.0
+    assert rows["FD, teacher DDIM @ 4 steps"]["num_images"] == "500 generated vs 300 real"
+
+
+def test_readme_snippet_runs():
+    """The Python snippet of the README section trains two steps of a 4-step student and samples it."""
+    import re
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    start = text.index("## Few-step students (progressive distillation)")
+    blocks = re.findall(r"```python\n(.*?)```", text[start:text.find("\n## ", start + 3)], flags=re.S)
+    namespace: dict = {}
+    exec(compile(blocks[-1], "README.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 2 and np.isfinite(namespace["out"].loss)
+    assert namespace["student"].config.out_channels == 1 and namespace["images"].shape == (2, 16, 16, 1)
+    assert namespace["loss_fn"].timesteps == [999, 749, 499, 249]

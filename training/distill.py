@@ -28,7 +28,8 @@ if __name__ == "__main__":  # a stop in the seconds of imports below: nothing is
             signal.signal(_signum, _stopped_during_start_up)
 
 from diffusers_ddpm_ext.data import VALIDATION_SPLIT_SEED  # noqa: E402
-from diffusers_ddpm_ext.distill import STUDENT_PREDICTION_TYPES, run_distillation  # noqa: E402
+from diffusers_ddpm_ext.distill import (STUDENT_PREDICTION_TYPES, push_final_student,  # noqa: E402
+                                        run_distillation)
 from diffusers_ddpm_ext.evaluate import validation_size_type  # noqa: E402
 from diffusers_ddpm_ext.processes import run_cli  # noqa: E402
 from diffusers_ddpm_ext.trainer import NAN_POLICIES, TrainConfig  # noqa: E402
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--steps_per_round", type=int, default=500, help="Optimizer steps of every round.")
     a("--student_prediction_type", default="v_prediction", choices=[*STUDENT_PREDICTION_TYPES, "epsilon"],
       help="What the student predicts (epsilon is refused: it cannot take the last steps).")
-    a("--clip_sample", action="store_true", help="Clip x̂ to [-1, 1] in the teacher's steps and the saved schedulers.")
+    a("--clip_sample", action=argparse.BooleanOptionalAction, default=None, help="Clip x̂ to [-1, 1] in the "
+      "teacher's DDIM steps and in the students' schedulers. Default: as the teacher's scheduler does.")
     a("--eval_teacher", action=argparse.BooleanOptionalAction, default=True, help="Also measure the teacher with "
       "DDIM at each student's step count (same network calls).")
     # ---- data (training/train.py's names; the resolution is the teacher's)
@@ -94,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_quality_num_images", type=int, default=256, help="Images per FD measurement (0 skips them).")
     a("--feature_extractor", default="auto", help="As in training/train.py: the digits classifier on the digits.")
     a("--eval_batch_size", type=int, default=64)
+    # ---- hub (the final student)
+    a("--push_to_hub", action="store_true", help="Export the final student (Hub folder <output_dir>-hub, with "
+      "its distillation card) and push it; the token is checked before distilling.")
+    a("--hub_model_id", default=None, help="Repo id (default: the --output_dir folder name).")
+    a("--hub_token", default=None, help="Hub write token (default: $HF_TOKEN or `hf auth login`).")
+    a("--hub_private_repo", action="store_true")
     a("--debug_interrupt_after_step", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(class_column=None, num_class_embeds=None, dataset_config_name=None, eval_num_images=16,
                    save_images_epochs=None, enable_xformers_memory_efficient_attention=False)
@@ -103,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     from accelerate import Accelerator
 
-    from diffusers_ddpm_ext.build import load_quality_extractor
+    from diffusers_ddpm_ext.build import check_environment, load_quality_extractor
+    from diffusers_ddpm_ext.processes import on_main_process
 
     args = build_parser().parse_args(argv)
     args.max_grad_norm = args.max_grad_norm or None
@@ -114,8 +123,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision)
+    on_main_process(accelerator, lambda: check_environment(args, accelerator))  # e.g. no Hub token: fail now
     extractor = load_quality_extractor(args, accelerator)
     summary = run_distillation(args, accelerator, extractor)
+    if accelerator.is_main_process:
+        push_final_student(args, summary)
     accelerator.end_training()
     return summary
 
