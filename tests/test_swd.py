@@ -135,9 +135,10 @@ def test_uint8_channels_last_and_float_channels_first_agree():
 
 def test_a_second_draw_is_far_below_a_corrupted_copy():
     ref, other = _images(64, 0, size=32), _images(64, 1, size=32)
-    same = S.sliced_wasserstein_distance(other, ref, num_bootstrap=10)
-    noisy = S.sliced_wasserstein_distance(_noise(other, 0.2), ref, num_bootstrap=10)
-    blurry = S.sliced_wasserstein_distance(_blurred(other, 1), ref, num_bootstrap=10)
+    kwargs = dict(num_directions=256, num_repeats=2, num_bootstrap=10)
+    same = S.sliced_wasserstein_distance(other, ref, **kwargs)
+    noisy = S.sliced_wasserstein_distance(_noise(other, 0.2), ref, **kwargs)
+    blurry = S.sliced_wasserstein_distance(_blurred(other, 1), ref, **kwargs)
     for bad in (noisy, blurry):
         assert bad.swd > 3 * same.swd
         assert bad.swd - same.swd > 5 * np.hypot(bad.swd_standard_error, same.swd_standard_error)
