@@ -19,7 +19,7 @@ grows): compare figures only at equal N, and state N. The floor is highest at th
 an 8x8 level holds only 4 distinct 7x7 neighbourhoods per image, so its 128 draws per image repeat them.
 
 Cost: about 2·N·128·(C·49)·2048 flops per level and set for the projections plus the sorting of N·128 values per
-direction; see :func:`sliced_wasserstein_distance` for timings.
+direction (timings in :func:`sliced_wasserstein_distance`).
 """
 
 from __future__ import annotations
@@ -427,6 +427,10 @@ def sliced_wasserstein_distance(
 
     Deterministic: the same inputs and ``seed`` give the same numbers (on one machine and thread count). The
     reference's neighbourhoods depend only on the reference and ``seed``.
+
+    Cost, 1000 vs 1000 RGB images, one torch thread (measured on a shared 2-core AMD EPYC): 6.7 s of CPU at 16x16
+    and 8.6 s at 32x32 without standard errors, 9.1 s and 11.5 s with 20 resamples; the projections (about 0.3
+    TFLOP per 1000 + 1000 images and level) and the sorting take most of it.
 
     Args:
         generated: generated images: float ``(N, C, H, W)`` or ``(N, H, W)`` in ``[-1, 1]`` (as
