@@ -429,7 +429,7 @@ def sliced_wasserstein_distance(
     reference's neighbourhoods depend only on the reference and ``seed``.
 
     Cost, 1000 vs 1000 RGB images, one torch thread (measured on a shared 2-core AMD EPYC): 6.7 s of CPU at 16x16
-    and 8.6 s at 32x32 without standard errors, 9.1 s and 11.5 s with 20 resamples; the projections (about 0.3
+    and 8.6 s at 32x32 without standard errors, 9.1 s and 11.5 s with 20 resamples; the projections (about 0.15
     TFLOP per 1000 + 1000 images and level) and the sorting take most of it.
 
     Args:
@@ -439,7 +439,7 @@ def sliced_wasserstein_distance(
         reference: reference images, in either form; the same C, H and W.
         num_descriptors: neighbourhoods per image and level (paper: 128).
         num_directions: random directions per draw (paper: 512).
-        num_repeats: independent direction draws averaged (4, as in the authors' evaluation).
+        num_repeats: independent draws of ``num_directions`` directions, averaged.
         num_bootstrap: bootstrap resamples for the standard errors (0: none, else at least 2).
         seed: seed of the neighbourhood positions, the directions and the resamples.
 
