@@ -26,6 +26,7 @@ PRESET_PARAMS = {
     "smalldiffusion-fashionmnist": 4_407_553,
     "diffusers-tutorial": 1_707_009,
     "digits-small": 925_985,
+    "rgb-small": 1_114_822,
 }
 
 
