@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 import os
 import warnings
@@ -72,9 +73,14 @@ from .images import (  # noqa: F401
     _check_channels,
     _check_resolution,
     _finish_scan,
+    GREY_MODES,
+    DataChannels,
+    DataChannelsError,
     center_crop,
+    check_data_channels,
     check_image,
     convert_image_mode,
+    image_channels,
     min_image_size,
     random_crop,
     resize_shorter_side,
@@ -496,6 +502,61 @@ def load_training_dataset(
     ds = load_hf_dataset(dataset_name, split, cache_dir)
     return HFImageDataset(ds, transform, image_column, class_column, skip_bad_images, validate, min_size,
                           name=f"dataset {dataset_name!r} (split {split!r})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grey or RGB: the channels of a data source
+# ----------------------------------------------------------------------------------------------------
+
+
+def data_channels(dataset_name: Optional[str] = None, train_data_dir: Optional[str] = None,
+                  image_column: Optional[str] = None, cache_dir: Optional[str] = None,
+                  split: str = "train") -> DataChannels:
+    """Whether a data source is grey (1 channel) or RGB (3), cheaply: from each image's mode
+    (:func:`~diffusers_ddpm_ext.images.image_channels`, the file header only), or from the image feature's ``mode``
+    when a ``datasets`` dataset declares one. RGB wins when any image is colour (the grey ones are then repeated to 3
+    channels). Unreadable images are left out here: the full check of :func:`load_training_dataset` names them.
+
+    Args:
+        dataset_name, train_data_dir, image_column, cache_dir, split: as in :func:`load_training_dataset` (neither
+            name: the built-in digits, grey).
+
+    Returns:
+        :class:`DataChannels`.
+    """
+    if dataset_name is None and train_data_dir is None:
+        return DataChannels(1, 0, len(_sklearn_digits()[1]), "the built-in digits")
+    if train_data_dir is not None:
+        source = f"--train_data_dir {train_data_dir!r}"
+        sources = ((p, os.path.relpath(p, train_data_dir)) for p in scan_image_folder(train_data_dir)[0])
+    else:
+        import datasets
+
+        source = f"--dataset_name {dataset_name!r}"
+        ds = load_hf_dataset(dataset_name, split, cache_dir)
+        column = resolve_image_column(ds.features, image_column)
+        mode = ds.features[column].mode
+        if mode is not None:  # every image is converted to this mode when it is decoded
+            grey = mode in GREY_MODES
+            return DataChannels(1 if grey else 3, 0 if grey else len(ds), len(ds) if grey else 0, source,
+                                None if grey else "row 0")
+        raw = ds.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        sources = ((io.BytesIO(c["bytes"]) if c.get("bytes") else c.get("path"), f"row {i}")
+                   for i, c in enumerate(row[column] or {} for row in raw))
+    colour = grey = 0
+    first_colour = None
+    for src, where in sources:
+        try:
+            with Image.open(src) as im:
+                channels = image_channels(im)
+        except Exception:  # noqa: BLE001 - a broken image is reported by the full check that follows
+            continue
+        grey += channels == 1
+        colour += channels == 3
+        if channels == 3 and first_colour is None:
+            first_colour = where
+    channels = 3 if colour else (1 if grey else None)
+    return DataChannels(channels, colour, grey, source, first_colour)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ CONVERTIBLE_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"
 REJECTED_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 _CHANNEL_MODES = {1: "L", 3: "RGB"}
+GREY_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+"""Modes of a grey image (:func:`image_channels`); ``P``/``PA`` are grey when their palette is."""
 
 
 class BadImageError(ValueError):
@@ -55,6 +57,18 @@ def convert_image_mode(image: Image.Image, in_channels: int) -> Image.Image:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     return image if image.mode == target else image.convert(target)
+
+
+def image_channels(image: Image.Image) -> int:
+    """The channels ``image`` holds: 1 for a grey mode (:data:`GREY_MODES`, or a palette of greys only), else 3.
+
+    Read from the mode, which ``Image.open`` takes from the file's header without decoding the pixels (only
+    palette images are decoded, to read their palette). An RGB file whose pixels happen to be grey counts as colour.
+    """
+    if image.mode in ("P", "PA"):
+        palette = np.asarray(image.getpalette() or [], dtype=np.int64).reshape(-1, 3)  # (colours, 3)
+        return 3 if (palette != palette[:, :1]).any() else 1
+    return 1 if image.mode in GREY_MODES else 3
 
 
 def resize_shorter_side(image: Image.Image, size: int, resample=Image.BILINEAR) -> Image.Image:
@@ -216,6 +230,60 @@ def _finish_scan(report: ScanReport, where: str, skip_bad_images: bool) -> None:
         + more
         + "\nFix or remove them, or pass skip_bad_images=True (--skip_bad_images) to skip them."
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grey or RGB (what data_channels in data.py finds for a whole data source)
+# ----------------------------------------------------------------------------------------------------
+
+
+class DataChannelsError(ValueError):
+    """A model's ``in_channels`` disagree with the data's (grey or RGB); raised instead of converting the images."""
+
+
+@dataclass
+class DataChannels:
+    """What :func:`diffusers_ddpm_ext.data.data_channels` found: ``channels`` (1 grey, 3 RGB; None when no image
+    could be read), ``num_colour`` / ``num_grey`` images, ``source`` (how messages name the data) and
+    ``first_colour`` (an example colour image, for mixed data)."""
+
+    channels: Optional[int]
+    num_colour: int
+    num_grey: int
+    source: str
+    first_colour: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return {1: "grey", 3: "RGB"}.get(self.channels, "unreadable")
+
+    def describe(self) -> str:
+        """``"12 of 300 images are colour (first: a.png), 288 grey"``, ``"all 300 images are colour"``."""
+        total = self.num_colour + self.num_grey
+        if self.num_colour and self.num_grey:
+            return (f"{self.num_colour} of {total} images are colour (first: {self.first_colour}), {self.num_grey} "
+                    f"grey")
+        return f"all {total} images are {'colour' if self.num_colour else 'grey'}"
+
+
+def check_data_channels(in_channels: int, data: DataChannels, model: str, advice: str = "") -> None:
+    """Refuse a model whose ``in_channels`` disagree with the data's, instead of converting the images silently.
+
+    Args:
+        in_channels: the model's input channels.
+        data: :func:`diffusers_ddpm_ext.data.data_channels` of the data.
+        model: how the message names the model (e.g. ``"--unet_preset 'digits-small'"``).
+        advice: what to do, appended to the message.
+
+    Raises:
+        DataChannelsError: naming the model, both channel counts and what the data holds.
+    """
+    if data.channels is None or int(in_channels) == data.channels:
+        return
+    kind = {1: "grey", 3: "RGB"}.get(int(in_channels), f"{in_channels}-channel")
+    raise DataChannelsError(f"{model} takes {kind} images (in_channels={in_channels}) but the data, {data.source}, "
+                            f"is {data.name} ({data.describe()}: in_channels={data.channels}); images are never "
+                            f"converted silently. {advice}".rstrip())
 
 
 # ----------------------------------------------------------------------------------------------------
