@@ -14,8 +14,16 @@
 * :func:`load_image_encoder` - any pretrained ``transformers`` image encoder (``AutoModel`` +
   ``AutoImageProcessor``, by Hub id or local folder) as a feature extractor, preprocessing exactly as its
   image processor says; the default ``facebook/dinov2-base`` with CLS-token features gives FD_DINOv2 (Stein et
-  al., NeurIPS 2023), the recommended replacement of Inception-FID for data other than the digits.
+  al., NeurIPS 2023), the recommended replacement of Inception-FID for data other than the digits. It lives in
+  :mod:`diffusers_ddpm_ext.encoders` with :func:`hub_offline_reason` and is re-exported here.
 * :func:`sample_quality` - all of the above in one dict, with the sample counts beside the figures.
+* :func:`sliced_wasserstein_figures` - the weight-free figure: multi-scale sliced Wasserstein distance
+  (:mod:`diffusers_ddpm_ext.swd`, Karras et al. 2018) per pyramid level and averaged, ± bootstrap standard errors,
+  as report keys; :func:`swd_real_data_floor` - the same figure for N real training images against the held-out
+  split, what "as good as real" reads at that N (computed once per data set and N in a process).
+* :func:`hub_offline_reason` - whether the Hugging Face Hub can be used, decided once per process
+  (``HF_HUB_OFFLINE``, else one short request to the endpoint), so that an encoder that is not cached fails at once
+  instead of after the Hub client's retries (:mod:`diffusers_ddpm_ext.encoders`).
 
 FD is biased upward at small N (the bias shrinks like 1/N): compare FDs only at equal N, and state N.
 
@@ -512,177 +520,12 @@ def load_digits_classifier(seed: int = 0, cache_dir: Optional[str] = None, retra
 
 
 # ----------------------------------------------------------------------------------------------------
-# A pretrained image encoder through transformers (FD_DINOv2 and friends)
+# Pretrained image encoders (FD_DINOv2 and friends): diffusers_ddpm_ext.encoders
 # ----------------------------------------------------------------------------------------------------
 
-
-DEFAULT_IMAGE_ENCODER = "facebook/dinov2-base"
-"""Default encoder for data other than the digits: DINOv2 ViT-B/14, whose CLS-token features give FD_DINOv2
-(Stein et al., NeurIPS 2023, "Exposing flaws of generative model evaluation metrics"; reported by EDM2)."""
-POOLINGS = ("auto", "cls", "pooler", "mean")
-
-
-def images_to_uint8(images: ArrayLike) -> np.ndarray:
-    """``(B, C, H, W)`` images in ``[-1, 1]`` (C = 1 or 3) to ``(B, H, W, 3)`` uint8 RGB (grey repeated).
-
-    Quantising to 8 bits first makes generated images look to the encoder exactly as if saved as PNG, like
-    the real images they are compared with.
-    """
-    x = torch.as_tensor(images).detach().float().cpu()
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (B, 1 or 3, H, W), got {tuple(x.shape)}")
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)  # grey -> RGB: the encoders are trained on colour images
-    return x.permute(0, 2, 3, 1).contiguous().numpy()  # (B, H, W, 3)
-
-
-class PretrainedImageEncoder(nn.Module):
-    """Features of a ``transformers`` image encoder (``AutoModel`` + ``AutoImageProcessor``) for
-    :func:`sample_quality`; build it with :func:`load_image_encoder`.
-
-    ``self(images)`` takes ``(B, 1 or 3, H, W)`` images in ``[-1, 1]``, quantises them to 8-bit RGB
-    (:func:`images_to_uint8`), preprocesses them exactly as the encoder's image processor says (resize, crop,
-    rescale, normalise: for DINOv2 bicubic resize of the shorter side to 256, center crop 224, ImageNet mean
-    and std), runs the model in chunks of ``batch_size`` on its device and returns ``(B, D)`` features.
-
-    Args:
-        model: the loaded ``transformers`` model (``last_hidden_state`` and/or ``pooler_output``).
-        processor: its image processor.
-        name: the name or path it was loaded from (reported beside the figures).
-        pooling: ``"cls"`` = the first token of ``last_hidden_state`` (the CLS token output; for DINOv2 after
-            its final layer norm, i.e. the feature of FD_DINOv2), ``"pooler"`` = ``pooler_output``,
-            ``"mean"`` = mean over tokens or spatial positions, ``"auto"`` = ``"cls"`` for token outputs
-            ``(B, L, D)``, else ``"pooler"`` when the model has one, else ``"mean"`` (convolutional encoders).
-        batch_size: images per forward pass.
-    """
-
-    def __init__(self, model, processor, name: str, pooling: str = "auto", batch_size: int = 64):
-        super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.model = model.eval().requires_grad_(False)
-        self.processor = processor
-        self.name = name
-        self.pooling = pooling
-        self.resolved_pooling = None if pooling == "auto" else pooling  # what "auto" chose, after the first call
-        self.batch_size = batch_size
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def metadata(self) -> dict:
-        """What the report says about the encoder."""
-        config = self.model.config
-        keep = ("do_resize", "size", "do_center_crop", "crop_size", "resample", "do_normalize", "image_mean",
-                "image_std")
-        settings = self.processor.to_dict() if hasattr(self.processor, "to_dict") else vars(self.processor)
-        proc = {k: settings[k] for k in keep if settings.get(k) is not None}
-        return {"name": self.name, "model_type": getattr(config, "model_type", None),
-                "model_class": type(self.model).__name__, "pooling": self.resolved_pooling or self.pooling,
-                "processor": _jsonable(proc)}
-
-    def preprocess(self, images: ArrayLike) -> torch.Tensor:
-        """``(B, C, H, W)`` in ``[-1, 1]`` -> ``pixel_values`` as the image processor makes them."""
-        from PIL import Image
-
-        pil = [Image.fromarray(a, "RGB") for a in images_to_uint8(images)]
-        return self.processor(images=pil, return_tensors="pt")["pixel_values"]  # (B, 3, H', W')
-
-    def _pool(self, out) -> torch.Tensor:
-        hidden = getattr(out, "last_hidden_state", None)
-        pooled = getattr(out, "pooler_output", None)
-        pooling = self.pooling
-        if pooling == "auto":
-            pooling = "cls" if hidden is not None and hidden.ndim == 3 else ("pooler" if pooled is not None else "mean")
-            self.resolved_pooling = pooling
-        if pooling == "cls":
-            if hidden is None or hidden.ndim != 3:
-                raise ValueError(f"pooling 'cls' needs a (B, L, D) last_hidden_state; {type(self.model).__name__} "
-                                 f"gives {None if hidden is None else tuple(hidden.shape)}")
-            return hidden[:, 0]  # (B, D): the CLS token
-        if pooling == "pooler":
-            if pooled is None:
-                raise ValueError(f"{type(self.model).__name__} has no pooler_output; use pooling 'cls' or 'mean'")
-            return pooled.flatten(1)  # (B, D)
-        if hidden is None:
-            raise ValueError(f"pooling 'mean' needs last_hidden_state, {type(self.model).__name__} has none")
-        return hidden.mean(1) if hidden.ndim == 3 else hidden.flatten(2).mean(-1)  # (B, D)
-
-    @torch.no_grad()
-    def forward(self, images: ArrayLike) -> torch.Tensor:
-        x = torch.as_tensor(images)
-        param = next(self.model.parameters())
-        out = []
-        for i in range(0, len(x), self.batch_size):
-            pixels = self.preprocess(x[i:i + self.batch_size]).to(param.device, param.dtype)
-            out.append(self._pool(self.model(pixel_values=pixels)).float().cpu())
-        return torch.cat(out)  # (B, D)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return int(obj) if hasattr(obj, "__int__") else str(obj)
-
-
-def default_device() -> torch.device:
-    """``cuda`` when available, else ``mps``, else ``cpu``."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def load_image_encoder(
-    name_or_path: str = DEFAULT_IMAGE_ENCODER,
-    device: Optional[Union[str, torch.device]] = None,
-    torch_dtype: Optional[torch.dtype] = None,
-    pooling: str = "auto",
-    batch_size: int = 64,
-    cache_dir: Optional[str] = None,
-    revision: Optional[str] = None,
-    local_files_only: bool = False,
-) -> PretrainedImageEncoder:
-    """Load any ``transformers`` image encoder by Hub id or local folder as a feature extractor.
-
-    ``AutoModel.from_pretrained`` + ``AutoImageProcessor.from_pretrained`` (both from ``name_or_path``; offline
-    use works from the Hugging Face cache with ``HF_HUB_OFFLINE=1``). The default, :data:`DEFAULT_IMAGE_ENCODER`,
-    gives FD_DINOv2.
-
-    Args:
-        name_or_path: Hub id (e.g. ``"facebook/dinov2-base"``, ``"facebook/dinov2-large"``) or a local folder with
-            the model and ``preprocessor_config.json``.
-        device: where the model runs (default :func:`default_device`).
-        torch_dtype: model dtype (default float32; features are returned as float32 either way).
-        pooling: see :class:`PretrainedImageEncoder`.
-        batch_size: images per forward pass.
-        cache_dir, revision, local_files_only: passed to both ``from_pretrained`` calls.
-
-    Returns:
-        :class:`PretrainedImageEncoder` in eval mode on ``device``.
-    """
-    from transformers import AutoImageProcessor, AutoModel
-
-    kwargs = {"cache_dir": cache_dir, "revision": revision, "local_files_only": local_files_only}
-    try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
-        model = AutoModel.from_pretrained(name_or_path, dtype=torch_dtype or torch.float32, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"could not load the image encoder {name_or_path!r} with transformers' AutoModel and "
-                         f"AutoImageProcessor (a Hub id such as {DEFAULT_IMAGE_ENCODER!r} or a local folder with "
-                         f"config.json, the weights and preprocessor_config.json): {type(e).__name__}: {e}") from e
-    model = model.to(torch.device(device) if device is not None else default_device())
-    return PretrainedImageEncoder(model, processor, name=str(name_or_path), pooling=pooling, batch_size=batch_size)
+from .encoders import (DEFAULT_IMAGE_ENCODER, HUB_CHECK_TIMEOUT_S, POOLINGS,  # noqa: E402,F401  (public names here)
+                       EncoderUnavailableError, PretrainedImageEncoder, default_device, hub_offline_reason,
+                       images_to_uint8, load_image_encoder)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -796,3 +639,89 @@ def sample_quality(
         out.update({k_: cov[k_] for k_ in ("mode_coverage", "class_kl_uniform", "class_tv_uniform", "class_histogram")})
         out["reference_mode_coverage"] = class_coverage(_predict(extractor, reference, batch_size))["mode_coverage"]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The weight-free figure: sliced Wasserstein distance, and its real-data floor
+# ----------------------------------------------------------------------------------------------------
+
+
+SWD_SETTINGS = {"num_descriptors": 128, "num_directions": 512, "num_repeats": 4, "num_bootstrap": 20}
+"""The SWD settings of every report (``sliced_wasserstein_distance``'s defaults: the paper's 128 neighbourhoods and
+512 directions, 4 draws, 20 bootstrap resamples for the standard errors); each report's ``swd_method`` states them.
+Fewer make it cheaper and noisier (the tests)."""
+SWD_FLOOR_SEED = 0
+"""Seed of the training images drawn for :func:`swd_real_data_floor` and of their SWD: fixed, so that the floor
+depends on the data set and N only (not on a run's seed)."""
+_FLOOR_MEMO: dict = {}
+
+
+def sliced_wasserstein_figures(generated: ArrayLike, reference: ArrayLike, *, seed: int = 0,
+                               num_bootstrap: Optional[int] = None) -> dict:
+    """Multi-scale sliced Wasserstein distance (:func:`diffusers_ddpm_ext.swd.sliced_wasserstein_distance` with
+    :data:`SWD_SETTINGS`: 128 neighbourhoods per image and level, 4 x 512 directions) as report keys.
+
+    Needs no weights: any images of at least 8 px, grey or RGB, ``(N, C, H, W)`` in ``[-1, 1]`` (quantised to 8 bits
+    as saved images are). Biased upward at small N like FD: compare at equal N, beside :func:`swd_real_data_floor`.
+
+    Returns:
+        dict with ``swd`` (×10³, mean over the pyramid levels) and ``swd_standard_error`` (bootstrap over images),
+        ``swd_<px>`` and ``swd_<px>_standard_error`` per level (finest first), ``swd_resolutions``,
+        ``n_generated``, ``n_reference``, ``swd_num_bootstrap`` and ``swd_method``.
+    """
+    from .swd import sliced_wasserstein_distance
+
+    settings = dict(SWD_SETTINGS)
+    if num_bootstrap is not None:
+        settings["num_bootstrap"] = num_bootstrap
+    out = sliced_wasserstein_distance(generated, reference, seed=seed, **settings)
+    figures = out.as_dict()
+    figures["swd_resolutions"] = list(out.resolutions)
+    return figures
+
+
+def floor_indices(num_available: int, num_images: int, seed: int = SWD_FLOOR_SEED) -> list:
+    """Which training images make the real-data floor: the first ``num_images`` of a seeded permutation of
+    ``range(num_available)``; all of them, in order, when there are not more (so a subset passed again is kept)."""
+    if int(num_images) >= int(num_available):
+        return list(range(int(num_available)))
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(int(num_available), generator=g)[:int(num_images)].tolist()
+
+
+def _digest(images: ArrayLike) -> tuple:
+    x = torch.as_tensor(images).detach().float().cpu()
+    pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous().numpy()
+    return tuple(x.shape), hashlib.sha1(pixels.tobytes()).hexdigest()
+
+
+def swd_real_data_floor(real_images: ArrayLike, reference: ArrayLike, *, seed: int = SWD_FLOOR_SEED,
+                        num_bootstrap: Optional[int] = None, real_split: str = "train",
+                        reference_split: Optional[str] = None) -> dict:
+    """SWD of real images (N training images, never the reference's) against the held-out reference: the figure a
+    model whose samples were real images would get at this N and these settings, i.e. the floor its SWD is read
+    against (SWD is biased upward at small N, so a model's figure is never compared with 0).
+
+    Computed once per process for the same images, reference and settings (a later call returns the kept figures).
+
+    Args:
+        real_images: ``(N, C, H, W)`` real images in ``[-1, 1]``, N = the generated N (:func:`floor_indices` picks
+            them from the training split).
+        reference: the held-out images the samples are compared with.
+        seed, num_bootstrap: of :func:`sliced_wasserstein_figures`.
+        real_split, reference_split: the splits' names, reported.
+
+    Returns:
+        The keys of :func:`sliced_wasserstein_figures` with ``n_real`` (N) in place of ``n_generated``, plus
+        ``split`` (e.g. ``"train vs validation"``) and ``method``.
+    """
+    key = (_digest(real_images), _digest(reference), int(seed), num_bootstrap, tuple(sorted(SWD_SETTINGS.items())))
+    if key not in _FLOOR_MEMO:
+        _FLOOR_MEMO[key] = sliced_wasserstein_figures(real_images, reference, seed=seed, num_bootstrap=num_bootstrap)
+    figures = dict(_FLOOR_MEMO[key])
+    figures["n_real"] = figures.pop("n_generated")
+    figures["split"] = f"{real_split} vs {reference_split}" if reference_split else real_split
+    figures["method"] = (f"real-data floor: SWD of {figures['n_real']} real {real_split} images (a seeded random "
+                         f"subset, none of them in the reference) against the {figures['n_reference']} reference "
+                         f"images, with the samples' settings: what samples as good as real images score at this N")
+    return figures

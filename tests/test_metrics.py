@@ -5,6 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from diffusers_ddpm_ext import encoders
 from diffusers_ddpm_ext import metrics as M
 from diffusers_ddpm_ext.data import load_digits_tensors, load_heldout_digits
 
@@ -420,3 +421,101 @@ def test_encoder_on_cuda_matches_cpu(tiny_dinov2):
     enc = M.load_image_encoder(str(tiny_dinov2))  # default device: cuda
     assert enc.device.type == "cuda"
     torch.testing.assert_close(enc(x), cpu, rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------- offline: the Hub asked once, quickly
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """huggingface_hub's constants as a test sets them (read at import, so patched, not the environment), and no
+    answer kept from another test."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(encoders, "_HUB_STATUS", {})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return constants
+
+
+def test_hub_offline_reason_honours_the_flag_and_asks_an_endpoint_once(hub, monkeypatch):
+    import http.server
+    import threading
+    import time
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(encoders, "_probe_endpoint", lambda *a: pytest.fail("asked the Hub under HF_HUB_OFFLINE=1"))
+    assert M.hub_offline_reason() == "HF_HUB_OFFLINE=1"
+    monkeypatch.undo()
+    monkeypatch.setattr(encoders, "_HUB_STATUS", {})
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    # Nothing listens on port 9: refused at once, and the answer is kept (a second call asks nothing).
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.perf_counter()
+    reason = M.hub_offline_reason()
+    assert time.perf_counter() - start < M.HUB_CHECK_TIMEOUT_S + 1
+    assert reason.startswith("no answer from http://127.0.0.1:9") and "\n" not in reason
+    probe = encoders._probe_endpoint
+    monkeypatch.setattr(encoders, "_probe_endpoint", lambda *a: pytest.fail("asked twice"))
+    assert M.hub_offline_reason() == reason
+    # A server that answers, even 404 to HEAD /, is reachable.
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    try:
+        assert probe(f"http://127.0.0.1:{server.server_port}", 5.0) is None
+    finally:
+        server.server_close()
+
+
+def test_an_encoder_the_cache_lacks_fails_at_once_when_the_hub_does_not_answer(tiny_dinov2, hub, monkeypatch,
+                                                                                tmp_path):
+    import time
+
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    cache = build_model_cache(tiny_dinov2, tmp_path / "hf_cache")
+    # Cached: loaded from the cache without HF_HUB_OFFLINE and without a request (transformers' adapter look-up
+    # asked the Hub despite local_files_only: 23 s of retries), the Hub client's setting restored after.
+    start = time.perf_counter()
+    assert M.load_image_encoder(ENCODER_REPO, device="cpu", cache_dir=str(cache)).name == ENCODER_REPO
+    assert time.perf_counter() - start < 10 and hub.HF_HUB_OFFLINE is False
+    start = time.perf_counter()
+    with pytest.raises(M.EncoderUnavailableError) as error:
+        M.load_image_encoder("tiny-org/not-there", device="cpu", cache_dir=str(cache))
+    assert time.perf_counter() - start < 10  # no retries (they took minutes)
+    message = str(error.value)
+    assert "\n" not in message and "'tiny-org/not-there' is not in the Hugging Face cache" in message
+    assert "no answer from http://127.0.0.1:9" in message and "pass a local folder" in message
+    assert "no answer from http://127.0.0.1:9" in error.value.cause and "pass" not in error.value.cause
+    with pytest.raises(M.EncoderUnavailableError, match="is no folder and no Hub id"):
+        M.load_image_encoder(str(tmp_path / "missing" / "encoder"), device="cpu")
+
+
+# ------------------------------------------------------------------- SWD in reports, and its real-data floor
+
+
+def test_swd_figures_and_the_real_data_floor(monkeypatch):
+    from diffusers_ddpm_ext import swd as S
+
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(60, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
+    train, reference = smooth[:30], smooth[30:]
+    noisy = _noisy(train, 0.5, 3)
+    figures = M.sliced_wasserstein_figures(noisy, reference, num_bootstrap=4)
+    direct = S.sliced_wasserstein_distance(noisy, reference, num_bootstrap=4).as_dict()
+    assert {k: figures[k] for k in direct} == direct and figures["swd_resolutions"] == [16, 8]
+    assert {"swd_16", "swd_8", "swd_16_standard_error", "swd_8_standard_error", "swd_method"} <= set(figures)
+
+    calls = []
+    monkeypatch.setattr(M, "_FLOOR_MEMO", {})
+    real = M.sliced_wasserstein_figures
+    monkeypatch.setattr(M, "sliced_wasserstein_figures", lambda *a, **k: calls.append(1) or real(*a, **k))
+    floor = M.swd_real_data_floor(train, reference, num_bootstrap=4, reference_split="validation")
+    again = M.swd_real_data_floor(train.clone(), reference.clone(), num_bootstrap=4, reference_split="validation")
+    assert again == floor and len(calls) == 1  # once per data set and N
+    assert (floor["n_real"], floor["n_reference"], floor["split"]) == (30, 30, "train vs validation")
+    assert "n_generated" not in floor and "30 real train images" in floor["method"]
+    # Real images score well below noisy ones: the floor is what "as good as real" reads.
+    assert floor["swd"] + 3 * floor["swd_standard_error"] < figures["swd"]
+    # Which training images: a seeded subset, all of them (in order) when there are not more.
+    assert M.floor_indices(10, 4) == M.floor_indices(10, 4) != list(range(4))
+    assert len(set(M.floor_indices(10, 4))) == 4 and max(M.floor_indices(10, 4)) < 10
+    assert M.floor_indices(3, 8) == [0, 1, 2] and M.floor_indices(5, 5) == list(range(5))
