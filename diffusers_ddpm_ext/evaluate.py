@@ -1,4 +1,4 @@
-"""Evaluate a trained pipeline on held-out data: bits/dim, and FD/KID/precision/recall at chosen step counts.
+"""Evaluate a trained pipeline on held-out data: bits/dim, and SWD, FD/KID/precision/recall at chosen step counts.
 
 Command line (the data flags are those of ``training/train.py``; the built-in digits by default)::
 
@@ -17,11 +17,22 @@ same split ``train.py`` holds out, given the same ``--validation_size`` and ``--
   (:func:`~diffusers_ddpm_ext.likelihood.estimate_bits_per_dim`), or exact with ``--bpd_exact`` (T calls).
 * **sample quality** at each ``--num_inference_steps``: ``--num_images`` images (the same N and the same
   initial noise at every step count) sampled with the pipeline's own ``__call__`` (class labels round-robin
-  for class-conditional pipelines), compared with the validation images in the features of the digits
-  classifier (digits) or of a pretrained ``transformers`` encoder (``facebook/dinov2-base`` by default:
-  FD_DINOv2): FD with a bootstrap standard error, KID with its spread over subsets, precision/recall with
-  binomial standard errors.
+  for class-conditional pipelines), compared with the validation images:
+
+  - always, weight-free: the multi-scale sliced Wasserstein distance (SWD ×10³, Karras et al. 2018) per pyramid
+    level and averaged, ± bootstrap standard errors, beside its **real-data floor**: the SWD of N training images
+    against the same validation images (what "as good as real" reads at this N; computed once);
+  - in the features of the digits classifier (digits) or of a pretrained ``transformers`` encoder
+    (``facebook/dinov2-base`` by default: FD_DINOv2): FD with a bootstrap standard error, KID with its spread over
+    subsets, precision/recall with binomial standard errors. With ``--feature_extractor auto`` and no encoder to
+    load (offline and not cached), one warning line says so and only SWD is reported; an encoder named explicitly
+    that cannot be loaded is an error (exit code 2) before anything is computed.
 * a sample grid per step count, ``report.json`` and ``report.md``.
+
+Everything the run needs is checked before anything is computed: the arguments, the output folder (absent or
+empty, and writable), the pipeline's weights, the data (the held-out images and the training images of the floor
+are read first) and the encoder (loaded, or the fallback decided; whether the Hub can be reached is asked once,
+with a short timeout, or not at all under ``HF_HUB_OFFLINE=1``).
 
 :func:`evaluate_pipeline` is the same as a function; it returns the report dict.
 """
@@ -41,6 +52,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .metrics import EncoderUnavailableError
 from .unet import NonFiniteWeightsError, check_finite_weights
 
 logger = logging.getLogger(__name__)
@@ -57,6 +69,12 @@ FD_SMALL_N_WARNING = (
 )
 
 
+SWD_FLOOR_NOTE = (
+    "SWD, like FD, is biased upward at small N: a model is as good as real images when its SWD reaches the real-data "
+    "floor (N training images against the same reference), not 0. Compare SWDs only at equal N and reference."
+)
+
+
 def _grid_file(steps: int) -> str:
     return f"samples_{steps}_steps.png"
 
@@ -68,12 +86,21 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuse an existing, non-empty ``output_dir`` unless ``overwrite`` (then only our report files are replaced)."""
+    """Refuse an existing, non-empty ``output_dir`` unless ``overwrite`` (then only our report files are replaced),
+    and a folder that could not be written: the folder, or where it would be created (its nearest existing parent),
+    must be writable. Creates nothing."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise FileExistsError(f"--output_dir {output_dir!r} exists and is not a folder")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise FileExistsError(f"--output_dir {output_dir!r} already exists and is not empty; pass --overwrite "
                               f"(overwrite=True) to replace its report, or choose another folder")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"--output_dir {output_dir!r} cannot be created: {existing!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output_dir {output_dir!r} cannot be written: no write permission in {existing!r}")
 
 
 def load_pipeline(pipeline, device: Optional[Union[str, torch.device]] = None, **from_pretrained_kwargs):
@@ -229,6 +256,37 @@ def generate_images(pipeline, num_images: int, num_inference_steps: int, batch_s
     return torch.cat(out) * 2 - 1  # (N, C, H, W) in [-1, 1]
 
 
+class FeaturesUnavailable:
+    """What ``--feature_extractor auto`` resolves to where no image encoder can be loaded (offline and not cached):
+    no features, so sample quality is the weight-free figures only (SWD and its real-data floor). Not callable;
+    :func:`has_features` tells it from an extractor.
+
+    Attributes:
+        tried: the encoder that could not be loaded.
+        reason: why, in one line.
+    """
+
+    name = None
+
+    def __init__(self, tried: str, reason: str):
+        self.tried, self.reason = tried, reason
+
+    @property
+    def metadata(self) -> dict:
+        return {"tried": self.tried, "skipped": self.reason}
+
+    def __repr__(self) -> str:
+        return f"FeaturesUnavailable(tried={self.tried!r})"
+
+
+def has_features(extractor) -> bool:
+    """Whether ``extractor`` gives features (FD/KID/precision/recall); None and :class:`FeaturesUnavailable` do not."""
+    return extractor is not None and not isinstance(extractor, FeaturesUnavailable)
+
+
+_WARNED: set = set()
+
+
 def load_feature_extractor(feature_extractor: Union[str, Callable, None] = "auto", digits: bool = False,
                            device: Union[str, torch.device, None] = None, batch_size: int = 64,
                            cache_dir: Optional[str] = None):
@@ -243,18 +301,51 @@ def load_feature_extractor(feature_extractor: Union[str, Callable, None] = "auto
         device: where it runs (default :func:`~diffusers_ddpm_ext.metrics.default_device`).
         batch_size: images per encoder forward pass.
         cache_dir: ``transformers`` cache folder.
+
+    Returns:
+        The extractor; for ``"auto"`` where the default encoder cannot be loaded (not cached while the Hub cannot be
+        used, :func:`~diffusers_ddpm_ext.metrics.hub_offline_reason`), a :class:`FeaturesUnavailable` after one
+        warning line (once per process) naming ``--feature_extractor`` and what was tried: sample quality is then
+        the weight-free SWD alone. Never waits on the Hub client's retries.
+
+    Raises:
+        EncoderUnavailableError: an encoder named explicitly cannot be loaded (one line).
     """
     from . import metrics
 
     if callable(feature_extractor) and not isinstance(feature_extractor, str):
         return feature_extractor
     name = feature_extractor or "auto"
-    if name == "auto":
+    auto = name == "auto"
+    if auto:
         name = DIGITS_EXTRACTOR if digits else metrics.DEFAULT_IMAGE_ENCODER
     device = torch.device(device) if device is not None else metrics.default_device()
     if name == DIGITS_EXTRACTOR:
         return metrics.load_digits_classifier().to(device)
-    return metrics.load_image_encoder(name, device=device, batch_size=batch_size, cache_dir=cache_dir)
+    try:
+        return metrics.load_image_encoder(name, device=device, batch_size=batch_size, cache_dir=cache_dir)
+    except EncoderUnavailableError as error:
+        if not auto:
+            raise
+        unavailable = FeaturesUnavailable(name, error.cause)
+    if name not in _WARNED:
+        _WARNED.add(name)
+        logger.warning("--feature_extractor auto: tried %s: %s; sample quality is the weight-free SWD beside its "
+                       "real-data floor, without FD/KID/precision/recall (pass --feature_extractor <a local folder of "
+                       "a transformers image encoder> for them)", name, unavailable.reason)
+    return unavailable
+
+
+def training_subset(train, num_images: int) -> torch.Tensor:
+    """The real images of the SWD floor: :func:`~diffusers_ddpm_ext.metrics.floor_indices` of ``train`` (a tensor
+    ``(M, C, H, W)`` in ``[-1, 1]`` or a dataset of ``{"pixel_values"}`` items), read with the global RNG untouched."""
+    from .metrics import floor_indices
+
+    index = floor_indices(len(train), num_images)
+    if isinstance(train, torch.Tensor):
+        return train[index]
+    with torch.random.fork_rng(devices=[]):  # a dataset's random crop or flip must not move the caller's RNG
+        return torch.stack([train[i]["pixel_values"] for i in index])  # (N, C, H, W)
 
 
 def sample_quality_at_steps(
@@ -275,18 +366,23 @@ def sample_quality_at_steps(
     feature_batch_size: int = 64,
     progress: bool = True,
     on_samples: Optional[Callable[[int, torch.Tensor], None]] = None,
+    train_images=None,
+    train_split: str = "train",
+    swd_bootstrap: Optional[int] = None,
 ) -> list:
-    """FD/KID/precision/recall of ``num_images`` samples at each step count against ``reference``.
+    """SWD (weight-free) and FD/KID/precision/recall of ``num_images`` samples at each step count against
+    ``reference``.
 
     The same N and the same initial noise at every step count (:func:`generate_images`); the reference's features
-    are extracted once.
+    and the real-data floor of SWD are computed once.
 
     Args:
         pipeline: a DDPM-style pipeline (``__call__`` with ``num_inference_steps``, ``output_type="np"``).
         reference: ``(M, C, H, W)`` held-out images in ``[-1, 1]``.
         num_inference_steps: sampling step counts.
         num_images: generated images per step count.
-        extractor: a feature extractor (:func:`load_feature_extractor`).
+        extractor: a feature extractor (:func:`load_feature_extractor`); None or :class:`FeaturesUnavailable`:
+            SWD only (the FD/KID/precision/recall keys are None and ``fd_method`` says why).
         split: the reference's split name, reported beside the figures.
         reference_features: the reference's features if already computed.
         sample_batch_size, seed, num_classes, guidance_scale: see :func:`generate_images`.
@@ -294,18 +390,32 @@ def sample_quality_at_steps(
         feature_batch_size: images per feature-extraction batch.
         progress: show progress bars.
         on_samples: called as ``on_samples(steps, images)`` with each step count's samples (e.g. to save a grid).
+        train_images: the training split (tensor or dataset; never the reference's images): N of them
+            (:func:`training_subset`) give ``swd_real_data_floor``; None: no floor (``None`` in the entries).
+        train_split: its name, reported.
+        swd_bootstrap: bootstrap resamples of the SWD standard errors (None: ``metrics.SWD_SETTINGS``).
 
     Returns:
         One dict per step count: ``num_inference_steps``, ``split``, ``num_generated``, ``num_reference``,
-        ``network_calls_per_image``, ``sampling_wall_time_s``, ``fd_method``, ``kid_method``, ``pr_method`` and
-        the figures of :func:`~diffusers_ddpm_ext.metrics.sample_quality`.
+        ``network_calls_per_image``, ``sampling_wall_time_s``, ``fd_method``, ``kid_method``, ``pr_method``, the
+        figures of :func:`~diffusers_ddpm_ext.metrics.sample_quality` and of
+        :func:`~diffusers_ddpm_ext.metrics.sliced_wasserstein_figures` (``swd``, ``swd_standard_error``,
+        ``swd_<px>``, ``swd_<px>_standard_error``, ``swd_resolutions``, ``swd_num_bootstrap``, ``swd_method``) and
+        ``swd_real_data_floor`` (:func:`~diffusers_ddpm_ext.metrics.swd_real_data_floor`).
     """
-    from .metrics import extract_features, sample_quality
+    from .metrics import extract_features, sample_quality, sliced_wasserstein_figures, swd_real_data_floor
 
-    if reference_features is None:
+    features = has_features(extractor)
+    if features and reference_features is None:
         reference_features = extract_features(extractor, reference, feature_batch_size, progress,
                                               "features (reference)")
-    name = extractor_info(extractor)["name"]
+    name = extractor_info(extractor)["name"] if features else None
+    skipped = ("not computed: no feature extractor" + (f" ({extractor.tried}: {extractor.reason})"
+                                                       if isinstance(extractor, FeaturesUnavailable) else ""))
+    floor = None
+    if train_images is not None:
+        floor = swd_real_data_floor(training_subset(train_images, num_images), reference, num_bootstrap=swd_bootstrap,
+                                    real_split=train_split, reference_split=split)
     conditional = _is_conditional(pipeline)
     guided = conditional and guidance_scale not in (0.0, 1.0)  # guided steps run the UNet on 2B samples
     results = []
@@ -316,25 +426,58 @@ def sample_quality_at_steps(
         sampling_s = time.time() - t0
         if on_samples is not None:
             on_samples(steps, generated)
-        q = sample_quality(generated, reference, extractor, reference_features=reference_features,
-                           fd_bootstrap=fd_bootstrap, kid_num_subsets=kid_num_subsets, seed=seed,
-                           batch_size=feature_batch_size, progress=progress)
+        swd = sliced_wasserstein_figures(generated, reference, seed=seed, num_bootstrap=swd_bootstrap)
+        if features:
+            q = sample_quality(generated, reference, extractor, reference_features=reference_features,
+                               fd_bootstrap=fd_bootstrap, kid_num_subsets=kid_num_subsets, seed=seed,
+                               batch_size=feature_batch_size, progress=progress)
+        else:
+            q = {k: None for k in _FEATURE_KEYS}
+            q.update(n_generated=swd["n_generated"], n_reference=swd["n_reference"])
         entry = {"num_inference_steps": int(steps), "split": split, "num_generated": q["n_generated"],
                  "num_reference": q["n_reference"], "network_calls_per_image": int(steps) * (2 if guided else 1),
                  "sampling_wall_time_s": sampling_s,
-                 "fd_method": f"Fréchet distance of Gaussians fitted to {name} features; standard error: "
-                              + (f"bootstrap, {fd_bootstrap} resamples" if fd_bootstrap else "not computed"),
+                 "fd_method": (f"Fréchet distance of Gaussians fitted to {name} features; standard error: "
+                               + (f"bootstrap, {fd_bootstrap} resamples" if fd_bootstrap else "not computed"))
+                 if features else skipped,
                  "kid_method": f"unbiased MMD², cubic kernel, {q['kid_num_subsets']} subsets of "
-                               f"{q['kid_subset_size']}; ± is the std over subsets",
-                 "pr_method": f"improved precision/recall, k = {q['pr_k']}; ± is binomial"}
+                               f"{q['kid_subset_size']}; ± is the std over subsets" if features else skipped,
+                 "pr_method": f"improved precision/recall, k = {q['pr_k']}; ± is binomial" if features else skipped}
         entry.update({k: v for k, v in q.items() if k != "extractor"})
+        entry.update({k: v for k, v in swd.items() if k not in ("n_generated", "n_reference")})
+        entry["swd_real_data_floor"] = floor
         results.append(entry)
-        logger.info("%d steps: FD %.4g (N = %d generated, %d reference, split %s)", steps, q["fd"],
-                    q["n_generated"], q["n_reference"], split)
+        logger.info("sample quality at %d steps, N = %d generated vs %d %s images: %s", steps,
+                    entry["num_generated"], entry["num_reference"], split, quality_summary(entry))
     return results
 
 
-def extractor_info(extractor) -> dict:
+# The keys of metrics.sample_quality, None when there are no features.
+_FEATURE_KEYS = ("fd", "fd_standard_error", "kid_mean", "kid_std", "precision", "recall", "precision_standard_error",
+                 "recall_standard_error", "mode_coverage", "class_kl_uniform", "class_tv_uniform", "class_histogram",
+                 "reference_mode_coverage", "feature_dim", "kid_subset_size", "kid_num_subsets", "pr_k",
+                 "fd_bootstrap", "extractor_heldout_accuracy")
+
+
+def quality_summary(entry: dict) -> str:
+    """One line of a sample-quality entry: SWD ± s.e. (real-data floor ± s.e.) and, with features, FD ± s.e."""
+    floor = entry.get("swd_real_data_floor")
+    text = f"SWD×10³ {_fmt(entry.get('swd'))} ± {_fmt(entry.get('swd_standard_error'), 2)}"
+    if floor:
+        text += (f" (real-data floor {_fmt(floor['swd'])} ± {_fmt(floor['swd_standard_error'], 2)}, "
+                 f"{floor['n_real']} {floor['split']})")
+    if entry.get("fd") is not None:
+        text += f", FD {_fmt(entry['fd'])} ± {_fmt(entry.get('fd_standard_error'), 2)}"
+    return text
+
+
+def extractor_info(extractor) -> Optional[dict]:
+    """What a report says about the feature extractor; for :class:`FeaturesUnavailable` ``{"name": None, "tried",
+    "skipped"}``, for None None."""
+    if extractor is None:
+        return None
+    if isinstance(extractor, FeaturesUnavailable):
+        return {"name": None, **extractor.metadata}
     meta = getattr(extractor, "metadata", None)
     info = {"name": getattr(extractor, "name", None) or type(extractor).__name__}
     if isinstance(meta, dict):
@@ -480,6 +623,19 @@ def evaluate_pipeline(
         raise ValueError(f"the data has {num_classes} classes but the UNet has num_class_embeds="
                          f"{unet.config.num_class_embeds}")
 
+    # Everything sample quality needs, read or decided before anything is computed: the held-out reference, the
+    # training images of the SWD floor, the encoder (or the weight-free fallback of "auto").
+    reference = floor_images = extractor = bpd_images = bpd_labels = None
+    if bpd_num_images:
+        bpd_images, bpd_labels = D.dataset_to_tensors(split.validation, bpd_num_images)
+    if steps_list:
+        extractor = load_feature_extractor(feature_extractor, builtin, device, feature_batch_size, cache_dir)
+        reference, _ = D.dataset_to_tensors(split.validation, num_reference_images)
+        if len(reference) < 4:
+            raise ValueError(f"the {split_name} split has {len(reference)} images; sample quality needs at least 4 "
+                             f"(pass a larger --validation_size)")
+        floor_images = training_subset(split.train, num_images)
+
     report = {
         "pipeline": pipe_name, "pipeline_class": type(pipe).__name__, "unet_class": type(unet).__name__,
         "scheduler_class": type(pipe.scheduler).__name__, "class_conditional": conditional,
@@ -489,22 +645,16 @@ def evaluate_pipeline(
     }
 
     if bpd_num_images:
-        images, labels = D.dataset_to_tensors(split.validation, bpd_num_images)
-        logger.info("bits/dim on %d %s images", len(images), split_name)
+        logger.info("bits/dim on %d %s images", len(bpd_images), split_name)
         report["bits_per_dim"] = evaluate_bits_per_dim(
-            pipe.unet, pipe.scheduler, images, labels if conditional else None, int(info["num_levels"]), split_name,
-            exact=bpd_exact, num_timesteps_sampled=bpd_timesteps, batch_size=bpd_batch_size, seed=seed,
+            pipe.unet, pipe.scheduler, bpd_images, bpd_labels if conditional else None, int(info["num_levels"]),
+            split_name, exact=bpd_exact, num_timesteps_sampled=bpd_timesteps, batch_size=bpd_batch_size, seed=seed,
             progress=progress)
 
     grids = {}
     if steps_list:
-        reference, _ = D.dataset_to_tensors(split.validation, num_reference_images)
-        if len(reference) < 4:
-            raise ValueError(f"the {split_name} split has {len(reference)} images; sample quality needs at least 4 "
-                             f"(pass a larger --validation_size)")
-        extractor = load_feature_extractor(feature_extractor, builtin, device, feature_batch_size, cache_dir)
         reference_features = extract_features(extractor, reference, feature_batch_size, progress,
-                                              "features (reference)")
+                                              "features (reference)") if has_features(extractor) else None
         report["feature_extractor"] = extractor_info(extractor)
 
         def save_grid(steps, generated):
@@ -518,9 +668,10 @@ def evaluate_pipeline(
             reference_features=reference_features, sample_batch_size=sample_batch_size, seed=seed,
             num_classes=num_classes if conditional else None, guidance_scale=guidance_scale,
             fd_bootstrap=fd_bootstrap, kid_num_subsets=kid_num_subsets, feature_batch_size=feature_batch_size,
-            progress=progress, on_samples=save_grid)
+            progress=progress, on_samples=save_grid, train_images=floor_images, train_split="train")
     report["sample_grids"] = {str(k): v for k, v in grids.items()}
     report["fd_small_n_warning"] = FD_SMALL_N_WARNING
+    report["swd_floor_note"] = SWD_FLOOR_NOTE
     report["wall_time_s"] = time.time() - wall_start
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
@@ -578,36 +729,71 @@ def report_markdown(report: dict) -> str:
                   f"(includes the Monte-Carlo noise of an estimate); Monte-Carlo s.e.: from sampling the timesteps "
                   f"for these images only.", ""]
     if report["sample_quality"]:
-        fx = report["feature_extractor"]
-        q0 = report["sample_quality"][0]
+        entries = report["sample_quality"]
+        q0 = entries[0]
         lines += ["## Sample quality", "",
-                  f"Features: `{fx['name']}`" + (f" ({fx.get('model_type')}, {fx.get('pooling')} pooling)"
-                                                if fx.get("model_type") else "")
-                  + f". Reference: split **{q0['split']}**, N = {q0['num_reference']} images. "
-                  f"Generated: N = {q0['num_generated']} images at every step count (same initial noise).", "",
-                  "| sampling steps | N generated | N reference | FD ± s.e. | KID ± std | precision ± s.e. | "
-                  "recall ± s.e. | mode coverage | sampling time (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for q in report["sample_quality"]:
-            lines.append(
-                f"| {q['num_inference_steps']} | {q['num_generated']} | {q['num_reference']} | "
-                f"{_fmt(q['fd'])} ± {_fmt(q['fd_standard_error'], 2)} | {_fmt(q['kid_mean'], 3)} ± "
-                f"{_fmt(q['kid_std'], 2)} | {q['precision']:.3f} ± {q['precision_standard_error']:.3f} | "
-                f"{q['recall']:.3f} ± {q['recall_standard_error']:.3f} | {_fmt(q['mode_coverage'], 3)} | "
-                f"{q['sampling_wall_time_s']:.1f} |")
-        lines += ["", f"Methods: FD: {q0['fd_method']}. KID: {q0['kid_method']}. Precision/recall: "
-                      f"{q0['pr_method']}.", "",
-                  f"> **Warning.** {FD_SMALL_N_WARNING}", ""]
+                  f"Reference: split **{q0['split']}**, N = {q0['num_reference']} images. Generated: N = "
+                  f"{q0['num_generated']} images at every step count (same initial noise).", ""]
+        lines += swd_markdown(entries)
+        fx = report["feature_extractor"]
+        if fx and fx.get("name"):
+            lines += [f"### In `{fx['name']}` features" + (f" ({fx.get('model_type')}, {fx.get('pooling')} pooling)"
+                                                          if fx.get("model_type") else ""), "",
+                      "| sampling steps | N generated | N reference | FD ± s.e. | KID ± std | precision ± s.e. | "
+                      "recall ± s.e. | mode coverage | sampling time (s) |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for q in entries:
+                lines.append(
+                    f"| {q['num_inference_steps']} | {q['num_generated']} | {q['num_reference']} | "
+                    f"{_fmt(q['fd'])} ± {_fmt(q['fd_standard_error'], 2)} | {_fmt(q['kid_mean'], 3)} ± "
+                    f"{_fmt(q['kid_std'], 2)} | {q['precision']:.3f} ± {q['precision_standard_error']:.3f} | "
+                    f"{q['recall']:.3f} ± {q['recall_standard_error']:.3f} | {_fmt(q['mode_coverage'], 3)} | "
+                    f"{q['sampling_wall_time_s']:.1f} |")
+            lines += ["", f"Methods: FD: {q0['fd_method']}. KID: {q0['kid_method']}. Precision/recall: "
+                          f"{q0['pr_method']}.", "",
+                      f"> **Warning.** {FD_SMALL_N_WARNING}", ""]
+        else:
+            lines += ["### FD, KID, precision/recall", "",
+                      f"Not computed: no feature extractor ({(fx or {}).get('tried', 'none given')}: "
+                      f"{(fx or {}).get('skipped', 'none given')}).", ""]
         for steps, name in report.get("sample_grids", {}).items():
             lines += [f"Samples, {steps} steps:", "", f"![{steps} steps]({name})", ""]
     return "\n".join(lines)
 
 
+def swd_markdown(entries: Sequence[dict], heading: str = "### Sliced Wasserstein distance (weight-free)") -> list:
+    """Markdown lines of the SWD of sample-quality entries: per step count the average and each level ± s.e., the
+    real-data floor beside them, N, the split and the method."""
+    q0 = entries[0]
+    keys = [f"swd_{r}" for r in q0["swd_resolutions"]]
+    floor = q0.get("swd_real_data_floor")
+    lines = [heading, "",
+             "| sampling steps | N generated | N reference | SWD×10³ ± s.e. | "
+             + " | ".join(f"{k[4:]} px level ± s.e." for k in keys) + " |",
+             "|---|---|---|---|" + "---|" * len(keys)]
+
+    def row(label, n, q):
+        lines.append(f"| {label} | {n} | {q['n_reference'] if 'n_real' in q else q['num_reference']} | "
+                     f"{_fmt(q['swd'])} ± {_fmt(q['swd_standard_error'], 2)} | "
+                     + " | ".join(f"{_fmt(q[k])} ± {_fmt(q.get(f'{k}_standard_error'), 2)}" for k in keys) + " |")
+
+    for q in entries:
+        row(str(q["num_inference_steps"]), q["num_generated"], q)
+    if floor:
+        row(f"real-data floor: {floor['n_real']} {floor['split'].split(' vs ')[0]} images", floor["n_real"], floor)
+    lines += ["", f"Method: {q0['swd_method']}."]
+    if floor:
+        lines += ["", f"Floor: {floor['method']}."]
+    lines += ["", f"> **Note.** {SWD_FLOOR_NOTE}", ""]
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m diffusers_ddpm_ext.evaluate",
-        description="Evaluate a trained pipeline on held-out data: bits/dim and FD/KID/precision/recall at chosen "
-                    "sampling step counts; writes report.json, report.md and sample grids.",
+        description="Evaluate a trained pipeline on held-out data: bits/dim, and SWD (weight-free, beside its "
+                    "real-data floor) and FD/KID/precision/recall at chosen sampling step counts; writes report.json, "
+                    "report.md and sample grids.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--pipeline", required=True, help="Folder written by save_pretrained (e.g. train.py's --output_dir) or a Hub "
@@ -633,13 +819,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bpd_exact", action="store_true", help="Evaluate all T terms of the bound (T network calls per image).")
     a("--bpd_batch_size", type=int, default=256, help="(image, timestep) pairs per network call.")
     # ---- sample quality
-    a("--num_inference_steps", type=int, nargs="*", default=[50, 100], help="Sampling step counts to measure FD/KID/"
-      "precision/recall at (none: skip sample quality).")
+    a("--num_inference_steps", type=int, nargs="*", default=[50, 100], help="Sampling step counts to measure SWD "
+      "and FD/KID/precision/recall at (none: skip sample quality).")
     a("--num_images", type=int, default=500, help="Generated images per step count (the same N at every point).")
     a("--num_reference_images", type=int, default=None, help="Validation images in the reference set (default all).")
     a("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance of class-conditional pipelines.")
-    a("--feature_extractor", default="auto", help="'auto' (digits classifier for the digits, else "
-      "facebook/dinov2-base: FD_DINOv2), 'digits-classifier', or any transformers image encoder id or folder.")
+    a("--feature_extractor", default="auto", help="Features of FD/KID/precision/recall: 'auto' (digits classifier "
+      "for the digits, else facebook/dinov2-base: FD_DINOv2; where it cannot be loaded, offline and not cached, one "
+      "warning and SWD only), 'digits-classifier', or any transformers image encoder id or folder (an error, exit "
+      "code 2, before anything is computed when it cannot be loaded). SWD needs no weights and is always reported.")
     a("--feature_batch_size", type=int, default=64, help="Images per encoder forward pass.")
     a("--sample_batch_size", type=int, default=64, help="Images per pipeline call.")
     a("--fd_bootstrap", type=int, default=20, help="Bootstrap resamples for FD's standard error (0: none).")
@@ -667,6 +855,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         report = _evaluate_from_args(args)
+    except EncoderUnavailableError as error:  # decided before anything is computed
+        print(f"error: --feature_extractor {args.feature_extractor}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     except NonFiniteWeightsError as error:  # refused on load, before any data, sampling or file
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

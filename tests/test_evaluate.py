@@ -84,6 +84,11 @@ def test_rgb_folder_with_a_pretrained_encoder(setup, tmp_path):
         assert (q["num_generated"], q["num_reference"], q["split"]) == (8, 8, "validation")
         assert q["fd"] > 0 and q["fd_standard_error"] > 0 and 0 <= q["precision"] <= 1
         assert q["feature_dim"] == 32 and q["mode_coverage"] is None
+        # SWD beside FD (8 px images: one pyramid level), with the real-data floor of 8 training images.
+        assert q["swd_resolutions"] == [8] and q["swd"] == q["swd_8"] > 0 and q["swd_standard_error"] > 0
+        floor = q["swd_real_data_floor"]
+        assert (floor["n_real"], floor["n_reference"], floor["split"]) == (8, 8, "train vs validation")
+        assert 0 < floor["swd"] and floor == report["sample_quality"][0]["swd_real_data_floor"]  # computed once
     assert report["feature_extractor"]["name"] == setup["encoder"]
     assert report["feature_extractor"]["model_type"] == "dinov2"
     assert report["feature_extractor"]["pooling"] == "cls"  # "auto" on a ViT: the CLS token
@@ -95,7 +100,8 @@ def test_rgb_folder_with_a_pretrained_encoder(setup, tmp_path):
     assert report["sample_quality"][1]["fd"] == pytest.approx(expected, rel=1e-6)
     md = (out / "report.md").read_text()
     for text in ("split **validation**, 8 images", "N = 8 images at every step count", "biased upward at small N",
-                 "compare FDs only at equal N", "| 5 | 8 | 8 |", "![5 steps](samples_5_steps.png)"):
+                 "compare FDs only at equal N", "| 5 | 8 | 8 |", "![5 steps](samples_5_steps.png)",
+                 "| real-data floor: 8 train images | 8 | 8 |", "8 px level ± s.e.", "Laplacian pyramid levels 8 px"):
         assert text in md, text
     with Image.open(out / "samples_2_steps.png") as grid:
         assert grid.mode == "RGB"
@@ -278,3 +284,46 @@ def test_a_thresholded_scheduler_is_evaluated_with_the_bound_it_samples_as_train
         assert got["clip_denoised"] is expected
         assert got["bits_per_dim"] == pytest.approx(float(reference.mean), rel=1e-6)
     assert sampler_clips_x0(DDPMScheduler(thresholding=True, clip_sample=False))
+
+
+def test_offline_the_cli_decides_at_once_reports_swd_and_a_named_missing_encoder_exits_2(setup, tmp_path):
+    """Issue 25 §2 and 26 item 5. The Hub does not answer (HF_ENDPOINT on a closed port, HF_HUB_OFFLINE unset) and
+    the default encoder is not cached: one warning line naming --feature_extractor, a report with SWD beside its
+    floor, exit 0, within seconds (before: ~95 s of Hub retries after bits/dim, then a raw ValueError and no
+    report). An encoder named explicitly: one `error:` line and exit code 2 before anything is computed."""
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(OMP_NUM_THREADS="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "empty-hf-home"))
+    args = [sys.executable, "-m", "diffusers_ddpm_ext.evaluate", "--pipeline", setup["rgb_pipe"], "--train_data_dir",
+            setup["folder"], "--validation_size", "8", "--num_inference_steps", "2", "--num_images", "6",
+            "--bpd_num_images", "2", "--bpd_timesteps", "2", "--device", "cpu", "--no_progress"]
+    out = tmp_path / "report"
+    start = time.perf_counter()
+    res = subprocess.run(args + ["--output_dir", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    seconds = time.perf_counter() - start
+    assert res.returncode == 0, res.stderr[-3000:]
+    warnings = [line for line in res.stderr.splitlines() if " WARNING " in line and "--feature_extractor" in line]
+    assert len(warnings) == 1 and "facebook/dinov2-base" in warnings[0], res.stderr[-3000:]
+    assert "no answer from http://127.0.0.1:9" in warnings[0] and "Retry" not in res.stderr
+    report = json.loads((out / "report.json").read_text())
+    (q,) = report["sample_quality"]
+    assert q["fd"] is None and q["kid_mean"] is None and q["fd_method"].startswith("not computed")
+    assert q["swd"] > 0 and q["swd_8_standard_error"] > 0 and q["num_generated"] == 6
+    assert q["swd_real_data_floor"]["n_real"] == 6 and report["feature_extractor"]["tried"] == "facebook/dinov2-base"
+    assert "| real-data floor: 6 train images |" in (out / "report.md").read_text()
+
+    missing = tmp_path / "report-missing"
+    start_missing = time.perf_counter()
+    res = subprocess.run(args + ["--output_dir", str(missing), "--feature_extractor", "tiny-org/not-cached"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr and "Retry" not in res.stderr, res.stderr[-3000:]
+    assert errors[0].startswith("error: --feature_extractor tiny-org/not-cached: the image encoder "
+                                "'tiny-org/not-cached' is not in the Hugging Face cache")
+    assert "no answer from http://127.0.0.1:9" in errors[0]
+    assert "bits/dim on" not in res.stderr and not missing.exists()  # nothing computed, nothing written
+    print(f"offline report {seconds:.1f} s, missing encoder {time.perf_counter() - start_missing:.1f} s")
