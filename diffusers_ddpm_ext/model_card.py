@@ -39,8 +39,9 @@ KNOWN_LICENSES = (
 
 
 DEFAULT_METRICS_NOTE = (
-    "Lower bits/dim, Fréchet distance and KID are better. Fréchet distance depends on N and on the feature "
-    "extractor: compare only figures with the same split, N and method."
+    "Lower bits/dim, Fréchet distance, KID and SWD are better. Fréchet distance depends on N and on the feature "
+    "extractor, SWD on N: compare only figures with the same split, N and method; SWD is read against its real-data "
+    "floor (real training images scored the same way at the same N), not 0."
 )
 # Files a training run (training/train.py) writes beside the pipeline; an export from that folder reads them.
 TRAINING_ARGS_NAME = "training_args.json"
@@ -153,8 +154,10 @@ def _bpd_method(steps: Any, num_train_timesteps: Any, clip_denoised: Any = None)
     if isinstance(steps, int) and isinstance(num_train_timesteps, int) and steps < num_train_timesteps:
         method = (f"variational bound (Ho et al. 2020 eq. 5), stratified unbiased estimate from {steps} of the "
                   f"{num_train_timesteps} terms per image")
-    elif isinstance(steps, int):
+    elif isinstance(steps, int) and isinstance(num_train_timesteps, int):
         method = "variational bound (Ho et al. 2020 eq. 5), exact: every term per image"
+    elif isinstance(steps, int):  # T unknown: exact or not cannot be said
+        method = f"variational bound (Ho et al. 2020 eq. 5), {steps} terms per image"
     else:
         method = "variational bound (Ho et al. 2020 eq. 5)"
     if clip_denoised:
@@ -178,7 +181,9 @@ def card_metric_rows(
       keys such as ``rank_checksums``, ``wall_time_s`` or ``model_type`` are not quality metrics and are dropped;
     * ``report.json`` of an evaluation: ``bits_per_dim`` as a dict (``bits_per_dim``, ``standard_error``, ``split``,
       ``num_images``, ``method``) and ``sample_quality`` entries (``fd``, ``kid_mean``/``kid_std``, ``precision``,
-      ``recall`` with ``num_generated``, ``num_reference``, ``split``, ``*_method``);
+      ``recall`` with ``num_generated``, ``num_reference``, ``split``, ``*_method``; ``swd`` and ``swd_<px>`` with
+      their standard errors, and ``swd_real_data_floor``, the same figure for real training images), as train.py's
+      ``metrics.json`` also holds them;
     * flat ``{"bits/dim": 1.02}`` (train.py's card figures): split, N and method come from the training
       configuration (``eval_num_images``, ``eval_bpd_steps``, the data source) as train.py evaluates; what cannot be
       known reads "not recorded".
@@ -228,6 +233,7 @@ def card_metric_rows(
                     entry.get("kid_method"))
                 add(f"precision{at}", entry.get("precision"), None, entry.get("split"), n, entry.get("pr_method"))
                 add(f"recall{at}", entry.get("recall"), None, entry.get("split"), n, entry.get("pr_method"))
+                _add_swd_rows(add, entry, at, n)
         elif key in _FLAT_QUALITY_KEYS:
             name = _FLAT_QUALITY_KEYS[key]
             if name == "bits/dim":
@@ -242,6 +248,31 @@ def card_metric_rows(
                     "kid") else None), metrics.get(f"{key}_split"), metrics.get(f"{key}_num_images"),
                     metrics.get(f"{key}_method"))
     return rows
+
+
+def _swd_method(figures: Mapping[str, Any]) -> str:
+    """The card's short words for a SWD figure (the report keeps the full ``swd_method``)."""
+    levels = ", ".join(str(r) for r in figures.get("swd_resolutions") or []) or "?"
+    boot = figures.get("swd_num_bootstrap")
+    return (f"sliced Wasserstein distance ×10³ (Karras et al. 2018), no weights: Laplacian pyramid levels {levels} px, "
+            f"7×7 neighbourhoods, mean over levels; ± bootstrap s.e. over images ({boot} resamples)")
+
+
+def _add_swd_rows(add, entry: Mapping[str, Any], at: str, n: str) -> None:
+    """SWD rows of a sample-quality entry: the average and each level, then the real-data floor beside them."""
+    if not isinstance(entry.get("swd"), (int, float)):
+        return
+    method = _swd_method(entry)
+    add(f"SWD{at}", entry["swd"], entry.get("swd_standard_error"), entry.get("split"), n, method)
+    for r in entry.get("swd_resolutions") or []:
+        add(f"SWD, {r} px level{at}", entry.get(f"swd_{r}"), entry.get(f"swd_{r}_standard_error"), entry.get("split"),
+            n, method)
+    floor = entry.get("swd_real_data_floor")
+    if isinstance(floor, Mapping):
+        add("SWD of real training images (real-data floor)", floor.get("swd"), floor.get("swd_standard_error"),
+            floor.get("split"), f"{floor.get('n_real', '?')} training vs {floor.get('n_reference', '?')} real",
+            f"{_swd_method(floor)}; {floor.get('n_real', '?')} training images in place of samples: what samples as "
+            f"good as real images score at this N")
 
 
 def _format_row(row: dict) -> dict:

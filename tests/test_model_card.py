@@ -18,6 +18,7 @@ from PIL import Image
 
 from diffusers_ddpm_ext import hub
 from diffusers_ddpm_ext.hub import card_metric_rows, export_pipeline, render_model_card
+from diffusers_ddpm_ext.model_card import DEFAULT_METRICS_NOTE
 from diffusers_ddpm_ext.pipelines import ClassConditionalDDPMPipeline, GaussianDiffusionPipeline
 from diffusers_ddpm_ext.scheduler import GaussianDiffusionScheduler
 from diffusers_ddpm_ext.unet import DDPMUNet2DModel
@@ -125,6 +126,31 @@ def test_card_metric_rows_reads_every_form():
                      ("recall @ 50 steps", "validation", "500 generated vs 300 real", "k=3")]
     structured = {"FD": {"value": 4.0, "split": "test", "num_images": 1000, "method": "Inception"}, "steps": 7}
     assert [(r["name"], r["num_images"]) for r in card_metric_rows(structured)] == [("FD", 1000)]
+
+
+def test_card_rows_show_swd_per_level_beside_its_real_data_floor():
+    """train.py's metrics.json (and an evaluation report) hold SWD per sample-quality entry: the card shows the
+    average and each level ± s.e. with the entry's split and N, then the real-data floor with its own N; an entry
+    without features (auto offline) has no FD rows and keeps its SWD rows."""
+    levels = {"swd_16": 30.0, "swd_16_standard_error": 2.0, "swd_8": 50.0, "swd_8_standard_error": 3.0}
+    entry = {"num_inference_steps": 100, "split": "validation", "num_generated": 256, "num_reference": 40,
+             "fd": None, "fd_method": "not computed: no feature extractor", "kid_mean": None, "kid_std": None,
+             "precision": None, "recall": None, "swd": 40.0, "swd_standard_error": 2.5, **levels,
+             "swd_resolutions": [16, 8], "swd_num_bootstrap": 20,
+             "swd_real_data_floor": {"swd": 12.0, "swd_standard_error": 1.5, "swd_16": 8.0, "swd_8": 16.0,
+                                     "swd_resolutions": [16, 8], "swd_num_bootstrap": 20, "n_real": 256,
+                                     "n_reference": 40, "split": "train vs validation"}}
+    rows = card_metric_rows({"bits_per_dim": 1.5, "sample_quality": [entry]}, num_train_timesteps=1000)
+    shown = [(r["name"], r["value"], r["error"], r["split"], r["num_images"]) for r in rows[1:]]
+    n = "256 generated vs 40 real"
+    assert shown == [("SWD @ 100 steps", 40.0, 2.5, "validation", n),
+                     ("SWD, 16 px level @ 100 steps", 30.0, 2.0, "validation", n),
+                     ("SWD, 8 px level @ 100 steps", 50.0, 3.0, "validation", n),
+                     ("SWD of real training images (real-data floor)", 12.0, 1.5, "train vs validation",
+                      "256 training vs 40 real")]
+    assert all("Karras et al. 2018" in r["method"] and "levels 16, 8 px" in r["method"] for r in rows[1:])
+    assert "in place of samples" in rows[-1]["method"]
+    assert "SWD" in DEFAULT_METRICS_NOTE and "real-data floor" in DEFAULT_METRICS_NOTE
 
 
 def test_training_configuration_is_read_and_has_no_local_paths(run):
