@@ -481,14 +481,16 @@ def build_data(flags, model, accelerator):
 
 def load_quality_extractor(flags, accelerator):
     """The feature extractor of the end-of-training sample quality, loaded by the main process before training so
-    that an encoder that cannot be loaded (offline, a typo) fails the run at once (None on the other processes and
-    with ``--eval_quality_num_images 0``).
+    that an encoder named explicitly that cannot be loaded (offline and not cached, a typo) fails the run at once
+    (None on the other processes and with ``--eval_quality_num_images 0``).
 
-    ``--feature_extractor auto``: the digits classifier for the built-in digits, else ``facebook/dinov2-base``
+    ``--feature_extractor auto``: the digits classifier for the built-in digits, else ``facebook/dinov2-base``; where
+    that cannot be loaded (offline and not cached: decided at once, without the Hub client's retries) one warning
+    line and an ``evaluate.FeaturesUnavailable``: the run goes on and reports the weight-free SWD only
     (:func:`diffusers_ddpm_ext.evaluate.load_feature_extractor`).
 
     Raises:
-        ValueError: naming ``--feature_extractor`` and ``--eval_quality_num_images 0``.
+        ValueError: one line naming ``--feature_extractor``, the cause and ``--eval_quality_num_images 0``.
     """
     if not flags.eval_quality_num_images:
         return None
@@ -507,12 +509,13 @@ def load_quality_extractor(flags, accelerator):
             loaded.append(load_feature_extractor(name, digits=digits, device=accelerator.device,
                                                  cache_dir=flags.cache_dir))
         except Exception as exc:  # noqa: BLE001 - any failure to load gets the same advice
+            cause = " ".join(str(exc).split())  # one line
             raise ValueError(
                 f"--feature_extractor {shown} could not be loaded for the end-of-training sample quality "
-                f"(--eval_quality_num_images {flags.eval_quality_num_images}): {type(exc).__name__}: {exc}. Pass "
-                f"--feature_extractor <a local folder or a cached Hub id of a transformers image encoder> (offline, "
-                f"set HF_HUB_OFFLINE=1 to use the cache without retries), or --eval_quality_num_images 0 to train "
-                f"without sample quality.") from exc
+                f"(--eval_quality_num_images {flags.eval_quality_num_images}): {type(exc).__name__}: {cause}. Pass "
+                f"--feature_extractor <a local folder or a cached Hub id of a transformers image encoder>, or auto "
+                f"(SWD alone where no encoder loads), or --eval_quality_num_images 0 to train without sample "
+                f"quality.") from exc
 
     on_main_process(accelerator, load)  # a failure is raised on every process
     return loaded[0] if loaded else None

@@ -803,10 +803,11 @@ class Trainer:
 
         return sampler_clips_x0(self.noise_scheduler)
 
-    def evaluate_sample_quality(self, feature_extractor, num_images: int) -> Dict[str, Any]:
-        """FD, KID and precision/recall of ``num_images`` EMA samples at ``ddpm_num_inference_steps`` against the
-        whole held-out split (:attr:`EvalSet.reference`), in the features of ``feature_extractor``
-        (:func:`diffusers_ddpm_ext.evaluate.sample_quality_at_steps`; the sampling seed is the config's).
+    def evaluate_sample_quality(self, feature_extractor, num_images: int, train_data=None) -> Dict[str, Any]:
+        """SWD, and FD/KID/precision/recall in the features of ``feature_extractor`` (none for an
+        ``evaluate.FeaturesUnavailable``), of ``num_images`` EMA samples at ``ddpm_num_inference_steps`` against the
+        held-out split (:attr:`EvalSet.reference`; :func:`~diffusers_ddpm_ext.evaluate.sample_quality_at_steps`,
+        seeded by the config); N images of ``train_data`` (the training split) give SWD's real-data floor.
 
         Returns:
             ``{"sample_quality": [entry], "feature_extractor": {...}}``; the entry names its split, N generated,
@@ -823,18 +824,18 @@ class Trainer:
             entries = sample_quality_at_steps(
                 self.pipeline(), reference, [self.config.ddpm_num_inference_steps], num_images, feature_extractor,
                 split=self.eval_set.split, sample_batch_size=self.config.eval_batch_size, seed=self.config.seed,
-                num_classes=num_classes if self.num_class_embeds is not None else None,
+                num_classes=num_classes if self.num_class_embeds is not None else None, train_images=train_data,
                 guidance_scale=self.guidance_scale, progress=self.accelerator.is_local_main_process)
         return {"sample_quality": entries, "feature_extractor": extractor_info(feature_extractor)}
 
-    def report(self, feature_extractor=None, quality_num_images: int = 0) -> Dict[str, Any]:
+    def report(self, feature_extractor=None, quality_num_images: int = 0, train_data=None) -> Dict[str, Any]:
         """Check every process ended with the same weights, then measure the run (main process; {} elsewhere).
 
         Prints one ``[rank r] weight checksum ... ema ...`` line per process, raises if they differ, and on the
         main process estimates bits/dim under both bounds (``bits_per_dim``: the reverse process the model samples
         with, clipped as its scheduler clips; ``bits_per_dim_unclipped`` beside it, each with its ``*_bound``
         label), with a ``feature_extractor`` and ``quality_num_images`` > 0 also the sample quality
-        (:meth:`evaluate_sample_quality`), and writes ``<output_dir>/loss_curve.png``.
+        (:meth:`evaluate_sample_quality`: SWD and its floor from ``train_data``, and FD), and writes the loss curve.
 
         Returns:
             The run's metrics (the keys of ``metrics.json`` but ``wall_time_s``, which is None here).
@@ -883,8 +884,8 @@ class Trainer:
             "prediction_type": sched.prediction_type,
             "rank_checksums": checksums,
         }
-        if feature_extractor is not None and quality_num_images:
-            metrics.update(self.evaluate_sample_quality(feature_extractor, quality_num_images))
+        if feature_extractor is not None and quality_num_images:  # logs one line: SWD, its floor, FD, N, split
+            metrics.update(self.evaluate_sample_quality(feature_extractor, quality_num_images, train_data))
         if state.losses and self.output_dir is not None:
             save_loss_curve(state.loss_steps, state.losses, os.path.join(self.output_dir, "loss_curve.png"),
                             title=f"{self.config.loss_type} loss, {sched.variance_type}, {sched.beta_schedule}")

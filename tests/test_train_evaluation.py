@@ -1,7 +1,8 @@
 """What training/train.py measures and how it is set up: a held-out split for every data source (never trained on,
-the same for 1 or 2 processes and on resume), bits/dim under both bounds and FD/KID/PR on it in metrics.json and
-the model card, an encoder that cannot be loaded failing before training, and the default learning rate of every
-preset (a short run at that rate lowers a fixed loss)."""
+the same for 1 or 2 processes and on resume), bits/dim under both bounds, SWD beside its real-data floor and
+FD/KID/PR on it in metrics.json and the model card, offline runs that report SWD without an encoder (decided at
+once, no Hub retries), an encoder named explicitly that cannot be loaded failing before training, and the default
+learning rate of every preset (a short run at that rate lowers a fixed loss)."""
 
 import json
 import math
@@ -9,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import types
 from contextlib import nullcontext
 from pathlib import Path
@@ -133,6 +135,10 @@ def test_accelerate_launch_on_an_rgb_folder_writes_held_out_bpd_and_sample_quali
         assert math.isfinite(quality[key]), key
     assert str(encoder) in quality["fd_method"] and metrics["feature_extractor"]["name"] == str(encoder)
     assert metrics["feature_extractor"]["model_type"] == "dinov2"
+    # SWD beside FD (8 px images: one level), and its floor: 12 training images against the same held-out 8.
+    assert quality["swd_resolutions"] == [8] and math.isfinite(quality["swd"]) and quality["swd_standard_error"] > 0
+    floor = quality["swd_real_data_floor"]
+    assert (floor["n_real"], floor["n_reference"], floor["split"]) == (12, HELD_OUT, "train vs validation")
 
     card = (out / "README.md").read_text()
     rows = [line for line in card.splitlines() if line.startswith("| ")]
@@ -140,26 +146,103 @@ def test_accelerate_launch_on_an_rgb_folder_writes_held_out_bpd_and_sample_quali
     assert "| validation | 4 |" in bpd_row and "clipped" in bpd_row
     fd_row = next(r for r in rows if r.startswith("| Fréchet distance @ 3 steps |"))
     assert "| validation | 12 generated vs 8 real |" in fd_row
+    swd_row = next(r for r in rows if r.startswith("| SWD @ 3 steps |"))
+    assert "| validation | 12 generated vs 8 real |" in swd_row and "Karras" in swd_row
+    assert any(r.startswith("| SWD of real training images (real-data floor) |") and "12 training vs 8 real" in r
+               for r in rows)
     assert not any("train (first images)" in r for r in rows)
     args = json.loads((out / "training_args.json").read_text())
     assert args["validation_size"] == HELD_OUT and args["learning_rate"] == 2e-3  # size rule: 0.93M parameters
 
 
-def test_an_encoder_that_cannot_be_loaded_fails_before_training(rgb_folder, tmp_path, monkeypatch):
-    """Offline the default DINOv2 cannot be downloaded: the run stops at once, naming the two ways out."""
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """A process with no encoder to be had: huggingface_hub's constants patched (they are read at import), no kept
+    answer about the Hub, no warning given yet, and an empty cache for --cache_dir."""
+    from huggingface_hub import constants
+
+    from diffusers_ddpm_ext import encoders, evaluate
+
+    monkeypatch.setattr(encoders, "_HUB_STATUS", {})
+    monkeypatch.setattr(evaluate, "_WARNED", set())
+    timings = []
+    real = TRAIN.load_quality_extractor
+
+    def timed(*args):
+        start = time.perf_counter()
+        try:
+            return real(*args)
+        finally:
+            timings.append(time.perf_counter() - start)
+
+    monkeypatch.setattr(TRAIN, "load_quality_extractor", timed)
+    return types.SimpleNamespace(constants=constants, timings=timings, cache=tmp_path / "empty-cache")
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE=1", "unreachable endpoint"])
+def test_auto_without_an_encoder_trains_and_reports_swd_beside_its_floor(offline, rgb_folder, rgb_unet_config,
+                                                                       no_hub, monkeypatch, tmp_path, caplog):
+    """Issue 25 §2 and 26 item 5: `--feature_extractor auto` on RGB data, offline and without facebook/dinov2-base in
+    the cache, decides at once (HF_HUB_OFFLINE=1, or one short request to an endpoint that does not answer), warns in
+    one line, trains, and reports SWD and its real-data floor (before: exit 1 after 110 s and 80 Hub-retry lines)."""
+    if offline == "HF_HUB_OFFLINE=1":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(no_hub.constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(no_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(no_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    out = tmp_path / "run"
+    fast = [str(a) for a in FAST]
+    fast[fast.index("--eval_quality_num_images") + 1] = "8"
+    caplog.set_level("INFO")
+    metrics = run_train("--output_dir", out, "--train_data_dir", rgb_folder, "--unet_config", rgb_unet_config,
+                        "--validation_size", HELD_OUT, "--cache_dir", no_hub.cache, "--max_train_steps", 2,
+                        "--ddpm_num_steps", 50, *fast)
+    assert no_hub.timings and no_hub.timings[0] < 10  # decided at once: no retries
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "--feature_extractor" in
+                r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "tried facebook/dinov2-base" in warnings[0] and "SWD" in warnings[0]
+    assert ("HF_HUB_OFFLINE=1" if offline == "HF_HUB_OFFLINE=1" else "no answer from http://127.0.0.1:9") in warnings[0]
+    assert not any("Retry" in r.getMessage() for r in caplog.records)
+
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == on_disk["train_steps"] == 2
+    assert on_disk["feature_extractor"]["name"] is None and on_disk["feature_extractor"]["tried"] == "facebook/dinov2-base"
+    (quality,) = on_disk["sample_quality"]
+    assert (quality["split"], quality["num_generated"], quality["num_reference"]) == ("validation", 8, HELD_OUT)
+    assert quality["fd"] is None and quality["precision"] is None and "not computed" in quality["fd_method"]
+    assert quality["swd_resolutions"] == [8] and quality["swd"] == quality["swd_8"] > 0
+    assert quality["swd_standard_error"] > 0 and "Karras" in quality["swd_method"]
+    floor = quality["swd_real_data_floor"]
+    assert (floor["n_real"], floor["n_reference"], floor["split"]) == (8, HELD_OUT, "train vs validation")
+    assert floor["swd"] > 0 and floor["swd_standard_error"] > 0
+    assert any("sample quality at 3 steps" in r.getMessage() and "real-data floor" in r.getMessage()
+               for r in caplog.records)  # the log line
+    card = (out / "README.md").read_text()
+    assert "| SWD @ 3 steps |" in card and "| SWD of real training images (real-data floor) |" in card
+    assert "Fréchet distance" not in card.split("| Metric |")[1].split("\n\n")[0]
+
+
+def test_an_encoder_named_explicitly_that_cannot_be_loaded_fails_before_training(rgb_folder, tmp_path, monkeypatch):
+    """Not cached and the Hub does not answer (no HF_HUB_OFFLINE): one line and exit code 2 at once, before
+    training, with no Hub retries; in process the same ValueError, and training never starts."""
     from diffusers_ddpm_ext import trainer as tr
 
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hf-home"),
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(OMP_NUM_THREADS="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "empty-hf-home"),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, str(TRAIN_PY), "--output_dir", str(out), "--train_data_dir", str(rgb_folder),
-           "--logger", "none"]
+           "--logger", "none", "--feature_extractor", "tiny-org/not-cached"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    error = proc.stderr.strip().splitlines()[-1]
-    for words in ("--feature_extractor auto (= facebook/dinov2-base)", "--eval_quality_num_images 0",
-                  "HF_HUB_OFFLINE"):
-        assert words in error, error
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr and "Retry" not in proc.stderr, proc.stderr[-3000:]
+    for words in ("--feature_extractor tiny-org/not-cached could not be loaded", "not in the Hugging Face cache",
+                  "no answer from http://127.0.0.1:9", "--eval_quality_num_images 0"):
+        assert words in errors[0], errors[0]
     assert not out.exists() or not list(out.iterdir())
 
     def never(*args, **kwargs):
@@ -170,9 +253,10 @@ def test_an_encoder_that_cannot_be_loaded_fails_before_training(rgb_folder, tmp_
     fast = [str(a) for a in FAST]
     fast[fast.index("--eval_quality_num_images") + 1] = "16"
     with pytest.raises(ValueError, match=r"--feature_extractor .*missing-encoder.* could not be loaded.*"
-                                         r"--eval_quality_num_images 0"):
+                                         r"no folder and no Hub id.*--eval_quality_num_images 0") as error:
         run_train("--output_dir", out, "--train_data_dir", rgb_folder, "--feature_extractor",
                   tmp_path / "missing-encoder", *fast)
+    assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=r"--eval_quality_num_images must be 0 .* or an integer >= 4 .*, got 2"):
         run_train("--output_dir", out, *FAST, "--eval_quality_num_images", 2)
     with pytest.raises(ValueError, match="--validation_size must be a number of images >= 1"):

@@ -164,11 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_bpd_steps", type=int, default=20, help="Timesteps per image for the held-out bits/dim estimate "
       "(stratified, unbiased; exact at T = --ddpm_num_steps, the most allowed).")
     a("--eval_num_images", type=int, default=300, help="Held-out images for bits/dim (the first of the split).")
-    a("--eval_quality_num_images", type=int, default=256, help="Images generated at the end of training (at "
-      "--ddpm_num_inference_steps) for FD/KID/precision/recall against the whole held-out split; 0 skips it.")
-    a("--feature_extractor", default="auto", help="Features of sample quality: 'auto' = the digits classifier for "
-      "the built-in digits, else facebook/dinov2-base (FD_DINOv2; needs the Hub or its cache); 'digits-classifier'; "
-      "or any transformers image encoder id or local folder. Loaded before training: a failure stops the run then.")
+    a("--eval_quality_num_images", type=int, default=256, help="Images sampled at the end (--ddpm_num_inference_steps)"
+      " for SWD (no weights; beside its real-data floor) and FD/KID/PR against the held-out split; 0 skips it.")
+    a("--feature_extractor", default="auto", help="FD/KID/PR features: 'auto' = the digits classifier for the digits, "
+      "else facebook/dinov2-base (FD_DINOv2; if not loadable, one warning and SWD only); 'digits-classifier'; or any "
+      "transformers image encoder id or local folder, loaded before training (a failure stops the run then).")
     a("--eval_every", type=int, default=None, help="Also estimate bits/dim every N steps (logged).")
     a("--guidance_scale", type=float, default=None, help="Classifier-free guidance scale of class-conditional "
       "sample grids (default 2 with --class_dropout_prob > 0, else 1).")
@@ -275,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         trainer.run(loader, on_epoch_end=publisher.on_epoch_end)
 
         # ---- measure and publish
-        metrics = trainer.report(feature_extractor, args.eval_quality_num_images)
+        metrics = trainer.report(feature_extractor, args.eval_quality_num_images, loader.dataset)  # SWD floor: train
         accelerator.wait_for_everyone()
         push_error = publisher.publish_final(metrics)
         if accelerator.is_main_process:
