@@ -6,7 +6,9 @@
 
 Every cell is a recipe given as train.py flags (the comparison harness, `training/comparison/`), trained in
 lockstep with the others on the same data, noise and budget through `Trainer`; each gets held-out bits/dim under
-both bounds (x̂0 clipped as it samples, and unclipped) and FD ± s.e. at ``--sample_steps``. Writes
+both bounds (x̂0 clipped as it samples, and unclipped), FD ± s.e. (in the extractor's features; none with
+``--feature_extractor auto`` offline without a cached encoder) and SWD ×10³ ± s.e. (no weights) at
+``--sample_steps``, beside SWD's real-data floor (as many training images against the same held-out images). Writes
 ``ablation.md``, ``ablation.png`` and ``ablation.json`` (plus the comparison's report) and prints one JSON line.
 """
 
@@ -57,8 +59,9 @@ def build_parser():
 
 
 def plot_ablation(result: dict, path: str) -> None:
-    """One horizontal bar per cell: held-out bits/dim as sampled, unclipped and FD at
-    the first sampling step count, each ± its standard error; the diffusers baseline's level dashed."""
+    """One horizontal bar per cell: held-out bits/dim as sampled, unclipped, FD (when there were features) and SWD at
+    the first sampling step count, each ± its standard error; the diffusers baseline's level dashed, SWD's real-data
+    floor dotted."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -67,18 +70,25 @@ def plot_ablation(result: dict, path: str) -> None:
     rows = result["rows"]
     step = next(iter(rows[0]["fd"]))
     panels = [("bits/dim, as sampled (x̂0 clipped)", "bits_per_dim", "bits_per_dim_se"),
-              ("bits/dim, unclipped", "bits_per_dim_unclipped", "bits_per_dim_unclipped_se"),
-              (f"FD @{step} steps (n = {rows[0]['fd'][step][2]})", None, None)]
-    fig = Figure(figsize=(12, 0.35 * len(rows) + 1.6), dpi=100)
+              ("bits/dim, unclipped", "bits_per_dim_unclipped", "bits_per_dim_unclipped_se")]
+    if rows[0]["fd"][step][0] is not None:
+        panels.append((f"FD @{step} steps (n = {rows[0]['fd'][step][2]})", "fd", None))
+    if step in rows[0].get("swd", {}):
+        panels.append((f"SWD×10³ @{step} steps (n = {rows[0]['swd'][step][2]})", "swd", None))
+    fig = Figure(figsize=(4 * len(panels), 0.35 * len(rows) + 1.6), dpi=100)
     y = list(range(len(rows)))[::-1]
     for i, (title, key, se_key) in enumerate(panels):
-        ax = fig.add_subplot(1, 3, i + 1)
-        values = [r["fd"][step][0] if key is None else r[key] for r in rows]
-        errors = [r["fd"][step][1] if key is None else r[se_key] for r in rows]
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        values = [r[key][step][0] if se_key is None else r[key] for r in rows]
+        errors = [(r[key][step][1] or 0.0) if se_key is None else r[se_key] for r in rows]
         colors = ["tab:gray" if r["cell"] == "diffusers" else "tab:blue" for r in rows]
         ax.barh(y, values, xerr=errors, color=colors, capsize=2)
         if rows[0]["cell"] == "diffusers":
             ax.axvline(values[0], color="k", linestyle="--", linewidth=0.8)
+        floor = (result.get("swd_floor") or {}).get(step) if key == "swd" else None
+        if floor:
+            ax.axvline(floor[0], color="tab:green", linestyle=":", linewidth=1)
+            title += f"\nreal images (dotted): {floor[0]:.1f} ± {floor[1]:.1f}"
         ax.set_yticks(y)
         ax.set_yticklabels([r["cell"] for r in rows] if i == 0 else [])
         ax.set_title(title, fontsize=9)
@@ -115,22 +125,37 @@ def main(argv=None) -> dict:
                      "bits_per_dim_unclipped_se": bpd["unclipped"]["standard_error"],
                      "fd": {s: (q["quality"]["fd"], q["quality"]["fd_standard_error"], q["num_images"])
                             for s, q in r["samples"].items()},
-                     "kid": {s: (q["quality"]["kid_mean"], q["quality"]["kid_std"]) for s, q in r["samples"].items()}})
+                     "kid": {s: (q["quality"]["kid_mean"], q["quality"]["kid_std"]) for s, q in r["samples"].items()},
+                     "swd": {s: (q["quality"]["swd"], q["quality"]["swd_standard_error"], q["num_images"])
+                             for s, q in r["samples"].items()}})
+    # SWD's real-data floor per step count: N training images scored as samples (the comparison's real rows).
+    real = report["real_data_reference"]
+    swd_floor = {s: (real[str(n)]["swd"], real[str(n)]["swd_standard_error"], n)
+                 for s, n in zip(map(str, config.sample_steps), config.num_samples)}
     result = {"rows": rows, "steps": config.max_train_steps, "batch_size": config.batch_size,
               "bpd_images": rows and report["recipes"][rows[0]["cell"]]["bits_per_dim"]["num_images"],
-              "data": report["data"]["split"], "wall_seconds": time.perf_counter() - start,
+              "data": report["data"]["split"], "swd_floor": swd_floor,
+              "swd_method": next(iter(real.values()))["swd_method"], "wall_seconds": time.perf_counter() - start,
               "command": report["command"]}
     steps = list(map(str, args.sample_steps))
     lines = ["| cell | train.py flags | held-out bits/dim as sampled (x̂0 clipped) | unclipped | "
-             + " | ".join(f"FD @{s} ± s.e. (n) | KID @{s} ± s.d." for s in steps) + " |",
-             "|---|---|---|---|" + "---|---|" * len(steps)]
+             + " | ".join(f"FD @{s} ± s.e. (n) | KID @{s} ± s.d. | SWD×10³ @{s} ± s.e. (n)" for s in steps) + " |",
+             "|---|---|---|---|" + "---|---|---|" * len(steps)]
+
+    def pm(value, se, digits):
+        return "–" if value is None else f"{value:.{digits}f} ± {(se or 0.0):.{digits}f}"
+
     for row in rows:
         lines.append(f"| `{row['cell']}` | `{row['flags'] or '(defaults)'}` | {row['bits_per_dim']:.3f} ± "
                      f"{row['bits_per_dim_se']:.3f} | {row['bits_per_dim_unclipped']:.3f} ± "
                      f"{row['bits_per_dim_unclipped_se']:.3f} | "
-                     + " | ".join(f"{row['fd'][s][0]:.2f} ± {row['fd'][s][1]:.2f} ({row['fd'][s][2]}) | "
-                                  f"{row['kid'][s][0]:.4f} ± {row['kid'][s][1]:.4f}" for s in steps)
+                     + " | ".join(f"{pm(*row['fd'][s][:2], 2)} ({row['fd'][s][2]}) | {pm(*row['kid'][s], 4)} | "
+                                  f"{pm(*row['swd'][s][:2], 1)} ({row['swd'][s][2]})" for s in steps)
                      + " |")
+    lines += ["", "SWD's real-data floor (the same N of training images against the held-out images: what samples "
+              "as good as real images score): " + "; ".join(f"@{s} steps {pm(*swd_floor[s][:2], 1)} (n = "
+                                                           f"{swd_floor[s][2]})" for s in steps) + ".",
+              "", f"SWD method: {result['swd_method']}."]
     table = "\n".join(lines)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "ablation.md"), "w") as f:

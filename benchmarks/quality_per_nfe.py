@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sample quality per network call: FD/KID (± s.e., N stated) at each NFE for every sampler and trained recipe.
+"""Sample quality per network call: SWD and FD/KID (± s.e., N stated) at each NFE for every sampler and recipe.
 
     python benchmarks/quality_per_nfe.py --quick --output_dir nfe-digits                      # trains, then measures
     python benchmarks/quality_per_nfe.py --models compare-quick/models --output_dir nfe-digits  # reuse a comparison
@@ -7,9 +7,12 @@
 
 Trains the recipes as `training/compare.py` does (same data, architecture, recipe and budget flags) unless
 ``--models`` points at the models a comparison saved (``--save_models``); then measures every (recipe, sampler,
-NFE) point (see `training/comparison/nfe.py`), reports per recipe the fewest NFE and the wall time that reach the
-baseline's (diffusers' recipe, DDPM ancestral, 1000 steps) FD within its standard error, and writes
-``fd_vs_nfe.png``, ``quality_per_nfe.md`` and ``quality_per_nfe.json``; prints one JSON line.
+NFE) point (see `training/comparison/nfe.py`): SWD ×10³ (no weights; per level and averaged, ± bootstrap s.e.)
+beside its real-data floor (N training images against the same held-out images), and FD/KID in the extractor's
+features (none with ``--feature_extractor auto`` offline without a cached encoder: one warning, SWD only); reports
+per recipe the fewest NFE and the wall time that reach the baseline's (diffusers' recipe, DDPM ancestral, 1000
+steps) FD (else SWD) within its standard error, and writes ``fd_vs_nfe.png``, ``quality_per_nfe.md`` and
+``quality_per_nfe.json``; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def main(argv=None) -> dict:
     result = quality_per_nfe(models, data.heldout, extractor, nfe=args.nfe, samplers=args.samplers,
                              num_images=args.num_images, batch_size=args.sample_batch_size, seed=config.seed,
                              fd_bootstrap=args.fd_bootstrap, max_nfe_others=args.max_nfe_others,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, train_images=data.train)
     result["split"] = data.info
     result["wall_seconds"] = time.perf_counter() - start
     result["command"] = command_line("benchmarks/quality_per_nfe.py", argv)
@@ -96,10 +99,11 @@ def write_outputs(result: dict, output_dir: str) -> dict:
     table = markdown_table(result)
     split = result.get("split") or {}
     with open(os.path.join(output_dir, "quality_per_nfe.md"), "w") as f:
+        features = result.get("extractor") or "none (FD/KID not computed: no encoder could be loaded)"
         f.write(f"```bash\n{result['command']}\n```\n\nN = {result['num_images']} generated images per point, "
                 f"reference: {split.get('num_images')} held-out images ({split.get('split')}), features: "
-                f"{result['extractor']}; wall time {result['wall_seconds']:.0f} s.\n\n{table}\n\n"
-                "![FD vs NFE](fd_vs_nfe.png)\n")
+                f"{features}; wall time {result['wall_seconds']:.0f} s.\n\n{table}\n\n"
+                "![FD and SWD vs NFE](fd_vs_nfe.png)\n")
     line = fmt_json_line(result)
     with open(os.path.join(output_dir, "quality_per_nfe.json"), "w") as f:
         f.write(line + "\n")

@@ -29,6 +29,18 @@ from comparison import recipes as R  # noqa: E402
 TINY = {"block_out_channels": [8, 16], "norm_num_groups": 4}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cheap_swd():
+    """Fewer SWD directions and neighbourhoods in this module (every report computes SWD; the paper's settings cost
+    seconds per figure against the 300 held-out digits); the reports' swd_method states what was used."""
+    from diffusers_ddpm_ext import metrics
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics, "SWD_SETTINGS", {"num_descriptors": 32, "num_directions": 64, "num_repeats": 1,
+                                             "num_bootstrap": 4})
+        yield
+
+
 # ------------------------------------------------------------------------------------------- FLOPs
 
 
@@ -268,6 +280,7 @@ def test_mini_comparison_fields_are_present_and_sane(mini_report):
             q = s["quality"]
             assert s["num_images"] == n and q["n_generated"] == n and q["n_reference"] == 300
             assert q["fd"] >= 0 and q["fd_standard_error"] > 0 and q["extractor"] == "pixel_extractor"
+            assert q["swd_resolutions"] == [8] and q["swd"] == q["swd_8"] > 0 and q["swd_standard_error"] > 0
     d, o = r["diffusers"], r["ours-same"]
     assert d["parameters"] == o["parameters"] and d["flops_per_image"] == o["flops_per_image"]
     assert r["ours-improved"]["flops_per_image"] > d["flops_per_image"]  # one more output channel
@@ -276,6 +289,39 @@ def test_mini_comparison_fields_are_present_and_sane(mini_report):
     assert d["bits_per_dim"]["bits_per_dim"] == pytest.approx(o["bits_per_dim"]["bits_per_dim"], rel=1e-3)
     assert report["comparisons"]["ratios_vs_baseline"]["ours-same"]["parameters"] == 1.0
     assert any("unclipped" in line for line in report["verdict"])
+    # SWD's real-data floor: the real training images scored like samples, at each N.
+    for n in ("8", "12"):
+        real = report["real_data_reference"][n]
+        assert real["n_generated"] == int(n) and real["swd"] > 0 and real["swd_standard_error"] > 0
+    assert any(line.startswith("ours-improved SWD×10³ (lower is better)") and "real images" in line
+               for line in report["verdict"])
+
+
+def test_mini_comparison_report_shows_swd_beside_its_floor(mini_report):
+    report, out = mini_report
+    md = (out / "report.md").read_text()
+    floor = report["real_data_reference"]["12"]
+    assert f"| SWD×10³ @10 steps ± bootstrap s.e. (n=12; real images {floor['swd']:.1f} ± " in md
+    assert "| SWD×10³ 8 px level @10 steps (n=12; real images" in md
+    assert "| SWD×10³ ± s.e. | SWD×10³ per level |" in md and "- **SWD** (weight-free, against the 300" in md
+    assert "Laplacian pyramid levels 8 px" in md
+    assert "SWD×10³ @10 ± s.e. (n; real images)" in C.readme_table(report)
+
+
+def test_comparison_without_features_reports_swd_alone(tmp_path):
+    """`--feature_extractor auto` offline without a cached encoder: the comparison runs and reports SWD only."""
+    from diffusers_ddpm_ext.evaluate import FeaturesUnavailable
+
+    config = C.CompareConfig(**{**MINI, "max_train_steps": 2, "sample_steps": (10,), "num_samples": (8,),
+                                "bpd_exact_images": 0, "measure_cost": False}, recipes=("diffusers", "ours-improved"))
+    report = C.run_comparison(config, str(tmp_path), extractor=FeaturesUnavailable("facebook/dinov2-base", "offline"),
+                              progress=False)
+    q = report["recipes"]["ours-improved"]["samples"]["10"]["quality"]
+    assert q["fd"] is None and q["extractor"] is None and q["swd"] > 0
+    assert report["real_data_reference"]["8"]["fd"] is None and report["real_data_reference"]["8"]["swd"] > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "FD, KID and precision/recall not computed" in md and "| SWD×10³ @10 steps" in md
+    assert "FD @10 steps" not in md and (tmp_path / "ratios.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_same_seed_gives_same_numbers(mini_report):
@@ -341,6 +387,8 @@ def test_quality_per_nfe_reports_points_baseline_and_reach(mini_report, tmp_path
     assert len(points) == 3 * 5 * 2 + 3
     assert {(p["recipe"], p["sampler"]) for p in points if p["nfe"] == 50} == {(r, "ddpm") for r in models}
     assert all(p["n_generated"] == 8 and p["fd_standard_error"] > 0 for p in points)
+    assert all(p["swd"] == p["swd_8"] > 0 and p["swd_standard_error"] > 0 for p in points)
+    assert result["swd_resolutions"] == [8] and result["swd_real_data_floor"] is None  # no training images given
     base = result["baseline"]
     assert (base["recipe"], base["sampler"], base["nfe"]) == ("diffusers", "ddpm", 50)
     assert result["threshold_fd"] == pytest.approx(base["fd"] + base["fd_standard_error"])
@@ -388,6 +436,43 @@ def test_quality_per_nfe_runs_split_by_recipe_merge_to_the_joint_run(mini_report
         NFE.reach_of_baseline([p for p in joint["points"] if p["sampler"] != "ddpm"])
 
 
+def test_quality_per_nfe_script_writes_swd_and_its_floor(mini_report, tmp_path):
+    """benchmarks/quality_per_nfe.py on the mini comparison's models: SWD per point beside its real-data floor in
+    the JSON, the table and the plot; without features (auto offline) the reach is read in SWD."""
+    import importlib.util
+
+    from diffusers_ddpm_ext.evaluate import FeaturesUnavailable
+
+    _, out = mini_report
+    spec = importlib.util.spec_from_file_location("quality_per_nfe", ROOT / "benchmarks" / "quality_per_nfe.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--models", str(out / "models"), "--output_dir", str(tmp_path), "--nfe", "2", "5",
+                          "--samplers", "ddpm", "--num_images", "8", "--sample_batch_size", "8", "--fd_bootstrap",
+                          "2", "--feature_extractor", "digits-classifier", "--num_threads", "1", "--no_progress"])
+    floor = result["swd_real_data_floor"]
+    assert (floor["n_real"], floor["n_reference"], floor["split"]) == (8, 300, "train")
+    assert all(p["swd"] > 0 and p["swd_standard_error"] > 0 for p in result["points"])
+    on_disk = json.loads((tmp_path / "quality_per_nfe.json").read_text())
+    assert on_disk["swd_real_data_floor"]["swd"] == pytest.approx(floor["swd"])
+    md = (tmp_path / "quality_per_nfe.md").read_text()
+    assert "SWD×10³ (no weights), ± bootstrap standard error:" in md and "Real-data floor" in md
+    assert f"{floor['swd']:.1f} ± {floor['swd_standard_error']:.1f} (8 px" in md and "reaching the baseline FD" in md
+    assert (tmp_path / "fd_vs_nfe.png").read_bytes()[:4] == b"\x89PNG"
+
+    models = C.load_models(str(out / "models"))
+    from diffusers_ddpm_ext.data import load_heldout_digits
+
+    reference = load_heldout_digits(8)[0][:40]
+    swd_only = NFE.quality_per_nfe(models, reference, FeaturesUnavailable("facebook/dinov2-base", "offline"),
+                                   nfe=(2, 5), samplers=("ddpm",), num_images=8, batch_size=8)
+    assert swd_only["extractor"] is None and all(p["fd"] is None for p in swd_only["points"])
+    base = swd_only["baseline"]
+    assert swd_only["reach_metric"] == "swd" and swd_only["threshold_swd"] == base["swd"] + base["swd_standard_error"]
+    assert "reaching the baseline SWD×10³" in NFE.markdown_table(swd_only)
+    NFE.plot_fd_vs_nfe(swd_only, str(tmp_path / "swd.png"))
+
+
 def test_ablation_script_writes_its_table(tmp_path):
     import importlib.util
 
@@ -403,8 +488,12 @@ def test_ablation_script_writes_its_table(tmp_path):
     assert [r["cell"] for r in result["rows"]] == ["diffusers", "default", "cap0.9", "fixed-simple"]
     for row in result["rows"]:
         assert row["bits_per_dim"] > 0 and row["bits_per_dim_unclipped"] > 0 and row["fd"]["5"][2] == 8
+        assert row["swd"]["5"][0] > 0 and row["swd"]["5"][1] > 0 and row["swd"]["5"][2] == 8
+    floor = result["swd_floor"]["5"]
+    assert floor[0] > 0 and floor[2] == 8
     md = (tmp_path / "ablation.md").read_text()
     assert "`--ddpm_max_beta 0.9`" in md and "unclipped" in md
+    assert "SWD×10³ @5 ± s.e. (n)" in md and f"@5 steps {floor[0]:.1f} ± {floor[1]:.1f} (n = 8)" in md
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -61,8 +61,10 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     a("--bpd_num_images", type=int, default=None, help="Held-out images for bits/dim.")
     a("--bpd_timesteps_sampled", type=int, default=None, help="Network calls per image of the bits/dim estimate.")
     a("--bpd_exact_images", type=int, default=None, help="Also the exact bound on this many held-out images.")
-    a("--feature_extractor", default=None, help="'auto' (digits classifier on the digits, DINOv2 otherwise), "
-      "'digits-classifier', or a transformers image encoder id or folder.")
+    a("--feature_extractor", default=None, help="Features of FD/KID/precision/recall: 'auto' (digits classifier on "
+      "the digits, DINOv2 otherwise; offline without it cached, one warning and SWD alone), 'digits-classifier', or "
+      "a transformers image encoder id or folder (an error when it cannot be loaded). SWD (no weights) is always "
+      "reported, beside the real training images' figure at each N.")
     a("--seed", type=int, default=None)
     a("--num_threads", type=int, default=None, help="torch threads (default: torch's choice).")
     a("--no_progress", action="store_true", help="Hide progress bars.")
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_shared_flags(p)
     a = p.add_argument
     a("--sample_steps", type=int, nargs="+", default=None, help="Sampling step counts, e.g. 1000 50 25.")
-    a("--num_samples", type=int, nargs="+", default=None, help="Images per entry of --sample_steps.")
+    a("--num_samples", type=int, nargs="+", default=None, help="Images per entry of --sample_steps (N of FD and SWD, "
+      "and of the real-data floor).")
     a("--sample_batch_size", type=int, default=None)
     a("--save_models", action="store_true", default=None, help="Save each recipe's trained EMA UNet and scheduler "
       "under <output_dir>/models (benchmarks/quality_per_nfe.py --models reads them).")

@@ -9,6 +9,11 @@ same fixed_small variance, same clipping).
 
 **Samples** come from `diffusers.DDPMPipeline` (EMA weights, the same seeds for every recipe), chunk by chunk
 in turn so that sampling wall times see the same load.
+
+**Sample quality** (:func:`quality`): the weight-free multi-scale sliced Wasserstein distance (SWD ×10³ per pyramid
+level and averaged, ± bootstrap standard errors) always, and FD/KID/precision/recall in the features of the
+extractor when there is one (``--feature_extractor auto`` without an encoder to load: SWD only). Real training
+images scored the same way (`run`'s ``real_data_reference``) give each figure's real-data floor at that N.
 """
 
 from __future__ import annotations
@@ -182,11 +187,32 @@ QUALITY_KEYS = ("fd", "fd_standard_error", "kid_mean", "kid_std", "precision", "
                 "class_kl_uniform", "n_generated", "n_reference", "extractor", "extractor_heldout_accuracy")
 
 
-def quality(images, reference, extractor, seed: int, fd_bootstrap: int,
-            reference_features: Optional[np.ndarray] = None) -> dict:
-    """FD (± bootstrap s.e.), KID, precision/recall, mode coverage of ``images`` against ``reference``."""
-    from diffusers_ddpm_ext.metrics import sample_quality
+def reference_features_of(extractor, reference) -> Optional[np.ndarray]:
+    """The reference's features, or None for an extractor without features (``evaluate.FeaturesUnavailable``)."""
+    from diffusers_ddpm_ext.evaluate import has_features
+    from diffusers_ddpm_ext.metrics import extract_features
 
-    q = sample_quality(images, reference, extractor=extractor, seed=seed, fd_bootstrap=fd_bootstrap,
-                       reference_features=reference_features)
-    return {k: q.get(k) for k in QUALITY_KEYS}
+    return extract_features(extractor, reference) if has_features(extractor) else None
+
+
+def quality(images, reference, extractor, seed: int, fd_bootstrap: int,
+            reference_features: Optional[np.ndarray] = None, swd_bootstrap: Optional[int] = None) -> dict:
+    """SWD ×10³ (per level and averaged, ± bootstrap s.e.; no weights) and, with features, FD (± bootstrap s.e.),
+    KID, precision/recall and mode coverage of ``images`` against ``reference``.
+
+    Returns:
+        :data:`QUALITY_KEYS` (None without features) and the keys of
+        :func:`~diffusers_ddpm_ext.metrics.sliced_wasserstein_figures` (``swd``, ``swd_standard_error``,
+        ``swd_<px>`` and ``swd_<px>_standard_error``, ``swd_resolutions``, ``swd_num_bootstrap``, ``swd_method``).
+    """
+    from diffusers_ddpm_ext.evaluate import has_features
+    from diffusers_ddpm_ext.metrics import sample_quality, sliced_wasserstein_figures
+
+    if has_features(extractor):
+        q = sample_quality(images, reference, extractor=extractor, seed=seed, fd_bootstrap=fd_bootstrap,
+                           reference_features=reference_features)
+        out = {k: q.get(k) for k in QUALITY_KEYS}
+    else:
+        out = dict.fromkeys(QUALITY_KEYS)
+    out.update(sliced_wasserstein_figures(images, reference, seed=seed, num_bootstrap=swd_bootstrap))
+    return out

@@ -94,13 +94,19 @@ def verdict(report: dict) -> List[str]:
             se = math.hypot(a["standard_error"], b["standard_error"])
             lines.append(f"{name} held-out bits/dim {label} {a['bits_per_dim']:.3f} vs {b['bits_per_dim']:.3f}: "
                          f"{_compare_word(diff, se)} (difference {diff:+.3f} ± {se:.3f}, Monte-Carlo error).")
-        fd_parts = []
-        for s, q in recipes[name]["samples"].items():
-            qa, qb = q["quality"], recipes[base]["samples"][s]["quality"]
-            se = math.hypot(qa.get("fd_standard_error") or 0.0, qb.get("fd_standard_error") or 0.0)
-            fd_parts.append(f"{qa['fd']:.2f} vs {qb['fd']:.2f} at {s} steps (n={q['num_images']}"
-                            + (f", {_compare_word(qa['fd'] - qb['fd'], se)}" if se else "") + ")")
-        lines.append(f"{name} Fréchet distance (lower is better): " + "; ".join(fd_parts) + ".")
+        for key, label in (("fd", "Fréchet distance"), ("swd", "SWD×10³")):
+            parts = []
+            for s, q in recipes[name]["samples"].items():
+                qa, qb = q["quality"], recipes[base]["samples"][s]["quality"]
+                if qa.get(key) is None or qb.get(key) is None:
+                    continue
+                se = math.hypot(qa.get(f"{key}_standard_error") or 0.0, qb.get(f"{key}_standard_error") or 0.0)
+                floor = _get(report, "real_data_reference", str(q["num_images"]), key)
+                parts.append(f"{qa[key]:.2f} vs {qb[key]:.2f} at {s} steps (n={q['num_images']}"
+                             + (f", {_compare_word(qa[key] - qb[key], se)}" if se else "")
+                             + (f"; real images {floor:.2f}" if floor is not None else "") + ")")
+            if parts:
+                lines.append(f"{name} {label} (lower is better): " + "; ".join(parts) + ".")
     cmp_loss = report["comparisons"].get("ours_same_vs_diffusers_loss")
     if cmp_loss:
         lines.append(
@@ -167,13 +173,17 @@ def plot_losses(report: dict, path: str) -> None:
 
 
 def plot_quality(report: dict, path: str) -> None:
-    """Cost ratios to the baseline (when measured) and FD ± s.e. against sampling steps."""
+    """Cost ratios to the baseline (when measured), FD ± s.e. (with features) and SWD ± s.e. against sampling steps,
+    the real images' figures at each N dotted."""
     base = report["baseline"]
     ratios = report["comparisons"]["ratios_vs_baseline"]
     names = [n for n in report["recipes"] if n != base]
     keys = [k for k in ratios[base] if ratios[base][k] is not None]
-    fig = _figure(11, 4.2)
-    ax = fig.add_subplot(1, 2, 1)
+    metrics = [("swd", "SWD×10³ (no weights)")]
+    if _extractor(report) is not None:
+        metrics.insert(0, ("fd", f"Fréchet distance ({_extractor(report)} features)"))
+    fig = _figure(5.5 * (1 + len(metrics)), 4.2)
+    ax = fig.add_subplot(1, 1 + len(metrics), 1)
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         ax.bar(np.arange(len(keys)) + i * width, [ratios[name].get(k) or 0.0 for k in keys], width, label=name)
@@ -184,28 +194,32 @@ def plot_quality(report: dict, path: str) -> None:
     ax.set_title(f"relative to {base} (throughput: higher is better; memory: lower)", fontsize=10)
     if names:
         ax.legend(fontsize=8, loc="lower right")
-    ax2 = fig.add_subplot(1, 2, 2)
-    for name, r in report["recipes"].items():
-        steps = sorted(int(s) for s in r["samples"])
-        q = [r["samples"][str(s)]["quality"] for s in steps]
-        ax2.errorbar(steps, [x["fd"] for x in q], yerr=[x.get("fd_standard_error") or 0.0 for x in q], label=name,
-                     marker="x" if name == "ours-same" else "o", ls="--" if name == "ours-same" else "-", capsize=3)
-    for n, row in report["real_data_reference"].items():
-        ax2.axhline(row["fd"], color="gray", ls=":", lw=1)
-        ax2.annotate(f"real images, n={n}", (0.01, row["fd"]), xycoords=("axes fraction", "data"), fontsize=7,
-                     color="gray", va="bottom")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("sampling steps")
-    ax2.set_ylabel(f"Fréchet distance ({_extractor(report)} features)")
-    ax2.set_title("sample quality vs sampling steps (n per point in report.md)", fontsize=10)
-    ax2.legend(fontsize=8)
+    for i, (key, label) in enumerate(metrics):
+        ax2 = fig.add_subplot(1, 1 + len(metrics), 2 + i)
+        for name, r in report["recipes"].items():
+            steps = sorted(int(s) for s in r["samples"])
+            q = [r["samples"][str(s)]["quality"] for s in steps]
+            ax2.errorbar(steps, [x[key] for x in q], yerr=[x.get(f"{key}_standard_error") or 0.0 for x in q],
+                         label=name, marker="x" if name == "ours-same" else "o",
+                         ls="--" if name == "ours-same" else "-", capsize=3)
+        for n, row in report["real_data_reference"].items():
+            if row.get(key) is not None:
+                ax2.axhline(row[key], color="gray", ls=":", lw=1)
+                ax2.annotate(f"real images, n={n}", (0.01, row[key]), xycoords=("axes fraction", "data"), fontsize=7,
+                             color="gray", va="bottom")
+        ax2.set_xscale("log")
+        ax2.set_xlabel("sampling steps")
+        ax2.set_ylabel(label)
+        ax2.set_title("sample quality vs sampling steps (n per point in report.md)", fontsize=10)
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png")
 
 
-def _extractor(report: dict) -> str:
+def _extractor(report: dict) -> Optional[str]:
+    """The features' name, None when there were none (SWD only)."""
     r = next(iter(report["recipes"].values()))
-    return next(iter(r["samples"].values()))["quality"].get("extractor") or "?"
+    return next(iter(r["samples"].values()))["quality"].get("extractor")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,7 +243,7 @@ def readme_table(report: dict) -> str:
     head = ["recipe", "params"] + (["fwd GFLOPs/img", "train img/s", "peak train MiB", "sample img/s (50 steps)"]
                                    if cost else []) + [
         "held-out bits/dim, as sampled (x̂0 clipped)", "held-out bits/dim, unclipped"] + [
-        f"FD @{s} ± s.e. (n)" for s in steps]
+        f"FD @{s} ± s.e. (n)" for s in steps] + [f"SWD×10³ @{s} ± s.e. (n; real images)" for s in steps]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in report["recipes"].items():
         bpd = r["bits_per_dim"]
@@ -241,6 +255,9 @@ def readme_table(report: dict) -> str:
         cells += [_pm(bpd["bits_per_dim"], bpd["standard_error"]),
                   _pm(bpd["unclipped"]["bits_per_dim"], bpd["unclipped"]["standard_error"])]
         cells += [f"{_pm(q['quality']['fd'], q['quality'].get('fd_standard_error'), 2)} ({q['num_images']})"
+                  for q in r["samples"].values()]
+        cells += [f"{_pm(q['quality'].get('swd'), q['quality'].get('swd_standard_error'), 1)} ({q['num_images']}; "
+                  f"{_pm(_get(report, 'real_data_reference', str(q['num_images']), 'swd'), None, 1)})"
                   for q in r["samples"].values()]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -325,19 +342,35 @@ def markdown(report: dict, files: Dict[str, Any]) -> str:
     for s in recipes[base]["samples"]:
         q = {n: recipes[n]["samples"][s]["quality"] for n in names}
         ns = recipes[base]["samples"][s]["num_images"]
-        row(f"FD @{s} steps ± bootstrap s.e. (n={ns})", [_pm(q[n]["fd"], q[n].get("fd_standard_error")) for n in names])
-        row(f"KID @{s} steps (n={ns})", [f"{q[n]['kid_mean']:.4f} ± {q[n]['kid_std']:.4f}" for n in names])
-        row(f"precision / recall @{s} steps (n={ns})",
-            [f"{q[n]['precision']:.3f} / {q[n]['recall']:.3f}" for n in names])
-        if q[names[0]].get("mode_coverage") is not None:
-            row(f"mode coverage @{s} steps (n={ns})", [f"{q[n]['mode_coverage']:.2f}" for n in names])
+        floor = report["real_data_reference"].get(str(ns), {})
+        if q[names[0]].get("fd") is not None:
+            row(f"FD @{s} steps ± bootstrap s.e. (n={ns})",
+                [_pm(q[n]["fd"], q[n].get("fd_standard_error")) for n in names])
+            row(f"KID @{s} steps (n={ns})", [f"{q[n]['kid_mean']:.4f} ± {q[n]['kid_std']:.4f}" for n in names])
+            row(f"precision / recall @{s} steps (n={ns})",
+                [f"{q[n]['precision']:.3f} / {q[n]['recall']:.3f}" for n in names])
+            if q[names[0]].get("mode_coverage") is not None:
+                row(f"mode coverage @{s} steps (n={ns})", [f"{q[n]['mode_coverage']:.2f}" for n in names])
+        if q[names[0]].get("swd") is not None:
+            row(f"SWD×10³ @{s} steps ± bootstrap s.e. (n={ns}; real images "
+                f"{_pm(floor.get('swd'), floor.get('swd_standard_error'), 1)})",
+                [_pm(q[n]["swd"], q[n].get("swd_standard_error"), 1) for n in names])
+            for r in q[names[0]]["swd_resolutions"]:
+                row(f"SWD×10³ {r} px level @{s} steps (n={ns}; real images "
+                    f"{_pm(floor.get(f'swd_{r}'), floor.get(f'swd_{r}_standard_error'), 1)})",
+                    [_pm(q[n][f"swd_{r}"], q[n].get(f"swd_{r}_standard_error"), 1) for n in names])
     lines += ["", "ε-MSE values of recipes with different β schedules are not comparable; bits/dim and the sample "
               "metrics are.", "", "Real training images scored the same way against the held-out images (the best "
-              "a model can do with this many samples):", "", "| n | FD ± s.e. | KID | precision / recall |",
-              "|---|---|---|---|"]
+              "a model can do with this many samples: the real-data floor of each figure at that n):", "",
+              "| n | FD ± s.e. | KID | precision / recall | SWD×10³ ± s.e. | SWD×10³ per level |",
+              "|---|---|---|---|---|---|"]
     for n, q in report["real_data_reference"].items():
-        lines.append(f"| {n} | {_pm(q['fd'], q.get('fd_standard_error'))} | {q['kid_mean']:.4f} ± "
-                     f"{q['kid_std']:.4f} | {q['precision']:.3f} / {q['recall']:.3f} |")
+        kid = "–" if q.get("kid_mean") is None else f"{q['kid_mean']:.4f} ± {q['kid_std']:.4f}"
+        pr = "–" if q.get("precision") is None else f"{q['precision']:.3f} / {q['recall']:.3f}"
+        levels = ", ".join(f"{r} px {_pm(q.get(f'swd_{r}'), q.get(f'swd_{r}_standard_error'), 1)}"
+                           for r in q.get("swd_resolutions") or [])
+        lines.append(f"| {n} | {_pm(q['fd'], q.get('fd_standard_error'))} | {kid} | {pr} | "
+                     f"{_pm(q.get('swd'), q.get('swd_standard_error'), 1)} | {levels or '–'} |")
     lines += ["", "## Verdict (computed from the numbers above)", ""] + [f"- {v}" for v in report["verdict"]]
     lines += ["", "## Plots", "", f"![loss curves]({files['loss_curves']})", "",
               f"![quality and cost]({files['ratios']})", "", "## Samples (EMA weights, same seeds for every recipe)",
@@ -356,10 +389,16 @@ def markdown(report: dict, files: Dict[str, Any]) -> str:
         "model samples with (x̂0 clipped as its scheduler's `clip_sample` says — what `train.py`'s metrics.json and "
         "`python -m diffusers_ddpm_ext.evaluate` report); *unclipped* uses the raw x̂0, with the same draws. The "
         "diffusers recipe is evaluated through `GaussianDiffusionScheduler.from_config(DDPMScheduler.config)`.",
-        f"- **Sample quality**: `DDPMPipeline` samples, extractor `{q0['extractor']}`"
-        + (f" (held-out accuracy {q0['extractor_heldout_accuracy']:.3f})" if q0.get("extractor_heldout_accuracy")
-           else "") + f"; FD (± bootstrap standard error), KID, precision/recall against the {q0['n_reference']} "
-        "held-out images. FD is biased upward at small n: compare recipes at the same n.",
+        (f"- **Sample quality**: `DDPMPipeline` samples, extractor `{q0['extractor']}`"
+         + (f" (held-out accuracy {q0['extractor_heldout_accuracy']:.3f})" if q0.get("extractor_heldout_accuracy")
+            else "") + f"; FD (± bootstrap standard error), KID, precision/recall against the {q0['n_reference']} "
+         "held-out images. FD is biased upward at small n: compare recipes at the same n."
+         if q0.get("fd") is not None else
+         "- **Sample quality**: `DDPMPipeline` samples; FD, KID and precision/recall not computed (no feature "
+         "extractor could be loaded: `--feature_extractor auto` offline without a cached encoder)."),
+        f"- **SWD** (weight-free, against the {q0['n_reference']} held-out images, ± bootstrap standard error): "
+        f"{q0.get('swd_method')}. Biased upward at small n like FD: read it against the real images' figure at the "
+        "same n (the real-data floor), not 0.",
     ]
     if cost:
         lines += [

@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .datasets import load_data
-from .evaluation import (held_out_bits_per_dim, quality, sample_interleaved, sample_memory, sampling_speed)
+from .evaluation import (held_out_bits_per_dim, quality, reference_features_of, sample_interleaved, sample_memory,
+                         sampling_speed)
 from .lockstep import batch_stream, train_memory, train_recipes
 from .measure import count_flops
 from .recipes import CompareConfig, build_recipe_models, recipe_learning_rate, recipe_settings
@@ -34,7 +35,8 @@ def _load_average():
 
 def load_extractor(config: CompareConfig, extractor=None):
     """The feature extractor of sample quality: ``extractor`` if given, else ``config.feature_extractor``
-    through `evaluate.load_feature_extractor` (the digits classifier on the digits, DINOv2 otherwise)."""
+    through `evaluate.load_feature_extractor` (the digits classifier on the digits, DINOv2 otherwise; for "auto"
+    without an encoder to load, an `evaluate.FeaturesUnavailable`: SWD only)."""
     from diffusers_ddpm_ext.evaluate import load_feature_extractor
 
     if extractor is not None:
@@ -164,9 +166,7 @@ def _run(config: CompareConfig, extractor, progress: bool):
             model, scheduler, bpd_images, data.num_levels, config.bpd_timesteps_sampled, config.seed,
             config.bpd_batch_size, config.bpd_exact_images, progress)
 
-    from diffusers_ddpm_ext.metrics import extract_features
-
-    reference_features = extract_features(extractor, data.heldout)
+    reference_features = reference_features_of(extractor, data.heldout)  # None without an encoder: SWD only
     if config.measure_cost:
         for name, sp in sampling_speed(models, config, progress).items():
             recipes_out[name]["sampling_speed"] = sp
