@@ -11,11 +11,11 @@ import argparse
 import json
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from .presets import RECOMMENDED_LEARNING_RATES
+from .presets import DEFAULT_PRESETS, RECOMMENDED_LEARNING_RATES
 from .scheduler import LEARNED_VARIANCE_TYPES
 from .train_config import TRAIN_RANGES, EvalSet, Range, check_ranges
 
@@ -86,6 +86,7 @@ def check_flags(flags) -> None:
 
         if flags.unet_preset not in UNET_PRESETS:
             _fail(f"--unet_preset {flags.unet_preset!r} is unknown; choose one of {sorted(UNET_PRESETS)}")
+    check_unet_overrides(getattr(flags, "unet_overrides", None), flags.resolution)
     if flags.ddpm_num_inference_steps > flags.ddpm_num_steps:
         _fail(f"--ddpm_num_inference_steps ({flags.ddpm_num_inference_steps}) cannot exceed --ddpm_num_steps "
               f"({flags.ddpm_num_steps})")
@@ -173,6 +174,7 @@ def check_environment(flags, accelerator) -> None:
 
         if not (flags.hub_token or os.environ.get("HF_TOKEN") or huggingface_hub.get_token()):
             _fail("--push_to_hub needs a Hub write token: pass --hub_token, set HF_TOKEN or run `hf auth login`")
+    check_default_output_dir(flags)
 
 
 def _fail(message: str) -> None:
@@ -235,19 +237,25 @@ def unet_config_from_flags(
     resolution: Optional[int] = None,
     variance_type: str = "fixed_small",
     num_class_embeds: Optional[int] = None,
+    overrides: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """The ``DDPMUNet2DModel`` config :func:`build_unet` builds (arguments as there): the preset's or the file's,
-    with ``sample_size``, ``out_channels`` (C or 2C for the variance type) and ``num_class_embeds`` applied."""
+    with ``overrides``, ``sample_size``, ``out_channels`` (C or 2C for the variance type) and ``num_class_embeds``
+    applied. Keys that are not ``DDPMUNet2DModel`` config keys are refused, naming the allowed ones."""
     from .unet import UNET_PRESETS
 
     if config_path is not None:
         config = load_unet_config(config_path)
+        check_unet_config_keys(config, f"--unet_config {config_path!r}")
         explicit_out = config.get("out_channels")
     else:
         if preset not in UNET_PRESETS:
             raise ValueError(f"--unet_preset {preset!r} is unknown; choose one of {sorted(UNET_PRESETS)}")
         config = dict(UNET_PRESETS[preset]["config"])
         explicit_out = None  # presets are adapted to the variance type
+    overrides = check_unet_overrides(overrides, resolution)
+    config.update(overrides)
+    explicit_out = overrides.get("out_channels", explicit_out)
     if resolution is not None:
         config["sample_size"] = resolution
     in_channels = config.get("in_channels", 3)
@@ -269,6 +277,7 @@ def build_unet(
     num_class_embeds: Optional[int] = None,
     model_type: str = "ours",
     seed: Optional[int] = None,
+    overrides: Optional[Dict[str, Any]] = None,
 ):
     """Build the UNet the script trains.
 
@@ -282,22 +291,18 @@ def build_unet(
         model_type: ``"ours"`` (``DDPMUNet2DModel``) or ``"unet2d"`` (diffusers' ``UNet2DModel`` with the same
             architecture, converted with ``to_unet2d``).
         seed: seeds the weight initialisation (identical on every process).
+        overrides: config keys replacing the preset's or the file's (``--unet_overrides``), checked as
+            ``config_path``'s keys are.
 
     Returns:
         The model, in training mode.
     """
-    from .unet import DDPMUNet2DModel
-
     config = unet_config_from_flags(preset=preset, config_path=config_path, resolution=resolution,
-                                    variance_type=variance_type, num_class_embeds=num_class_embeds)
+                                    variance_type=variance_type, num_class_embeds=num_class_embeds,
+                                    overrides=overrides)
     if seed is not None:
         torch.manual_seed(seed)
-    try:
-        model = DDPMUNet2DModel(**config)
-    except (TypeError, ValueError) as exc:  # name the flag the bad config came from
-        source = f"--unet_config {config_path!r}" if config_path is not None else f"--unet_preset {preset!r}"
-        extra = f" with --resolution {resolution}" if resolution is not None else ""
-        raise ValueError(f"{source}{extra} gives an invalid UNet config: {exc}") from exc
+    model = _construct_unet(config, model_source(preset, config_path, overrides, resolution))
     if model_type == "unet2d":
         model = model.to_unet2d()
     elif model_type != "ours":
@@ -329,24 +334,213 @@ def learning_rate_for_size(num_parameters: int) -> float:
 def default_learning_rate(flags) -> Optional[float]:
     """``--learning_rate`` when it is not given: the preset's :data:`RECOMMENDED_LEARNING_RATES` entry, or for a
     ``--unet_config`` model :func:`learning_rate_for_size` of its parameter count (counted on the meta device,
-    no weights allocated). None when the model flags are bad (:func:`check_flags` then names them)."""
+    no weights allocated); a preset whose ``--unet_overrides`` change its parameter count gets the size rule too.
+    None when the model flags are bad or the model is not chosen yet (:func:`check_flags` and
+    :func:`resolve_model_for_data` then name the problem or choose the model)."""
+    overrides = getattr(flags, "unet_overrides", None) or {}
     if flags.unet_config is None:
         entry = RECOMMENDED_LEARNING_RATES.get(flags.unet_preset)
-        return entry[0] if entry is not None else None
+        if entry is None or not overrides:
+            return entry[0] if entry is not None else None
+        try:
+            sizes = [count_unet_parameters(unet_config_from_flags(
+                preset=flags.unet_preset, resolution=flags.resolution, variance_type=flags.variance_type,
+                num_class_embeds=flags.num_class_embeds, overrides=over), "") for over in (None, overrides)]
+        except ValueError:  # bad overrides: named by check_flags / resolve_model_for_data
+            return None
+        return entry[0] if sizes[0] == sizes[1] else learning_rate_for_size(sizes[1])
     if flags.unet_preset is not None or not os.path.isfile(unet_config_file(flags.unet_config)):
         return None
-    from accelerate import init_empty_weights
+    config = unet_config_from_flags(preset=None, config_path=flags.unet_config, resolution=flags.resolution,
+                                    variance_type=flags.variance_type, num_class_embeds=flags.num_class_embeds,
+                                    overrides=overrides)
+    source = model_source(None, flags.unet_config, overrides, None)
+    return learning_rate_for_size(count_unet_parameters(config, source))
+
+
+# ---- which model: the flags, the overrides and the data's channels
+
+
+def unet_config_keys() -> List[str]:
+    """The config keys of :class:`~diffusers_ddpm_ext.unet.DDPMUNet2DModel` (its constructor's arguments)."""
+    import inspect
 
     from .unet import DDPMUNet2DModel
 
-    config = unet_config_from_flags(preset=None, config_path=flags.unet_config, resolution=flags.resolution,
-                                    variance_type=flags.variance_type, num_class_embeds=flags.num_class_embeds)
+    return [n for n in inspect.signature(DDPMUNet2DModel.__init__).parameters if n != "self"]
+
+
+def check_unet_config_keys(config: Dict[str, Any], source: str) -> None:
+    """Refuse a key of ``config`` that :class:`~diffusers_ddpm_ext.unet.DDPMUNet2DModel` does not take, naming it, the
+    flag it came from (``source``) and the allowed keys."""
+    allowed = unet_config_keys()
+    for key in config:
+        if key not in allowed:
+            _fail(f"{source} has key {key!r}, which is not a DDPMUNet2DModel config key; allowed: "
+                  f"{', '.join(sorted(allowed))}")
+
+
+def unet_overrides_type(text: str) -> Dict[str, Any]:
+    """argparse ``type`` of ``--unet_overrides``: a JSON object of UNet config keys."""
     try:
-        with init_empty_weights():
-            model = DDPMUNet2DModel(**config)
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"dropout\": 0.1}}', got {text!r} "
+                                         f"({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"dropout\": 0.1}}', got {text!r}")
+    return value
+
+
+def check_unet_overrides(overrides, resolution: Optional[int] = None) -> Dict[str, Any]:
+    """The ``--unet_overrides`` object, its keys checked (their values are checked when the model is built, by
+    :func:`resolve_model_for_data` before training): known ``DDPMUNet2DModel`` keys, not ``num_class_embeds``
+    (``--num_class_embeds`` sets the labels up too), a ``sample_size`` that agrees with ``--resolution``.
+
+    Raises:
+        ValueError: naming the key and the allowed ones.
+    """
+    if overrides is None:
+        return {}
+    if isinstance(overrides, str):
+        try:
+            overrides = unet_overrides_type(overrides)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--unet_overrides {exc}") from None
+    if not isinstance(overrides, dict):
+        _fail(f"--unet_overrides must be a JSON object of UNet config keys, got {overrides!r}")
+    check_unet_config_keys(overrides, f"--unet_overrides '{json.dumps(overrides)}'")
+    if "num_class_embeds" in overrides:
+        _fail("--unet_overrides key 'num_class_embeds': pass --num_class_embeds instead (it also reads the labels)")
+    size = overrides.get("sample_size")
+    if resolution is not None and size is not None and size != resolution:
+        _fail(f"--unet_overrides sets sample_size={size!r} but --resolution is {resolution}; pass one of them")
+    return dict(overrides)
+
+
+def model_source(preset: Optional[str], config_path: Optional[str], overrides: Optional[Dict[str, Any]] = None,
+                 resolution: Optional[int] = None) -> str:
+    """How messages name the model: ``"--unet_preset 'rgb-small' with --unet_overrides '{...}'"``."""
+    source = f"--unet_config {config_path!r}" if config_path is not None else f"--unet_preset {preset!r}"
+    if overrides:
+        source += f" with --unet_overrides '{json.dumps(overrides)}'"
+    return source + (f" with --resolution {resolution}" if resolution is not None else "")
+
+
+def _construct_unet(config: Dict[str, Any], source: str):
+    """``DDPMUNet2DModel(**config)``; a bad value is a ValueError naming ``source`` (the flags it came from)."""
+    from .unet import DDPMUNet2DModel
+
+    try:
+        return DDPMUNet2DModel(**config)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"--unet_config {flags.unet_config!r} gives an invalid UNet config: {exc}") from exc
-    return learning_rate_for_size(sum(p.numel() for p in model.parameters()))
+        raise ValueError(f"{source} gives an invalid UNet config: {exc}") from exc
+
+
+def count_unet_parameters(config: Dict[str, Any], source: str) -> int:
+    """Parameters of ``DDPMUNet2DModel(**config)``, built on the meta device (no weights allocated; checks every
+    value as building does, naming ``source``)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return sum(p.numel() for p in _construct_unet(config, source).parameters())
+
+
+def default_output_dir(dataset_name: Optional[str] = None, train_data_dir: Optional[str] = None) -> str:
+    """train.py's ``--output_dir`` when it is not given, named after the data: ``ddpm-digits`` (the built-in
+    digits), ``ddpm-<folder name>`` (``--train_data_dir``), ``ddpm-<dataset name>`` (``--dataset_name``: a local
+    folder's name, or the Hub id with ``/`` replaced by ``-``)."""
+    if train_data_dir is not None:
+        return "ddpm-" + os.path.basename(os.path.abspath(train_data_dir))
+    if dataset_name is not None:
+        local = os.path.isdir(dataset_name)
+        return "ddpm-" + (os.path.basename(os.path.abspath(dataset_name)) if local else dataset_name.replace("/", "-"))
+    return "ddpm-digits"
+
+
+def check_default_output_dir(flags) -> None:
+    """Refuse to start a new run in the default ``--output_dir`` (:func:`default_output_dir`) when it already holds
+    files (a run), before anything is built, as :func:`diffusers_ddpm_ext.rundir.prepare_output_dir` refuses any
+    non-empty folder later: with --overwrite_output_dir or --resume_from_checkpoint it is used as asked.
+
+    Raises:
+        FileExistsError: naming the folder, what it holds and the three ways on.
+    """
+    output_dir = flags.output_dir
+    if output_dir != default_output_dir(flags.dataset_name, flags.train_data_dir) or flags.overwrite_output_dir \
+            or flags.resume_from_checkpoint is not None or not os.path.isdir(output_dir):
+        return
+    entries = sorted(name for name in os.listdir(output_dir) if not name.startswith("."))
+    if entries:
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise FileExistsError(
+            f"the default --output_dir {output_dir!r} (named after the data) already holds a run ({shown}); pass "
+            f"--output_dir <new folder> for a new run, --overwrite_output_dir to replace that run, or "
+            f"--resume_from_checkpoint latest to continue it")
+
+
+def complete_flags(flags) -> None:
+    """Fill in training/train.py's defaults that follow from other flags, without reading any data:
+    ``--model_config_name_or_path`` as ``--unet_config``, the grey default model for the built-in digits (other data
+    is read by :func:`resolve_model_for_data`), ``--max_grad_norm 0`` as no clipping, the default ``--output_dir``
+    (:func:`default_output_dir`) and ``--learning_rate`` (:func:`default_learning_rate`; None until the model is
+    known)."""
+    if flags.model_config_name_or_path is not None:
+        if flags.unet_config is not None:
+            raise ValueError("pass either --unet_config or --model_config_name_or_path, not both")
+        flags.unet_config = flags.model_config_name_or_path
+    if flags.unet_preset is None and flags.unet_config is None and flags.dataset_name is None \
+            and flags.train_data_dir is None:
+        flags.unet_preset = DEFAULT_PRESETS[1]  # the built-in digits are grey
+    if flags.max_grad_norm == 0:
+        flags.max_grad_norm = None
+    if flags.output_dir is None:
+        flags.output_dir = default_output_dir(flags.dataset_name, flags.train_data_dir)
+    if flags.learning_rate is None:  # the model's recommended rate (None for bad model flags: check_flags names them)
+        flags.learning_rate = default_learning_rate(flags)
+
+
+def resolve_model_for_data(flags) -> None:
+    """Match the model to the data's channels before anything is built (after :func:`check_flags`).
+
+    Reads whether the data is grey or RGB (:func:`diffusers_ddpm_ext.data.data_channels`: image modes, a cheap
+    header read). With no ``--unet_preset``/``--unet_config`` the model is the default for the data
+    (:data:`~diffusers_ddpm_ext.presets.DEFAULT_PRESETS`: ``rgb-small`` for RGB, ``digits-small`` for grey; RGB
+    when any image is colour, with a warning for mixed data), logged with its size; a chosen model whose
+    ``in_channels`` (after ``--unet_overrides``) disagree with the data is refused, never converted. Then every
+    config value is checked (on the meta device) and the default ``--learning_rate`` set.
+
+    Raises:
+        ValueError: an invalid config, naming the flags it came from;
+        diffusers_ddpm_ext.images.DataChannelsError: the model's channels disagree with the data's.
+    """
+    from .data import check_data_channels, data_channels
+
+    data = data_channels(flags.dataset_name, flags.train_data_dir, flags.image_column, flags.cache_dir)
+    inferred = flags.unet_preset is None and flags.unet_config is None
+    if inferred:
+        flags.unet_preset = DEFAULT_PRESETS[data.channels or 1]
+    overrides = getattr(flags, "unet_overrides", None)
+    config = unet_config_from_flags(preset=flags.unet_preset, config_path=flags.unet_config,
+                                    resolution=flags.resolution, variance_type=flags.variance_type,
+                                    num_class_embeds=flags.num_class_embeds, overrides=overrides)
+    source = model_source(flags.unet_preset, flags.unet_config, overrides, flags.resolution)
+    num_parameters = count_unet_parameters(config, source)
+    channels = int(config.get("in_channels", 3))
+    if data.channels is not None and channels != data.channels:
+        fix = (f"set in_channels to {data.channels} in --unet_overrides or drop it"
+               if "in_channels" in (overrides or {}) else f"leave out --unet_preset/--unet_config to train the default model for {data.name} data "
+               f"({DEFAULT_PRESETS[data.channels]}) or pass --unet_overrides '{{\"in_channels\": {data.channels}}}'")
+        grey = ", or convert the images to grey yourself" if data.channels == 3 else ""
+        check_data_channels(channels, data, source, f"To train on it, {fix}{grey}.")
+    if inferred and data.channels is not None and int(os.environ.get("RANK", "0")) == 0:
+        (logger.warning if data.num_colour and data.num_grey else logger.info)(
+            "%s: %s: training %s (the default model for %s data: in_channels=%d, %s parameters)%s; --unet_preset, "
+            "--unet_config or --unet_overrides choose another", data.source, data.describe(), flags.unet_preset,
+            data.name, channels, f"{num_parameters:,}",
+            ", the grey images repeated to 3 channels" if data.num_colour and data.num_grey else "")
+    if flags.learning_rate is None:
+        flags.learning_rate = default_learning_rate(flags)
 
 
 def build_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
@@ -418,7 +612,7 @@ def build_model(flags):
     """
     model = build_unet(preset=flags.unet_preset, config_path=flags.unet_config, resolution=flags.resolution,
                        variance_type=flags.variance_type, num_class_embeds=flags.num_class_embeds,
-                       model_type=flags.model_type, seed=flags.seed)
+                       model_type=flags.model_type, seed=flags.seed, overrides=getattr(flags, "unet_overrides", None))
     noise_scheduler = build_noise_scheduler(flags.ddpm_num_steps, flags.ddpm_beta_schedule, flags.prediction_type,
                                             flags.variance_type, max_beta=getattr(flags, "ddpm_max_beta", None))
     check_model_scheduler(model, noise_scheduler, flags.num_class_embeds)

@@ -52,6 +52,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .images import DataChannelsError
 from .metrics import EncoderUnavailableError
 from .unet import NonFiniteWeightsError, check_finite_weights
 
@@ -603,6 +604,8 @@ def evaluate_pipeline(
                          f"{num_train_timesteps}; allowed are 1 to {num_train_timesteps}")
     conditional = _is_conditional(pipe)
     builtin = dataset_name is None and train_data_dir is None
+    D.check_data_channels(in_channels, D.data_channels(dataset_name, train_data_dir, image_column, cache_dir),
+                          f"the pipeline's UNet ({pipe_name})", "Evaluate it on data like its training data.")
 
     split = D.load_train_validation_split(
         dataset_name=dataset_name, train_data_dir=train_data_dir, image_column=image_column,
@@ -858,7 +861,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except EncoderUnavailableError as error:  # decided before anything is computed
         print(f"error: --feature_extractor {args.feature_extractor}: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except NonFiniteWeightsError as error:  # refused on load, before any data, sampling or file
+    except (NonFiniteWeightsError, DataChannelsError) as error:  # refused before any sampling or file
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"wrote {os.path.join(args.output_dir, REPORT_MD)} and {REPORT_JSON}")

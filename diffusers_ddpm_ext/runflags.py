@@ -42,7 +42,8 @@ NOT_COMPARED = (
     "ddpm_num_inference_steps", "save_images_epochs", "save_model_epochs", "checkpointing_steps",
     "checkpoints_total_limit", "push_to_hub", "hub_strategy", "hub_token", "hub_model_id", "hub_private_repo",
     "local_rank", "num_epochs",  # num_epochs: via max_train_steps
-    "unet_preset", "unet_config", "model_config_name_or_path", "model_type", "resolution", "num_class_embeds",
+    "unet_preset", "unet_config", "unet_overrides", "model_config_name_or_path", "model_type", "resolution",
+    "num_class_embeds",
     "debug_nan_at_step", "debug_interrupt_after_step",
 )
 COMPARED_FLAGS = CHANGEABLE_ON_RESUME + FIXED_ON_RESUME

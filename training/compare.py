@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from comparison import RECIPES, CompareConfig, quick_config, readme_table, run_comparison  # noqa: E402
 from comparison.recipes import parse_recipe  # noqa: E402
 
-from diffusers_ddpm_ext.data import parse_validation_size  # noqa: E402
+from diffusers_ddpm_ext.data import data_channels, parse_validation_size  # noqa: E402
+from diffusers_ddpm_ext.presets import DEFAULT_PRESETS  # noqa: E402
 
 
 def add_shared_flags(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,8 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     a("--random_flip", action="store_true", default=None, help="Random horizontal flips (applied once on load).")
     a("--max_train_images", type=int, default=None, help="Load at most this many training images.")
     # architecture
-    a("--unet_preset", dest="preset", default=None, help="UNet preset of every recipe (default digits-small).")
+    a("--unet_preset", dest="preset", default=None, help="UNet preset of every recipe (default: by the data's "
+      "channels, as train.py: rgb-small for RGB images, digits-small for grey ones).")
     a("--unet_config", default=None, help="JSON UNet config (ours or UNet2DModel's) instead of a preset.")
     a("--unet_overrides", type=json.loads, default=None, help='JSON config overrides, e.g. \'{"in_channels": 3}\'.')
     # recipes
@@ -106,6 +108,9 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = config_from_args(args)
+    if args.preset is None and args.unet_config is None and "in_channels" not in config.unet_overrides:
+        config.preset = DEFAULT_PRESETS[data_channels(config.dataset_name, config.train_data_dir,
+                                                      config.image_column).channels or 1]  # the data's grey/RGB
     report = run_comparison(config, args.output_dir, progress=not args.no_progress,
                             command=command_line("training/compare.py", argv))
     print(readme_table(report))

@@ -33,7 +33,8 @@ if __name__ == "__main__":  # a stop in the seconds of imports below: nothing is
 import torch  # noqa: E402
 
 from diffusers_ddpm_ext.build import (MODEL_TYPES, add_range_help, build_data, build_model, check_environment,
-                                      check_flags, check_run_flags, default_learning_rate, load_quality_extractor)
+                                      check_flags, check_run_flags, complete_flags, load_quality_extractor,
+                                      resolve_model_for_data, unet_overrides_type)
 from diffusers_ddpm_ext.data import VALIDATION_SPLIT_SEED
 from diffusers_ddpm_ext.evaluate import validation_size_type
 from diffusers_ddpm_ext.losses import LOSS_TYPES
@@ -48,7 +49,6 @@ from diffusers_ddpm_ext.trainer import (NAN_POLICIES, TrainConfig, Trainer, chec
 
 logger = logging.getLogger("train")
 
-DEFAULT_OUTPUT_DIR = "ddpm-digits"
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
@@ -82,9 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--validation_split_seed", type=int, default=VALIDATION_SPLIT_SEED, help="Seed of the held-out split (kept "
       "apart from --seed: runs with different seeds are evaluated on the same images).")
     # ---- model
-    a("--unet_preset", default=None, help="UNet preset (DDPMUNet2DModel.list_presets()); default digits-small.")
+    a("--unet_preset", default=None, help="UNet preset (DDPMUNet2DModel.list_presets()); default: by the data's "
+      "channels (read before training), rgb-small for RGB images (any colour image), digits-small for grey ones.")
     a("--unet_config", default=None, help="JSON UNet config (ours or a UNet2DModel config.json), or a folder "
       "holding a config.json (e.g. a saved pipeline's unet/), instead of a preset.")
+    a("--unet_overrides", type=unet_overrides_type, default=None, help="JSON object of UNet config keys applied on "
+      "top of the preset, --unet_config or default model, e.g. '{\"block_out_channels\": [64, 128, 128]}'.")
     a("--model_config_name_or_path", default=None, help="train_unconditional.py's name for --unet_config (local "
       "config only).")
     a("--model_type", default="ours", choices=MODEL_TYPES, help="'ours' trains DDPMUNet2DModel; 'unet2d' "
@@ -116,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--timestep_sampler", default="uniform", choices=SAMPLER_NAMES, help="How training "
       "timesteps are drawn; loss-second-moment is IDM's importance sampling (best with --loss_type kl).")
     # ---- optimisation (train_unconditional.py names)
-    a("--output_dir", default=DEFAULT_OUTPUT_DIR, help="Where the pipeline, checkpoints, logs and metrics go.")
+    a("--output_dir", default=None, help="Where the pipeline, checkpoints, logs and metrics go. Default: named after "
+      "the data, ddpm-digits, ddpm-<folder name> or ddpm-<dataset name> (refused if it holds a run).")
     a("--overwrite_output_dir", action="store_true", help="Allow a non-empty --output_dir: its previous "
       "checkpoints/logs are removed now, its pipeline replaced atomically at the end; other files are kept.")
     a("--seed", type=int, default=0, help="Seed of weights, data order, noise and sampling.")
@@ -196,28 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    if args.model_config_name_or_path is not None:
-        if args.unet_config is not None:
-            raise ValueError("pass either --unet_config or --model_config_name_or_path, not both")
-        args.unet_config = args.model_config_name_or_path
-    if args.unet_preset is None and args.unet_config is None:
-        args.unet_preset = "digits-small"
-    if args.max_grad_norm == 0:
-        args.max_grad_norm = None
-    if args.learning_rate is None:  # the model's recommended rate (None for bad model flags: check_flags names them)
-        args.learning_rate = default_learning_rate(args)
+    complete_flags(args)  # defaults that follow from other flags (output folder, learning rate); no data is read
     return args
 
 
 def validate_args(args) -> None:
-    """Reject bad flags and flag combinations before anything is built, naming the flags, the value and what is
-    allowed: `TrainConfig` (training), `check_objective`, `build.check_flags` (model and data) and
-    `build.check_run_flags` (length, saves, resume, Hub); argparse's `choices` the allowed names."""
-    if args.learning_rate is None:  # no default rate: the model flags are bad, check_flags names them
+    """Reject bad flags before anything is built, naming the flag, the value and what is allowed (`TrainConfig`,
+    `check_objective`, `build.check_flags`, `build.check_run_flags`); `build.resolve_model_for_data` reads whether
+    the data is grey or RGB: the default model for it, or a chosen model that disagrees refused."""
+    from_data = args.learning_rate is None  # no rate yet: the data chooses the model (or the model flags are bad)
+    if from_data:
         check_flags(args)
+        resolve_model_for_data(args)
     TrainConfig.from_flags(args)
     check_objective(args.loss_type, args.variance_type)
     check_flags(args)
+    if not from_data:
+        resolve_model_for_data(args)
     check_run_flags(args)
 
 
@@ -228,8 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     wall_start = time.time()
     args = parse_args(argv)
-    validate_args(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    validate_args(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.logger == "none" else args.logger,

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from diffusers_ddpm_ext.data import dataset_to_tensors, load_train_validation_split
+from diffusers_ddpm_ext.data import check_data_channels, data_channels, dataset_to_tensors, load_train_validation_split
 
 
 @dataclass
@@ -35,7 +35,9 @@ class ComparisonData:
 
 def load_data(config, in_channels: int, resolution: int) -> ComparisonData:
     """Load ``config``'s data at the UNet's channels and resolution (the training images once, deterministically
-    cropped: every recipe sees the same pixels)."""
+    cropped: every recipe sees the same pixels); data whose channels (grey or RGB) disagree are refused."""
+    check_data_channels(in_channels, data_channels(config.dataset_name, config.train_data_dir, config.image_column),
+                        "the comparison's UNet (--unet_preset, --unet_config, --unet_overrides)")
     split = load_train_validation_split(
         dataset_name=config.dataset_name, train_data_dir=config.train_data_dir, image_column=config.image_column,
         resolution=resolution, in_channels=in_channels, center_crop=config.center_crop,
