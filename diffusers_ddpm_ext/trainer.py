@@ -48,6 +48,7 @@ from .train_config import NAN_POLICIES, EvalSet, StepOutput, TrainConfig, TrainS
 from .losses import diffusion_loss
 from .processes import (LocalAccelerator, RunInterrupted, gather_object, largest_on_any_process,
                         lock_on_main_process, on_main_process, step_consensus, stop_signals)
+from .progress import RunClock
 from .rundir import CHECKPOINT_PREFIX, fault_point, write_image_atomic
 from .timestep_sampler import create_timestep_sampler
 
@@ -449,6 +450,7 @@ class Trainer:
                    disable=not (progress and acc.is_local_main_process))
         self.model.train()
         self._segment_start = time.time()
+        clock = RunClock(self.max_train_steps, state.global_step, acc.is_main_process).log_start(self, per_epoch)
         done = state.global_step >= self.max_train_steps
         try:
             for epoch in range(first_epoch, num_epochs):
@@ -470,6 +472,7 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{out.logs['lr']:.2e}")
                         self._after_step(out)
+                        clock.log_estimate(state.global_step)
                     if self._should_stop():
                         self._stop_now()
                     if out.skipped:
