@@ -146,7 +146,7 @@ def test_decoder_likelihood_of_a_bin_much_narrower_than_sigma():
     """A huge predicted variance (learned log σ² up to +60) makes each bin a sliver of the Gaussian: Φ(b) − Φ(a)
     cancels to 0 in float32, which gave a clamped value (−69 nats instead of −35.8 at log σ = 30) and no gradient.
     The narrow-bin branch integrates the density instead: exact to float32/float64 against mpmath, gradient −1."""
-    mpmath = pytest.importorskip("mpmath")
+    import mpmath  # installed with torch (torch -> sympy -> mpmath)
     mpmath.mp.dps = 50
     n = 256
     h = 1.0 / (n - 1)

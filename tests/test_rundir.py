@@ -56,12 +56,14 @@ def test_publish_dir_and_recovery_after_a_crash(tmp_path):
     assert sorted(os.listdir(out)) == ["keep.txt", "model_index.json", "unet"]
 
 
-def test_write_json_atomic_refuses_nan_and_leaves_old_file(tmp_path):
+def test_write_json_atomic_replaces_the_file_in_strict_json(tmp_path):
+    """NaN/inf are written as null (issue 24 item 9: a finished run's metrics.json is never lost to a NaN figure;
+    see test_train_script.test_non_finite_metrics_are_written_as_null_in_strict_json); the old file is replaced
+    whole, no temporary is left, and the file gets the usual permissions."""
     path = tmp_path / "metrics.json"
     rundir.write_json_atomic(str(path), {"a": 1})
-    with pytest.raises(ValueError):
-        rundir.write_json_atomic(str(path), {"a": float("nan")})
-    assert json.loads(path.read_text()) == {"a": 1}
+    rundir.write_json_atomic(str(path), {"a": float("nan"), "b": 2})
+    assert json.loads(path.read_text()) == {"a": None, "b": 2}
     assert os.listdir(tmp_path) == ["metrics.json"]
     assert oct(path.stat().st_mode & 0o777) != oct(0o600)
 
