@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
       "--unet_config (2e-3 at 1M down to 2e-4 at 36M, at least 1e-4).")
     a("--lr_scheduler", default="cosine", choices=["linear", "cosine", "cosine_with_restarts", "polynomial",
       "constant", "constant_with_warmup"], help="diffusers.optimization.get_scheduler name.")
-    a("--lr_warmup_steps", type=int, default=50, help="Linear warm-up steps (at most --max_train_steps).")
+    a("--lr_warmup_steps", type=int, default=50, help="Linear warm-up steps (longer than the run: a warning).")
     a("--adam_beta1", type=float, default=0.95)
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-6)
