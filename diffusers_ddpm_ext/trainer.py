@@ -406,10 +406,10 @@ class Trainer:
                 sampler (``data.make_dataloader``) the data order and position are restored exactly on resume.
             on_epoch_end: called as ``on_epoch_end(trainer, epoch)`` after every complete epoch but the last.
             progress: show a progress bar (main process).
-            handle_signals: SIGTERM/SIGINT (Ctrl-C) stop the run at the end of the optimizer step in progress
-                (every process after the same step), write a checkpoint of it (with an ``output_dir``) and raise
-                :class:`~diffusers_ddpm_ext.processes.RunInterrupted`; the periodic evaluation, sample grid and
-                ``on_epoch_end`` of a one-process run are abandoned at once instead. A second Ctrl-C stops at once.
+            handle_signals: SIGTERM/SIGINT (Ctrl-C) stop the run with a checkpoint of the last completed optimizer
+                step (with an ``output_dir``) and raise :class:`~diffusers_ddpm_ext.processes.RunInterrupted`: a
+                one-process run abandons the step in progress, its evaluation, sample grid or ``on_epoch_end`` at
+                once; several processes finish the step together first. A second Ctrl-C stops at once.
 
         Returns:
             The final :class:`TrainState`. A checkpoint of the last step is written if ``checkpointing_steps``.
