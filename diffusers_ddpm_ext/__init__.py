@@ -37,9 +37,9 @@ _LAZY_NAMES = {
 }
 # Submodules reachable as attributes of the package (`diffusers_ddpm_ext.hub`) without importing them up front.
 _LAZY_SUBMODULES = (
-    "analytic", "build", "checkpoints", "convert", "data", "data_order", "evaluate", "hub", "images",
-    "likelihood", "losses", "metrics", "model_card", "presets", "processes", "publish", "rundir", "runflags",
-    "timestep_sampler", "trainer", "viz",
+    "analytic", "build", "checkpoints", "convert", "data", "data_order", "distill", "encoders", "evaluate", "hub",
+    "images", "likelihood", "losses", "metrics", "model_card", "presets", "processes", "progress", "publish",
+    "rundir", "runflags", "shapes", "swd", "timestep_sampler", "train_config", "trainer", "viz",
 )
 
 __all__ = [
