@@ -243,6 +243,22 @@ def mini_report(tmp_path_factory):
     return report, out
 
 
+def test_swd_cells_script_scores_every_recipe_and_the_baselines_long_chain_beside_the_floor(mini_report, capsys):
+    """benchmarks/swd_cells.py (README's natural-image SWD table) on the mini comparison's saved models."""
+    import importlib.util
+
+    _, out = mini_report
+    spec = importlib.util.spec_from_file_location("swd_cells", os.path.join(ROOT, "benchmarks", "swd_cells.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--comparison", str(out), "--resolution", "8", "--num_images", "6", "--steps", "3",
+                          "--baseline_steps", "5"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
+    assert set(result["cells"]) == {"diffusers@3", "diffusers@5", "ours-same@3", "ours-improved@3"}
+    for figures in [result["floor_train_vs_heldout"], *result["cells"].values()]:
+        assert figures["swd"] > 0 and figures["swd_standard_error"] > 0 and figures["n_generated"] == 6
+
+
 def test_mini_comparison_writes_every_file(mini_report):
     report, out = mini_report
     names = ["diffusers", "ours-same", "ours-improved"]
