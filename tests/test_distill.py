@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import run_main
 
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers_ddpm_ext import DDPMUNet2DModel, GaussianDiffusionPipeline, GaussianDiffusionScheduler
@@ -26,13 +27,7 @@ FAST = ["--train_batch_size", "8", "--eval_quality_num_images", "0", "--checkpoi
 
 
 def run_script(*argv):
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        return SCRIPT.main([str(a) for a in argv])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    return run_main(SCRIPT.main, *argv)
 
 
 def tiny_teacher(folder, *, unet2d=False, T=100):

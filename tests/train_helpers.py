@@ -33,15 +33,20 @@ def load_train_script():
 TRAIN = load_train_script()
 
 
-def run_train(*argv):
-    """main(argv) in this process; accelerate's singletons are reset so the next run starts clean."""
+def run_main(main, *argv):
+    """A script's ``main(argv)`` in this process; accelerate's singletons are reset so the next run starts clean."""
     from accelerate.state import AcceleratorState, GradientState
 
     try:
-        return TRAIN.main([str(a) for a in argv])
+        return main([str(a) for a in argv])
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def run_train(*argv):
+    """training/train.py's main(argv) in this process (:func:`run_main`)."""
+    return run_main(TRAIN.main, *argv)
 
 
 # ------------------------------------------------------------------------------------------------------------
